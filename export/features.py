@@ -1,0 +1,162 @@
+"""The ranker's features: ONE definition, used offline for training and online inside Triton.
+
+:class:`RankerFeatures` is a ``torch.nn.Module`` whose lookup tables (item statistics as of a
+cut-off, item embeddings, genres, years) are buffers. Offline it computes the LightGBM
+training matrix; for serving it is exported to ONNX as the ``ranker_features`` model, the
+first step of the ``ranker_features -> ranker`` ensemble. There is no second copy of this
+logic anywhere, so training and serving cannot drift apart.
+
+One row per candidate (candidates are the batch dimension, so Triton's dynamic batcher can
+merge requests). Inputs per row:
+
+* ``item`` int64: candidate item index.
+* ``retrieval_score`` float32: the two-tower inner product.
+* ``retrieval_rank`` float32: 0-based rank of the candidate in retrieval.
+* ``history`` int64 [L]: the user's last L items, most recent last, ``-1`` padding.
+* ``history_rating`` float32 [L]: their ratings, 0 = unknown.
+
+Output: ``features`` float32 [len(FEATURE_NAMES)].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.items import Catalog, ItemStats
+
+FEATURE_NAMES = (
+    "retrieval_score",
+    "retrieval_rank",
+    "item_log_count",
+    "item_log_recent_count",
+    "item_mean_rating",
+    "item_year",
+    "item_days_since_first_rating",
+    "user_genre_affinity",
+    "user_genre_share",
+    "user_history_len",
+    "user_mean_rating",
+    "user_rated_share",
+    "user_mean_log_count",
+    "popularity_gap",
+    "year_gap",
+    "sim_last5_max",
+    "sim_last5_mean",
+    "sim_history_mean",
+    "sim_history_max",
+)
+"""Column names of the feature matrix, in order."""
+
+LAST_N = 5
+"""How many of the most recent items the ``sim_last5_*`` features compare the candidate with."""
+
+
+class RankerFeatures(nn.Module):
+    """Per-candidate ranker features from item tables and the user's history window."""
+
+    def __init__(self, catalog: Catalog, stats: ItemStats, item_vectors: np.ndarray):
+        super().__init__()
+        self.register_buffer("log_count", torch.tensor(np.asarray(np.log1p(stats.count)), dtype=torch.float32))
+        self.register_buffer("log_recent", torch.tensor(np.asarray(np.log1p(stats.recent_count)), dtype=torch.float32))
+        self.register_buffer("mean_rating", torch.tensor(np.asarray(stats.mean_rating), dtype=torch.float32))
+        self.register_buffer("first_days", torch.tensor(np.asarray(stats.first_seen_days), dtype=torch.float32))
+        self.register_buffer("year", torch.tensor(np.asarray(catalog.years), dtype=torch.float32))
+        genres = torch.tensor(np.asarray(catalog.genre_matrix), dtype=torch.float32)
+        self.register_buffer("genres", genres)
+        self.register_buffer("vectors", F.normalize(torch.as_tensor(item_vectors, dtype=torch.float32), dim=-1))
+
+    def forward(
+        self,
+        item: torch.Tensor,
+        retrieval_score: torch.Tensor,
+        retrieval_rank: torch.Tensor,
+        history: torch.Tensor,
+        history_rating: torch.Tensor,
+    ) -> torch.Tensor:
+        item = item.reshape(-1)
+        valid = (history >= 0).to(torch.float32)
+        hist = torch.where(history >= 0, history, torch.zeros_like(history))
+        n_hist = valid.sum(1)
+        denom = torch.clamp(n_hist, min=1.0)
+
+        # genre affinity: cosine between the user's genre histogram and the candidate's genres
+        cand_genres = self.genres[item]
+        hist_genres = self.genres[hist] * valid.unsqueeze(-1)
+        profile = hist_genres.sum(1)
+        affinity = (profile * cand_genres).sum(1) / (profile.norm(dim=1) * cand_genres.norm(dim=1) + 1e-6)
+        share = (((hist_genres * cand_genres.unsqueeze(1)).sum(-1) > 0).to(torch.float32) * valid).sum(1) / denom
+
+        rated = (history_rating > 0).to(torch.float32) * valid
+        n_rated = rated.sum(1)
+        user_mean_rating = (history_rating * rated).sum(1) / torch.clamp(n_rated, min=1.0)
+        user_mean_count = (self.log_count[hist] * valid).sum(1) / denom
+        item_count = self.log_count[item]
+        hist_year = self.year[hist] * valid
+        known_year = (hist_year > 0).to(torch.float32)
+        mean_year = hist_year.sum(1) / torch.clamp(known_year.sum(1), min=1.0)
+        cand_year = self.year[item]
+        year_gap = torch.where((cand_year > 0) & (known_year.sum(1) > 0), cand_year - mean_year, torch.zeros_like(cand_year))
+
+        sims = (self.vectors[hist] * self.vectors[item].unsqueeze(1)).sum(-1)
+        masked = sims * valid - (1.0 - valid) * 2.0  # cosine >= -1, so -2 never wins a max
+        recent = valid[:, -LAST_N:]
+        recent_sims = sims[:, -LAST_N:]
+        n_recent = torch.clamp(recent.sum(1), min=1.0)
+        has_hist = (n_hist > 0).to(torch.float32)
+        last_max = masked[:, -LAST_N:].max(1).values * has_hist
+        last_mean = (recent_sims * recent).sum(1) / n_recent
+        hist_mean = (sims * valid).sum(1) / denom
+        hist_max = masked.max(1).values * has_hist
+
+        cols = [
+            retrieval_score.reshape(-1),
+            retrieval_rank.reshape(-1),
+            item_count,
+            self.log_recent[item],
+            self.mean_rating[item],
+            cand_year,
+            self.first_days[item],
+            affinity,
+            share,
+            n_hist,
+            user_mean_rating,
+            n_rated / denom,
+            user_mean_count,
+            item_count - user_mean_count,
+            year_gap,
+            last_max,
+            last_mean,
+            hist_mean,
+            hist_max,
+        ]
+        return torch.stack(cols, dim=1)
+
+    @torch.no_grad()
+    def compute(
+        self,
+        item: np.ndarray,
+        retrieval_score: np.ndarray,
+        retrieval_rank: np.ndarray,
+        history: np.ndarray,
+        history_rating: np.ndarray,
+        batch_size: int = 65536,
+    ) -> np.ndarray:
+        """Numpy convenience wrapper: float32 [n, len(FEATURE_NAMES)]."""
+        out = []
+        for s in range(0, len(item), batch_size):
+            sl = slice(s, s + batch_size)
+            out.append(
+                self(
+                    torch.as_tensor(item[sl], dtype=torch.long),
+                    torch.as_tensor(retrieval_score[sl], dtype=torch.float32),
+                    torch.as_tensor(retrieval_rank[sl], dtype=torch.float32),
+                    torch.as_tensor(history[sl], dtype=torch.long),
+                    torch.as_tensor(history_rating[sl], dtype=torch.float32),
+                ).numpy()
+            )
+        if not out:
+            return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32)

@@ -1,0 +1,131 @@
+"""Maximal Marginal Relevance (MMR) re-ranking for diversity.
+
+MMR (J. Carbonell and J. Goldstein, "The use of MMR, diversity-based
+reranking for reordering documents and producing summaries", SIGIR 1998)
+builds the output list greedily. Given the already selected set ``S`` it
+picks, among the remaining candidates ``i``::
+
+    argmax_i  lam * rel_i - (1 - lam) * max_{j in S} sim(i, j)
+
+where ``sim`` is the cosine similarity of the candidates' vectors. ``lam = 1``
+is pure relevance ordering; ``lam = 0`` picks each item to be as dissimilar as
+possible from what is already in the list (the first pick is still the most
+relevant item).
+
+Relevance is min-max scaled to ``[0, 1]`` inside the candidate pool before it
+enters the formula. Cosine similarity lives in ``[-1, 1]`` while ranker scores
+can have any scale (LambdaRank margins, dot products, probabilities), so
+without scaling a given ``lam`` would trade off very differently from one model
+to the next; after scaling, ``lam`` means the same thing whatever produced the
+scores, and the result is invariant to positive affine transforms of them.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+__all__ = ["mmr_rerank"]
+
+
+def mmr_rerank(
+    relevance: np.ndarray,
+    item_vectors: np.ndarray,
+    k: int,
+    lam: float,
+    pool: int | None = None,
+) -> np.ndarray:
+    """Re-rank candidates with Maximal Marginal Relevance.
+
+    Algorithm:
+
+    1. Pool: keep the ``pool`` candidates with the highest relevance (all when
+       ``pool`` is None), ordered by relevance descending, ties by lower index.
+    2. Scale relevance within the pool: ``r_i = (rel_i - min) / (max - min)``;
+       if all relevances are equal, ``r_i = 1``.
+    3. Normalise vectors to unit length; a zero vector has similarity 0 with
+       every candidate.
+    4. Pick the most relevant candidate first, then repeatedly the remaining
+       candidate maximising ``lam * r_i - (1 - lam) * max_{j in S} cos(i, j)``
+       until ``k`` are picked or the pool is exhausted.
+
+    Ties in step 4 follow ``np.argmax`` semantics over the pool order of step
+    1, i.e. they go to the more relevant candidate, then to the lower input
+    index. Consequently ``lam = 1`` returns exactly the top-k by relevance in
+    stable order (``np.argsort(-relevance, kind="stable")[:k]``).
+
+    A running vector of each candidate's maximum similarity to the selected
+    set is updated with one matrix-vector product per pick, so the cost is
+    O(k * pool * d) time and O(pool * d) memory.
+
+    Args:
+        relevance: Float array ``[n]``; higher is more relevant. Must be finite.
+        item_vectors: Float array ``[n, d]`` of the candidates' embeddings, any
+            norm. Must be finite.
+        k: Number of items to return, ``k >= 1``.
+        lam: Trade-off in ``[0, 1]``; 1 = relevance only, 0 = diversity only.
+        pool: If given (``>= 1``), only the ``pool`` most relevant candidates
+            are considered.
+
+    Returns:
+        Int array of ``min(k, pool or n, n)`` distinct indices into
+        ``relevance``/``item_vectors``, in the selected order.
+
+    Raises:
+        ValueError: If shapes disagree, inputs are not finite, ``k < 1``,
+            ``pool < 1`` or ``lam`` is outside ``[0, 1]``.
+    """
+    rel = np.asarray(relevance, dtype=np.float64)
+    vecs = np.asarray(item_vectors, dtype=np.float64)
+    if rel.ndim != 1:
+        raise ValueError(f"relevance must be 1-D [n], got shape {rel.shape}")
+    if vecs.ndim != 2:
+        raise ValueError(f"item_vectors must be 2-D [n, d], got shape {vecs.shape}")
+    if vecs.shape[0] != rel.shape[0]:
+        raise ValueError(
+            f"item_vectors has {vecs.shape[0]} rows but relevance has {rel.shape[0]} entries"
+        )
+    if not (np.all(np.isfinite(rel)) and np.all(np.isfinite(vecs))):
+        # NaN would make argmax pick it (NaN compares as the max) and corrupt the order.
+        raise ValueError("relevance and item_vectors must be finite")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if not isinstance(lam, numbers.Real) or not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
+    if pool is not None and (isinstance(pool, bool) or not isinstance(pool, numbers.Integral) or pool < 1):
+        raise ValueError(f"pool must be a positive integer or None, got {pool!r}")
+
+    # Stable sort: the pool order doubles as the tie-break order of every step.
+    cand = np.argsort(-rel, kind="stable")
+    if pool is not None:
+        cand = cand[:pool]
+    n_out = min(int(k), cand.size)
+    if n_out == 0:
+        return np.zeros(0, dtype=np.intp)
+
+    r = rel[cand]
+    lo, hi = r.min(), r.max()
+    r = (r - lo) / (hi - lo) if hi > lo else np.ones_like(r)
+
+    v = vecs[cand]
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    unit = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
+
+    lam = float(lam)
+    rel_term = lam * r
+    picked = np.empty(n_out, dtype=np.intp)
+    taken = np.zeros(cand.size, dtype=bool)
+    # The first pick maximises lam * r alone (S is empty); cand is sorted by
+    # relevance so that is position 0, for every lam including 0.
+    picked[0] = 0
+    taken[0] = True
+    max_sim = unit @ unit[0]
+    for step in range(1, n_out):
+        score = rel_term - (1.0 - lam) * max_sim
+        score[taken] = -np.inf
+        best = int(np.argmax(score))
+        picked[step] = best
+        taken[best] = True
+        np.maximum(max_sim, unit @ unit[best], out=max_sim)
+    return cand[picked].astype(np.intp, copy=False)

@@ -1,0 +1,306 @@
+"""The offline pipeline: data -> split -> two-tower -> ranker -> artifacts.
+
+Reads like the diagram::
+
+    ml = load_movielens(data_dir)                       # validated CSVs
+    split = time_split(ml.ratings)                      # train | val | test, one calendar cut
+    two-tower on train, early-stopped on val Recall@100
+    LambdaRank ranker on the two-tower's candidates for val users, labels from val
+    two-tower refit on train+val for the best epoch count   (what is served and tested)
+    save_artifacts(...)                                  # checkpoints, item table, manifest
+
+:func:`fit_models` is shared by ``recsys train`` and ``recsys evaluate`` so that the models
+that are evaluated are exactly the ones that are published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import torch
+
+from export.data import MovieLens, load_movielens
+from export.features import FEATURE_NAMES, RankerFeatures
+from export.history import Histories
+from export.items import Catalog, ItemStats, item_stats
+from export.ranker import RankerConfig, candidate_features, candidate_labels, train_ranker
+from export.retrieval import top_k
+from export.split import Split, relevant_items, time_split
+from export.two_tower import Demographics, TrainResult, TwoTower, TwoTowerConfig, train_two_tower
+
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that shapes a training run.
+
+    Attributes:
+        two_tower: Two-tower hyper-parameters.
+        ranker: Ranker hyper-parameters.
+        val_fraction: Share of interactions in the validation period.
+        test_fraction: Share of interactions in the test period.
+        refit: Refit the two-tower on train+val for the best epoch count before testing and
+            publishing (the baselines are refit the same way).
+    """
+
+    two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    refit: bool = True
+
+
+@dataclass(frozen=True)
+class Period:
+    """What is known at a cut-off: the past interactions, histories and item statistics."""
+
+    cutoff: int
+    past: pd.DataFrame
+    histories: Histories
+    stats: ItemStats
+
+    @classmethod
+    def at(cls, past: pd.DataFrame, catalog: Catalog, cutoff: int) -> "Period":
+        past = past[past.timestamp < cutoff]
+        return cls(cutoff, past, Histories.from_frame(past, catalog), item_stats(past, catalog, cutoff))
+
+
+@dataclass
+class Fitted:
+    """The trained models and the context they were trained in.
+
+    Attributes:
+        catalog: Item attributes.
+        split: The time split.
+        demographics: User attributes.
+        val_period: State as of the start of validation (train data only).
+        test_period: State as of the start of test (train + val data).
+        two_tower_val: Two-tower trained on train, early-stopped on val (ranker candidates).
+        two_tower: Two-tower to test and publish (refit on train+val, or the same model).
+        ranker: LightGBM LambdaRank booster.
+        seconds: Wall time per stage.
+    """
+
+    catalog: Catalog
+    split: Split
+    demographics: Demographics
+    val_period: Period
+    test_period: Period
+    two_tower_val: TrainResult
+    two_tower: TrainResult
+    ranker: lgb.Booster
+    seconds: dict[str, float]
+
+    def ranker_features(self, period: Period, model: TwoTower) -> RankerFeatures:
+        """The feature module for a period and the two-tower whose item vectors it compares."""
+        return RankerFeatures(self.catalog, period.stats, model.item_vectors())
+
+
+def retrieve(
+    model: TwoTower, period: Period, demographics: Demographics, user_ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Two-tower top-``k`` for users as of ``period``, excluding what they have seen.
+
+    Returns:
+        ``(items, scores, history, history_rating)``: candidates [n, k] and the history windows
+        the user tower read [n, L].
+    """
+    hist, hist_r = period.histories.last(user_ids, model.config.history_len)
+    users = model.user_vectors(hist, hist_r, demographics.lookup(user_ids))
+    items, scores = top_k(users, model.item_vectors(), k, period.histories.seen(user_ids))
+    return items, scores, hist, hist_r
+
+
+def users_with_history(relevant: dict[int, np.ndarray], period: Period) -> np.ndarray:
+    """Users with relevant items in the evaluated period and some history before it."""
+    users = np.fromiter(relevant.keys(), dtype=np.int64, count=len(relevant))
+    return users[period.histories.positions(users) >= 0]
+
+
+def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True) -> Fitted:
+    """Trains the two-tower and the ranker on a time split of ``ml``.
+
+    Args:
+        ml: Loaded MovieLens data.
+        settings: Hyper-parameters.
+        progress: Show progress bars.
+
+    Returns:
+        The :class:`Fitted` models.
+    """
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    catalog = Catalog.from_movies(ml.movies, ml.genres, ml.genre_matrix)
+    split = time_split(ml.ratings, settings.val_fraction, settings.test_fraction)
+    demographics = Demographics.from_users(ml.users)
+    val_period = Period.at(split.train, catalog, split.t_val)
+    test_period = Period.at(split.train_val, catalog, split.t_test)
+    seconds["split"] = time.perf_counter() - t0
+
+    index = catalog.index_of()
+    rel_val = relevant_items(split.val, index)
+    val_users = users_with_history(rel_val, val_period)
+    if len(val_users) == 0:
+        raise ValueError("no validation user has both history and a relevant item: data set too small for this split")
+
+    def validate(model: TwoTower) -> float:
+        items, _, _, _ = retrieve(model, val_period, demographics, val_users, 100)
+        hits = [np.isin(rel_val[u], row).sum() / len(rel_val[u]) for u, row in zip(val_users, items)]
+        return float(np.mean(hits))
+
+    t0 = time.perf_counter()
+    tt_val = train_two_tower(
+        settings.two_tower, catalog, val_period.stats, val_period.histories, demographics, validate, progress=progress
+    )
+    seconds["two_tower"] = time.perf_counter() - t0
+
+    # ranker: candidates for everybody active in validation who has a past, labels from validation
+    t0 = time.perf_counter()
+    active = np.unique(split.val.user_id.to_numpy())
+    active = active[val_period.histories.positions(active) >= 0]
+    cand, cand_scores, hist, hist_r = retrieve(tt_val.model, val_period, demographics, active, settings.ranker.candidates)
+    feats = candidate_features(RankerFeatures(catalog, val_period.stats, tt_val.model.item_vectors()), hist, hist_r, cand, cand_scores)
+    labels = candidate_labels(active, cand, split.val, catalog)
+    booster = train_ranker(feats, labels, settings.ranker)
+    seconds["ranker"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if settings.refit:
+        tt_test = train_two_tower(
+            settings.two_tower,
+            catalog,
+            test_period.stats,
+            test_period.histories,
+            demographics,
+            None,
+            epochs=tt_val.best_epoch,
+            progress=progress,
+        )
+    else:
+        tt_test = tt_val
+    seconds["two_tower_refit"] = time.perf_counter() - t0
+    return Fitted(catalog, split, demographics, val_period, test_period, tt_val, tt_test, booster, seconds)
+
+
+def git_sha() -> str | None:
+    """The current commit of the project checkout, if any."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def data_hash(data_dir: str | Path) -> str:
+    """sha256 over the bytes of the data set's CSV files (sorted by name)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(data_dir).glob("*.csv")):
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the artifacts."""
+    names = ("numpy", "torch", "lightgbm", "onnx", "onnxruntime", "hummingbird-ml", "faiss-cpu", "pandas", "polars")
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def item_table(fitted: Fitted) -> pd.DataFrame:
+    """The item table the orchestrator serves from: ids, titles, genres, year, popularity, mean rating."""
+    cat, stats = fitted.catalog, fitted.test_period.stats
+    return pd.DataFrame(
+        {
+            "item": np.arange(cat.n_items, dtype=np.int64),
+            "movie_id": cat.movie_ids,
+            "title": cat.titles.astype(str),
+            "genres": cat.genre_strings.astype(str),
+            "year": cat.years,
+            "popularity": stats.count.astype(np.int64),
+            "recent_popularity": stats.recent_count.astype(np.int64),
+            "mean_rating": stats.mean_rating,
+        }
+    )
+
+
+def save_artifacts(fitted: Fitted, ml: MovieLens, data_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> dict:
+    """Writes checkpoints, the item table, embeddings and ``manifest.json`` into ``out_dir``.
+
+    Returns:
+        The manifest.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = fitted.two_tower.model
+    torch.save(
+        {
+            "config": asdict(model.config),
+            "demo_cardinalities": fitted.demographics.cardinalities,
+            "n_items": fitted.catalog.n_items,
+            "n_genres": len(fitted.catalog.genres),
+            "state_dict": model.state_dict(),
+        },
+        out / "two_tower.pt",
+    )
+    vectors = model.item_vectors()
+    np.save(out / "item_embeddings.npy", vectors)
+    torch.save(fitted.ranker_features(fitted.test_period, model).state_dict(), out / "ranker_features.pt")
+    fitted.ranker.save_model(str(out / "ranker.lgb"))
+    item_table(fitted).to_parquet(out / "items.parquet", index=False)
+    ml.ratings.to_parquet(out / "interactions.parquet", index=False)
+    (out / "demographics.json").write_text(json.dumps({"occupations": fitted.demographics.occupations}, indent=2))
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "created_at": pd.Timestamp.now(tz="UTC").isoformat(),
+        "git_sha": git_sha(),
+        "data": {
+            "path": str(data_dir),
+            "sha256": data_hash(data_dir),
+            "ratings": int(ml.n_ratings),
+            "items": int(fitted.catalog.n_items),
+            "report": {"rows_read": ml.report.rows_read, "dropped": ml.report.dropped},
+        },
+        "split": fitted.split.protocol(),
+        "two_tower": {
+            "config": asdict(model.config),
+            "best_epoch": fitted.two_tower_val.best_epoch,
+            "training_log": fitted.two_tower_val.history,
+            "refit": settings.refit,
+        },
+        "ranker": {"config": asdict(settings.ranker), "feature_names": list(FEATURE_NAMES), "trees": fitted.ranker.num_trees()},
+        "seconds": {k: round(v, 2) for k, v in fitted.seconds.items()},
+        "packages": package_versions(),
+        "files": sorted(p.name for p in out.iterdir()),
+    }
+    manifest["files"] = sorted(set(manifest["files"]) | {"manifest.json"})
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def train(data_dir: str | Path, out_dir: str | Path, settings: TrainSettings | None = None, progress: bool = True) -> dict:
+    """``recsys train``: load, split, fit both stages, write the artifacts. Returns the manifest."""
+    settings = settings or TrainSettings()
+    ml = load_movielens(data_dir, progress=progress)
+    fitted = fit_models(ml, settings, progress=progress)
+    return save_artifacts(fitted, ml, data_dir, out_dir, settings)

@@ -1,0 +1,164 @@
+"""Second stage: a LightGBM LambdaRank ranker over the two-tower's candidates.
+
+Training data (one query per user): the top-``candidates`` items the two-tower retrieves for
+a user from their history before the validation period; labels from what the user did in the
+validation period (2 = rated >= 4, 1 = rated below 4, 0 = not rated). Features come from
+:class:`export.features.RankerFeatures`, the same module that is exported to Triton.
+
+Trees are kept Hummingbird-friendly (``max_depth <= 8``, a few hundred trees at most): the
+ONNX translation of deep trees is slow on the CPU and can need tens of GiB (FIELD-NOTES).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from export.features import FEATURE_NAMES, RankerFeatures
+from export.items import Catalog
+from export.split import RELEVANCE_MIN_RATING
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """LightGBM LambdaRank hyper-parameters.
+
+    Attributes:
+        candidates: Two-tower candidates per user that the ranker orders.
+        n_estimators: Boosting rounds (trees).
+        learning_rate: Shrinkage.
+        max_depth: Tree depth cap (<= 8 for Hummingbird).
+        num_leaves: Leaves per tree.
+        min_child_samples: Minimum rows per leaf.
+        subsample: Row subsampling per tree.
+        colsample: Feature subsampling per tree.
+        seed: LightGBM seed.
+    """
+
+    candidates: int = 200
+    n_estimators: int = 150
+    learning_rate: float = 0.05
+    max_depth: int = 6
+    num_leaves: int = 31
+    min_child_samples: int = 50
+    subsample: float = 0.8
+    colsample: float = 0.8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_depth > 8 or self.max_depth < 1:
+            raise ValueError(f"max_depth must be in 1..8 for Hummingbird, got {self.max_depth}")
+        if self.n_estimators > 500:
+            raise ValueError(f"n_estimators must be <= 500 for a servable ranker, got {self.n_estimators}")
+
+
+def candidate_features(
+    features: RankerFeatures,
+    history: np.ndarray,
+    history_rating: np.ndarray,
+    cand_items: np.ndarray,
+    cand_scores: np.ndarray,
+    chunk_users: int = 256,
+) -> np.ndarray:
+    """Feature matrix for every (user, candidate) pair, one row per candidate.
+
+    Args:
+        features: The feature module.
+        history: int64 [n_users, L] history windows.
+        history_rating: float32 [n_users, L].
+        cand_items: int64 [n_users, C] candidates, best first (``-1`` = none).
+        cand_scores: float32 [n_users, C] retrieval scores.
+        chunk_users: Users per feature call (bounds the repeated history's memory).
+
+    Returns:
+        float32 [n_users * C, len(FEATURE_NAMES)], rows grouped by user.
+    """
+    n_users, n_cand = cand_items.shape
+    out = []
+    for s in range(0, n_users, chunk_users):
+        sl = slice(s, s + chunk_users)
+        m = len(cand_items[sl])
+        items = np.where(cand_items[sl] >= 0, cand_items[sl], 0).reshape(-1)
+        scores = np.where(np.isfinite(cand_scores[sl]), cand_scores[sl], -1.0).reshape(-1)
+        ranks = np.tile(np.arange(n_cand, dtype=np.float32), m)
+        out.append(
+            features.compute(
+                items,
+                scores.astype(np.float32),
+                ranks,
+                np.repeat(history[sl], n_cand, axis=0),
+                np.repeat(history_rating[sl], n_cand, axis=0),
+            )
+        )
+    if not out:
+        return np.zeros((0, len(FEATURE_NAMES)), np.float32)
+    return np.concatenate(out)
+
+
+def candidate_labels(
+    user_ids: np.ndarray, cand_items: np.ndarray, period: pd.DataFrame, catalog: Catalog
+) -> np.ndarray:
+    """Graded labels of candidates from a period's ratings: 2 rated >= 4, 1 rated < 4, 0 not rated."""
+    items = catalog.to_items(period.movie_id.to_numpy())
+    grade = np.where(period.rating.to_numpy() >= RELEVANCE_MIN_RATING, 2, 1)
+    lookup = pd.Series(grade, index=pd.MultiIndex.from_arrays([period.user_id.to_numpy(), items]))
+    lookup = lookup.groupby(level=[0, 1]).max()
+    n_users, n_cand = cand_items.shape
+    keys = pd.MultiIndex.from_arrays([np.repeat(user_ids, n_cand), cand_items.reshape(-1)])
+    labels = lookup.reindex(keys).fillna(0).to_numpy(np.int32)
+    return labels.reshape(n_users, n_cand)
+
+
+def train_ranker(features: np.ndarray, labels: np.ndarray, config: RankerConfig) -> lgb.Booster:
+    """Trains LambdaRank on ``features`` [n_users * C, F] grouped by user with ``labels`` [n_users, C].
+
+    Queries without any positive label carry no ranking signal and are dropped.
+    """
+    n_users, n_cand = labels.shape
+    keep = labels.max(axis=1) > 0
+    if not keep.any():
+        raise ValueError("no ranker training query has a positive label: the validation period is too small")
+    x = features.reshape(n_users, n_cand, -1)[keep].reshape(-1, features.shape[1])
+    y = labels[keep].reshape(-1)
+    data = lgb.Dataset(x, label=y, group=np.full(int(keep.sum()), n_cand), feature_name=list(FEATURE_NAMES))
+    params = {
+        "objective": "lambdarank",
+        "metric": "ndcg",
+        "eval_at": [10],
+        "learning_rate": config.learning_rate,
+        "max_depth": config.max_depth,
+        "num_leaves": config.num_leaves,
+        "min_child_samples": config.min_child_samples,
+        "bagging_fraction": config.subsample,
+        "bagging_freq": 1,
+        "feature_fraction": config.colsample,
+        "lambdarank_truncation_level": 20,
+        "seed": config.seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": 2,
+        "verbosity": -1,
+    }
+    return lgb.train(params, data, num_boost_round=config.n_estimators)
+
+
+def rerank(booster: lgb.Booster, features: np.ndarray, cand_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Orders each user's candidates by ranker score.
+
+    Returns:
+        ``(items int64 [n_users, C], scores float32 [n_users, C])`` best first; padding
+        candidates (``-1``) sink to the end.
+    """
+    n_users, n_cand = cand_items.shape
+    scores = booster.predict(features, num_threads=2).reshape(n_users, n_cand).astype(np.float32)
+    scores = np.where(cand_items >= 0, scores, -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(cand_items, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def config_dict(config: RankerConfig) -> dict:
+    """The config as a JSON-able dict (for manifests)."""
+    return asdict(config)
