@@ -30,7 +30,7 @@ from export import baselines
 from export.data import load_movielens
 from export.history import Histories
 from export.metrics import evaluate_rankings, ndcg_at_k
-from export.mmr import mmr_rerank
+from export.mmr import blend_vectors, mmr_rerank
 from export.pipeline import Fitted, Period, TrainSettings, fit_models, retrieve, save_artifacts, users_with_history
 from export.ranker import candidate_features, rerank
 from export.retrieval import top_k_scores
@@ -51,6 +51,8 @@ class EvalSettings:
         train: Model training settings.
         mmr_lambda: MMR trade-off (1 = pure relevance, 0 = pure diversity).
         mmr_pool: Candidates (best by ranker score) that MMR chooses from.
+        mmr_genre_weight: Share of genre cosine (vs two-tower embedding cosine) in MMR's
+            item similarity (:func:`export.mmr.blend_vectors`).
         mmr_sweep: Extra lambdas reported as a diversity/accuracy curve.
         baselines: Baselines to run (names from :data:`export.baselines.GRIDS`).
     """
@@ -58,6 +60,7 @@ class EvalSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     mmr_lambda: float = 0.7
     mmr_pool: int = 50
+    mmr_genre_weight: float = 0.5
     mmr_sweep: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
     baselines: tuple[str, ...] = ("popularity", "item_knn", "ease", "als")
 
@@ -128,7 +131,9 @@ def our_rankings(fitted: Fitted, users: np.ndarray, settings: EvalSettings) -> d
     feats = candidate_features(features, hist, hist_r, cand, cand_scores)
     ranked, scores = rerank(fitted.ranker, feats, cand)
     out["two_tower_ranker"] = ranked[:, : max(KS)]
-    vectors = features.vectors.numpy()
+    vectors = blend_vectors(
+        [features.vectors.numpy(), fitted.catalog.genre_matrix], [1.0 - settings.mmr_genre_weight, settings.mmr_genre_weight]
+    )
     for lam in sorted(set(settings.mmr_sweep) | {settings.mmr_lambda}, reverse=True):
         out[f"mmr@{lam:g}"] = mmr_lists(ranked, scores, vectors, lam, settings.mmr_pool, max(KS))
     out["two_tower_ranker_mmr"] = out[f"mmr@{settings.mmr_lambda:g}"]
@@ -217,7 +222,7 @@ def evaluate(
             "test_user_rule": "users with >= 1 relevant test item and >= 1 interaction before the test period",
             "tuning": "baselines tuned on validation NDCG@10 (fit on train), then refit on train+val",
             "diversity": "ILD on genre multi-hot vectors (1 - cosine); novelty = mean -log2 popularity share",
-            "mmr": {"lambda": settings.mmr_lambda, "pool": settings.mmr_pool},
+            "mmr": {"lambda": settings.mmr_lambda, "pool": settings.mmr_pool, "genre_weight": settings.mmr_genre_weight},
             "data": str(data_dir),
             "report": {"rows_read": ml.report.rows_read, "dropped": ml.report.dropped},
         },

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.history import Histories
 from export.items import Catalog, ItemStats
 
 FEATURE_NAMES = (
@@ -47,17 +48,57 @@ FEATURE_NAMES = (
     "sim_last5_mean",
     "sim_history_mean",
     "sim_history_max",
+    "cf_sim_history_mean",
+    "cf_sim_history_max",
+    "cf_sim_last5_max",
+    "cf_sim_history_sum",
 )
 """Column names of the feature matrix, in order."""
 
 LAST_N = 5
 """How many of the most recent items the ``sim_last5_*`` features compare the candidate with."""
 
+CF_DIM = 32
+"""Size of the collaborative-filtering item vectors (truncated SVD of the interaction matrix)."""
+
+
+def cf_item_vectors(histories: Histories, n_items: int, dim: int = CF_DIM, seed: int = 0) -> np.ndarray:
+    """Item vectors whose cosines approximate item-item co-occurrence cosines.
+
+    The binary users x items matrix ``X`` (from the past only) gets L2-normalised columns
+    ``Xn``; ``Xn^T Xn`` is the item-item cosine matrix that ItemKNN uses. A rank-``dim``
+    truncated SVD ``Xn ~ U S V^T`` gives ``Xn^T Xn ~ (V S)(V S)^T``, so the rows of ``V S``
+    carry that similarity in ``dim`` floats per item: it scales to large catalogs where an
+    ``n_items^2`` matrix cannot, and it is a lookup table that exports to ONNX.
+
+    Returns:
+        float32 [n_items, dim] (zero rows for items nobody interacted with).
+    """
+    from scipy.sparse import csr_matrix
+    from sklearn.utils.extmath import randomized_svd
+
+    users = histories.user_of_position()
+    x = csr_matrix((np.ones(len(users), np.float32), (users, histories.items)), shape=(max(histories.n_users, 1), n_items))
+    x.data[:] = 1.0
+    norms = np.sqrt(np.asarray(x.power(2).sum(axis=0))).ravel()
+    x = x @ _diag(np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0))
+    rank = max(1, min(dim, min(x.shape) - 1))
+    _, sing, vt = randomized_svd(x, n_components=rank, random_state=seed, n_iter=4)
+    vectors = np.zeros((n_items, dim), dtype=np.float32)
+    vectors[:, :rank] = (vt.T * sing).astype(np.float32)
+    return vectors
+
+
+def _diag(values: np.ndarray):
+    from scipy.sparse import diags
+
+    return diags(values.astype(np.float32))
+
 
 class RankerFeatures(nn.Module):
     """Per-candidate ranker features from item tables and the user's history window."""
 
-    def __init__(self, catalog: Catalog, stats: ItemStats, item_vectors: np.ndarray):
+    def __init__(self, catalog: Catalog, stats: ItemStats, item_vectors: np.ndarray, cf_vectors: np.ndarray):
         super().__init__()
         self.register_buffer("log_count", torch.tensor(np.asarray(np.log1p(stats.count)), dtype=torch.float32))
         self.register_buffer("log_recent", torch.tensor(np.asarray(np.log1p(stats.recent_count)), dtype=torch.float32))
@@ -66,7 +107,17 @@ class RankerFeatures(nn.Module):
         self.register_buffer("year", torch.tensor(np.asarray(catalog.years), dtype=torch.float32))
         genres = torch.tensor(np.asarray(catalog.genre_matrix), dtype=torch.float32)
         self.register_buffer("genres", genres)
-        self.register_buffer("vectors", F.normalize(torch.as_tensor(item_vectors, dtype=torch.float32), dim=-1))
+        self.register_buffer("vectors", F.normalize(torch.tensor(np.asarray(item_vectors), dtype=torch.float32), dim=-1))
+        self.register_buffer("cf_vectors", torch.tensor(np.asarray(cf_vectors), dtype=torch.float32))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "RankerFeatures":
+        """Rebuilds the module from a saved ``state_dict`` (all of its state is buffers)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        for name, value in state.items():
+            module.register_buffer(name, value.clone())
+        return module
 
     def forward(
         self,
@@ -111,6 +162,18 @@ class RankerFeatures(nn.Module):
         hist_mean = (sims * valid).sum(1) / denom
         hist_max = masked.max(1).values * has_hist
 
+        # collaborative similarity (co-occurrence cosines, unnormalised CF vectors)
+        cf_hist = self.cf_vectors[hist]
+        cf_cand = self.cf_vectors[item]
+        cf_dots = (cf_hist * cf_cand.unsqueeze(1)).sum(-1)
+        cf_norms = cf_hist.norm(dim=-1) * cf_cand.norm(dim=-1).unsqueeze(1) + 1e-6
+        cf_sims = cf_dots / cf_norms * valid
+        cf_masked = cf_sims - (1.0 - valid) * 2.0
+        cf_mean = cf_sims.sum(1) / denom
+        cf_max = cf_masked.max(1).values * has_hist
+        cf_last_max = cf_masked[:, -LAST_N:].max(1).values * has_hist
+        cf_sum = cf_dots.mul(valid).sum(1)
+
         cols = [
             retrieval_score.reshape(-1),
             retrieval_rank.reshape(-1),
@@ -131,6 +194,10 @@ class RankerFeatures(nn.Module):
             last_mean,
             hist_mean,
             hist_max,
+            cf_mean,
+            cf_max,
+            cf_last_max,
+            cf_sum,
         ]
         return torch.stack(cols, dim=1)
 

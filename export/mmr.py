@@ -26,7 +26,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["mmr_rerank"]
+__all__ = ["blend_vectors", "mmr_rerank"]
 
 
 def mmr_rerank(
@@ -129,3 +129,31 @@ def mmr_rerank(
         taken[best] = True
         np.maximum(max_sim, unit @ unit[best], out=max_sim)
     return cand[picked].astype(np.intp, copy=False)
+
+
+def blend_vectors(parts: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Concatenates row-normalised vector sets so that cosine = weighted sum of cosines.
+
+    With every part's rows at unit norm and part ``p`` scaled by ``sqrt(w_p)`` (weights
+    summing to 1), the concatenated rows have unit norm and their inner product is
+    ``sum_p w_p * cos_p``. MMR uses this to judge similarity on learned embeddings and on
+    genres at once: embeddings alone see two thrillers by the same audience as different,
+    genres alone see every comedy as the same.
+
+    Args:
+        parts: Arrays [n, d_p] with the same ``n``.
+        weights: Non-negative weights, one per part, summing to 1.
+
+    Returns:
+        float32 [n, sum d_p].
+    """
+    if len(parts) != len(weights) or not parts:
+        raise ValueError("need one weight per part and at least one part")
+    if any(w < 0 for w in weights) or not np.isclose(sum(weights), 1.0):
+        raise ValueError(f"weights must be non-negative and sum to 1, got {weights}")
+    out = []
+    for part, w in zip(parts, weights):
+        part = np.asarray(part, dtype=np.float64)
+        norms = np.linalg.norm(part, axis=1, keepdims=True)
+        out.append(np.sqrt(w) * np.divide(part, norms, out=np.zeros_like(part), where=norms > 0))
+    return np.concatenate(out, axis=1).astype(np.float32)

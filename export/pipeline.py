@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from export.data import MovieLens, load_movielens
-from export.features import FEATURE_NAMES, RankerFeatures
+from export.features import FEATURE_NAMES, RankerFeatures, cf_item_vectors
 from export.history import Histories
 from export.items import Catalog, ItemStats, item_stats
 from export.ranker import RankerConfig, candidate_features, candidate_labels, train_ranker
@@ -69,11 +69,14 @@ class Period:
     past: pd.DataFrame
     histories: Histories
     stats: ItemStats
+    cf_vectors: np.ndarray
 
     @classmethod
     def at(cls, past: pd.DataFrame, catalog: Catalog, cutoff: int) -> "Period":
         past = past[past.timestamp < cutoff]
-        return cls(cutoff, past, Histories.from_frame(past, catalog), item_stats(past, catalog, cutoff))
+        histories = Histories.from_frame(past, catalog)
+        stats = item_stats(past, catalog, cutoff)
+        return cls(cutoff, past, histories, stats, cf_item_vectors(histories, catalog.n_items))
 
 
 @dataclass
@@ -104,7 +107,7 @@ class Fitted:
 
     def ranker_features(self, period: Period, model: TwoTower) -> RankerFeatures:
         """The feature module for a period and the two-tower whose item vectors it compares."""
-        return RankerFeatures(self.catalog, period.stats, model.item_vectors())
+        return RankerFeatures(self.catalog, period.stats, model.item_vectors(), period.cf_vectors)
 
 
 def retrieve(
@@ -170,7 +173,13 @@ def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True) ->
     active = np.unique(split.val.user_id.to_numpy())
     active = active[val_period.histories.positions(active) >= 0]
     cand, cand_scores, hist, hist_r = retrieve(tt_val.model, val_period, demographics, active, settings.ranker.candidates)
-    feats = candidate_features(RankerFeatures(catalog, val_period.stats, tt_val.model.item_vectors()), hist, hist_r, cand, cand_scores)
+    feats = candidate_features(
+        RankerFeatures(catalog, val_period.stats, tt_val.model.item_vectors(), val_period.cf_vectors),
+        hist,
+        hist_r,
+        cand,
+        cand_scores,
+    )
     labels = candidate_labels(active, cand, split.val, catalog)
     booster = train_ranker(feats, labels, settings.ranker)
     seconds["ranker"] = time.perf_counter() - t0

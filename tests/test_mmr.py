@@ -158,3 +158,15 @@ def test_property_unique_indices_of_right_length(case: tuple) -> None:
     assert out[0] == stable[0]
     # lam = 1 is exactly the stable top-k.
     np.testing.assert_array_equal(mmr_rerank(rel, vecs, k=k, lam=1.0, pool=pool), stable[: min(k, pool_n)])
+
+
+def test_blend_vectors_cosine_is_the_weighted_sum():
+    from export.mmr import blend_vectors
+
+    a = np.array([[1.0, 0.0], [0.0, 2.0]])  # cos(a0, a1) = 0
+    g = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])  # cos(g0, g1) = 1
+    v = blend_vectors([a, g], [0.25, 0.75])
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-6)
+    assert float(v[0] @ v[1]) == pytest.approx(0.25 * 0 + 0.75 * 1)
+    with pytest.raises(ValueError):
+        blend_vectors([a, g], [0.5, 0.6])

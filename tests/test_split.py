@@ -71,7 +71,7 @@ def test_features_do_not_change_with_future_interactions(ml, catalog):
     for period in (a, b):
         hist, hist_r = period.histories.last(users, 50)
         items = np.arange(20)
-        f = RankerFeatures(catalog, period.stats, vectors).compute(
+        f = RankerFeatures(catalog, period.stats, vectors, period.cf_vectors).compute(
             items, np.zeros(20, np.float32), np.zeros(20, np.float32), hist, hist_r
         )
         feats.append(f)
