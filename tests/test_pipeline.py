@@ -109,6 +109,7 @@ def test_evaluate_report_shape(tiny_data, tmp_path):
             assert np.isfinite(metrics[key])
     for key in ("val_starts", "test_starts", "test_users", "items", "relevance"):
         assert key in on_disk["protocol"]
+    assert set(on_disk["significance"]) == {f"two_tower_ranker - {b} ndcg@10" for b in ("popularity", "item_knn", "ease", "als")}
     # MMR at lambda=1 is the ranker's own order
     assert report["mmr_sweep"]["1"]["ndcg@10"] == pytest.approx(report["models"]["two_tower_ranker"]["ndcg@10"])
 
@@ -124,3 +125,17 @@ def test_cli_bad_data_exits_1(tmp_path, capsys):
     (tmp_path / "movies.csv").write_text("movieId,title,genres\n2,X (1999),Drama\n")
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "a"), "--quiet"]) == 1
     assert "timestamp" in capsys.readouterr().err
+
+
+def test_paired_bootstrap_brackets_the_difference():
+    from export.evaluate import paired_bootstrap
+
+    relevant = [np.array([0]), np.array([1]), np.array([2]), np.array([3])]
+    good = np.array([[0, 9], [1, 9], [2, 9], [3, 9]])
+    bad = np.array([[9, 0], [9, 8], [9, 8], [9, 8]])
+    same = paired_bootstrap(good, good, relevant, k=2)
+    assert same["mean_diff"] == 0 and same["ci95_low"] == 0 and same["ci95_high"] == 0
+    better = paired_bootstrap(good, bad, relevant, k=2)
+    # per-user gains: 1 - 1/log2(3), 1, 1, 1
+    assert better["mean_diff"] == pytest.approx((1 - 1 / np.log2(3) + 3) / 4)
+    assert 0 < better["ci95_low"] <= better["mean_diff"] <= better["ci95_high"] <= 1
