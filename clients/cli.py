@@ -74,6 +74,68 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_repository
+
+    summary = export_repository(
+        args.artifacts, args.repo, tree_implementation=args.tree_implementation, write_configs=args.write_configs
+    )
+    ranker = summary["ranker"]
+    chosen = next(t for t in ranker["trials"] if t["implementation"] == ranker["tree_implementation"])
+    print(
+        json.dumps(
+            {
+                "repository": summary["repository"],
+                "version": summary["version"],
+                "models": summary["models"],
+                "tree_implementation": ranker["tree_implementation"],
+                "tree_selection": ranker["selection"],
+                "ranker_ms_p50": chosen["ms_p50"],
+                "parity_max_abs_diff": {m: max(d.values()) for m, d in summary["parity_max_abs_diff"].items()},
+                "configs_written": summary["configs_written"],
+                "seconds": summary["seconds"],
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _cmd_triton(args: argparse.Namespace) -> int:
+    from export.triton import EmbeddedTriton, TritonError, check, serve_forever
+
+    server = EmbeddedTriton(
+        args.repo,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        config_name=args.config_name or None,
+        startup_timeout=args.timeout,
+        log_path=args.log,
+    )
+    try:
+        if args.check:
+            status, ok = check(server)
+            if args.json:
+                print(json.dumps(status, indent=2))
+            else:
+                print(f"tritonserver {status['server_version']}")
+                for name, model in sorted(status["models"].items()):
+                    reason = f"  ({model['reason']})" if model.get("reason") else ""
+                    print(f"  {name:<18} versions {model['versions']}  {model['state']}{reason}")
+            return 0 if ok else 1
+        server.start()
+    except TritonError as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 1
+
+    def announce() -> None:
+        info = {"grpc": server.grpc_url, "http": server.http_url, "metrics": server.metrics_url, "log": str(server.log_path)}
+        print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k:<8}{v}" for k, v in info.items()), flush=True)
+
+    return serve_forever(server, announce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``recsys`` argument parser."""
     parser = argparse.ArgumentParser(prog="recsys", description="Two-stage movie recommender on NVIDIA Triton.")
@@ -109,6 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mmr-pool", type=int, default=None)
     ev.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     ev.set_defaults(func=_cmd_evaluate)
+
+    exp = sub.add_parser("export", help="export the artifacts to ONNX and publish version N+1 in the Triton repository")
+    exp.add_argument("--artifacts", default="artifacts", help="folder written by `recsys train` (default: %(default)s)")
+    exp.add_argument("--repo", default="model_repository", help="Triton model repository (default: %(default)s)")
+    exp.add_argument(
+        "--tree-implementation",
+        choices=("auto", "gemm", "tree_trav", "perf_tree_trav"),
+        default="auto",
+        help="Hummingbird tree strategy; auto measures them and keeps the fastest correct one",
+    )
+    exp.add_argument(
+        "--write-configs", action="store_true", help="regenerate config.pbtxt, configs/cpu.pbtxt and model.py from the artifacts' shapes"
+    )
+    exp.set_defaults(func=_cmd_export)
+
+    tri = sub.add_parser("triton", help="run the embedded Triton server on a model repository (CPU, Python backend)")
+    tri.add_argument("--repo", default="model_repository", help="Triton model repository (default: %(default)s)")
+    tri.add_argument("--http-port", type=int, default=None, help="default: a free port")
+    tri.add_argument("--grpc-port", type=int, default=None, help="default: a free port")
+    tri.add_argument("--metrics-port", type=int, default=None, help="default: a free port")
+    tri.add_argument("--config-name", default="cpu", help="--model-config-name; '' for config.pbtxt (default: %(default)s)")
+    tri.add_argument("--timeout", type=float, default=120.0, help="start-up timeout in seconds (default: %(default)s)")
+    tri.add_argument("--log", default=None, help="server log file (default: a temporary file)")
+    tri.add_argument("--check", action="store_true", help="start, report every model's state, stop; exit 0 only if all are READY")
+    tri.add_argument("--json", action="store_true", help="print JSON")
+    tri.set_defaults(func=_cmd_triton)
     return parser
 
 

@@ -1,0 +1,201 @@
+"""The Triton contract: configs (both names) vs ONNX graphs, ensemble wiring, checked-in files.
+
+The comparisons here parse the configs with Triton's own protobuf schema and read the ONNX
+graphs directly, independently of the export's checking code (which is tested too).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import onnx
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.onnx_export import (
+    CONFIG_NAMES,
+    ENSEMBLE,
+    LEAF_MODELS,
+    MODEL_NAMES,
+    PYTHON_MODEL,
+    Shapes,
+    check_ensemble,
+    check_repository,
+    model_specs,
+    read_config,
+    render_config,
+    render_ensemble_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKED_IN = ROOT / "model_repository"
+ONNX_TYPES = {onnx.TensorProto.INT64: mc.TYPE_INT64, onnx.TensorProto.FLOAT: mc.TYPE_FP32}
+
+
+def parse(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def graph_signature(path: Path) -> dict[str, tuple[int, list]]:
+    g = onnx.load(str(path)).graph
+    init = {i.name for i in g.initializer}
+    out = {}
+    for v in [*g.input, *g.output]:
+        if v.name in init:
+            continue
+        tt = v.type.tensor_type
+        dims = [d.dim_param or None if not d.HasField("dim_value") else d.dim_value for d in tt.shape.dim]
+        out[v.name] = (ONNX_TYPES.get(tt.elem_type, -1), dims)
+    return out
+
+
+def wiring_closes(ensemble: mc.ModelConfig, leaves: dict[str, mc.ModelConfig]) -> list[str]:
+    """An independent check: inputs come from the ensemble or earlier steps; outputs are produced."""
+    problems = []
+    available = {t.name for t in ensemble.input}
+    for step in ensemble.ensemble_scheduling.step:
+        leaf = leaves[step.model_name]
+        if set(step.input_map) != {t.name for t in leaf.input}:
+            problems.append(f"{step.model_name}: input_map keys {sorted(step.input_map)}")
+        problems += [f"{step.model_name}: '{v}' unavailable" for v in step.input_map.values() if v not in available]
+        if not set(step.output_map) <= {t.name for t in leaf.output}:
+            problems.append(f"{step.model_name}: output_map keys {sorted(step.output_map)}")
+        available |= set(step.output_map.values())
+    problems += [f"output '{t.name}' never produced" for t in ensemble.output if t.name not in available]
+    return problems
+
+
+@pytest.mark.parametrize("config_name", CONFIG_NAMES)
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_checked_in_configs_parse(model, config_name):
+    config = parse(CHECKED_IN / model / config_name)
+    assert config.name == model
+    assert config.max_batch_size > 0
+    if model == ENSEMBLE:
+        assert config.platform == "ensemble"
+        return
+    cpu = config_name != "config.pbtxt"
+    assert config.backend == ("python" if cpu else "onnxruntime")
+    kind = mc.ModelInstanceGroup.KIND_CPU if cpu else mc.ModelInstanceGroup.KIND_GPU
+    assert [g.kind for g in config.instance_group] == [kind]
+    assert config.HasField("dynamic_batching")
+    assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    assert all(0 < p <= config.max_batch_size for p in config.dynamic_batching.preferred_batch_size)
+
+
+@pytest.mark.parametrize("model", LEAF_MODELS)
+def test_both_configs_of_a_model_describe_the_same_tensors(model):
+    native, cpu = (parse(CHECKED_IN / model / n) for n in CONFIG_NAMES)
+    assert list(native.input) == list(cpu.input)
+    assert list(native.output) == list(cpu.output)
+    assert native.max_batch_size == cpu.max_batch_size
+    assert native.dynamic_batching == cpu.dynamic_batching
+
+
+def test_checked_in_files_are_what_the_generator_writes():
+    """Drift guard. After a deliberate shape change (e.g. a new ranker feature) regenerate with
+    ``python -c "from export.onnx_export import *; write_repository_files('model_repository', Shapes.defaults(), overwrite=True)"``
+    (or ``recsys export --write-configs`` with full-size artifacts) and commit the result."""
+    specs = model_specs(Shapes.defaults())
+    for model, spec in specs.items():
+        for config_name, cpu in zip(CONFIG_NAMES, (False, True)):
+            expected = text_format.Parse(render_config(spec, cpu=cpu), mc.ModelConfig())
+            assert parse(CHECKED_IN / model / config_name) == expected, (model, config_name)
+        assert (CHECKED_IN / model / "model.py").read_text() == PYTHON_MODEL, model
+    ensemble = text_format.Parse(render_ensemble_config(specs), mc.ModelConfig())
+    for config_name in CONFIG_NAMES:
+        assert parse(CHECKED_IN / ENSEMBLE / config_name) == ensemble
+
+
+@pytest.mark.parametrize("config_name", CONFIG_NAMES)
+def test_checked_in_ensemble_wiring_closes(config_name):
+    leaves = {m: parse(CHECKED_IN / m / config_name) for m in LEAF_MODELS}
+    ensemble = parse(CHECKED_IN / ENSEMBLE / config_name)
+    assert wiring_closes(ensemble, leaves) == []
+    assert check_ensemble(ENSEMBLE, ensemble, leaves) == []
+    # the ensemble takes exactly the feature model's inputs and returns the ranker's output
+    assert list(ensemble.input) == list(leaves["ranker_features"].input)
+    assert list(ensemble.output) == list(leaves["ranker"].output)
+    steps = ensemble.ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["ranker_features", "ranker"]
+    assert steps[0].output_map["features"] == steps[1].input_map["features"]  # a named intermediate tensor
+    assert steps[0].output_map["features"] not in {t.name for t in ensemble.input}
+
+
+@pytest.mark.parametrize("config_name", CONFIG_NAMES)
+@pytest.mark.parametrize("model", LEAF_MODELS)
+def test_exported_graphs_match_both_configs(tiny_repository, model, config_name):
+    config = parse(tiny_repository / model / config_name)
+    sig = graph_signature(tiny_repository / model / "1" / "model.onnx")
+    declared = [*config.input, *config.output]
+    assert {t.name for t in declared} == set(sig), model
+    for t in declared:
+        dtype, dims = sig[t.name]
+        assert dtype == t.data_type, (model, t.name)
+        assert isinstance(dims[0], str), (model, t.name, "batch axis must be dynamic")
+        assert dims[1:] == list(t.dims), (model, t.name)
+
+
+def test_exported_repository_passes_the_export_checks(tiny_repository):
+    graphs = {m: tiny_repository / m / "1" / "model.onnx" for m in LEAF_MODELS}
+    assert check_repository(tiny_repository, graphs) == []
+    for config_name in CONFIG_NAMES:
+        leaves = {m: parse(tiny_repository / m / config_name) for m in LEAF_MODELS}
+        assert wiring_closes(parse(tiny_repository / ENSEMBLE / config_name), leaves) == []
+
+
+def test_broken_ensemble_wiring_is_reported(tiny_repository):
+    leaves = {m: read_config(tiny_repository / m / "configs/cpu.pbtxt") for m in LEAF_MODELS}
+    good = read_config(tiny_repository / ENSEMBLE / "configs/cpu.pbtxt")
+
+    renamed = mc.ModelConfig()
+    renamed.CopyFrom(good)
+    renamed.ensemble_scheduling.step[1].input_map["features"] = "typo_features"
+    problems = check_ensemble(ENSEMBLE, renamed, leaves)
+    assert any("reads 'typo_features', which no ensemble input or earlier step provides" in p for p in problems)
+    assert wiring_closes(renamed, leaves)
+
+    swapped = mc.ModelConfig()
+    swapped.CopyFrom(good)
+    steps = list(swapped.ensemble_scheduling.step)
+    del swapped.ensemble_scheduling.step[:]
+    swapped.ensemble_scheduling.step.extend(reversed(steps))  # ranker before its features exist
+    assert any("no ensemble input or earlier step provides" in p for p in check_ensemble(ENSEMBLE, swapped, leaves))
+
+    no_output = mc.ModelConfig()
+    no_output.CopyFrom(good)
+    del no_output.ensemble_scheduling.step[1].output_map["score"]
+    assert f"{ENSEMBLE}: output 'score' is produced by no step" in check_ensemble(ENSEMBLE, no_output, leaves)
+
+    unmapped = mc.ModelConfig()
+    unmapped.CopyFrom(good)
+    del unmapped.ensemble_scheduling.step[0].input_map["history"]
+    assert any("model input 'history' is not mapped" in p for p in check_ensemble(ENSEMBLE, unmapped, leaves))
+
+
+def test_a_config_that_does_not_parse_is_reported(tiny_repository, tmp_path):
+    repo = shutil.copytree(tiny_repository, tmp_path / "repo")
+    (repo / "ranker" / "configs" / "cpu.pbtxt").write_text("max_batch_size: [oops\n")
+    graphs = {m: repo / m / "1" / "model.onnx" for m in LEAF_MODELS}
+    problems = check_repository(repo, graphs)
+    assert any(p.startswith("ranker: ") and "does not parse as a Triton ModelConfig" in p for p in problems)
+
+
+def test_gitignore_keeps_versions_out_and_configs_in():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+
+    for model in MODEL_NAMES:
+        assert ignored(f"model_repository/{model}/1/model.onnx")
+        assert ignored(f"model_repository/{model}/12/version.json")
+        assert ignored(f"model_repository/{model}/3/model.py")
+        assert not ignored(f"model_repository/{model}/config.pbtxt")
+        assert not ignored(f"model_repository/{model}/configs/cpu.pbtxt")
+    for model in LEAF_MODELS:
+        assert not ignored(f"model_repository/{model}/model.py")
