@@ -80,6 +80,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     summary = export_repository(
         args.artifacts, args.repo, tree_implementation=args.tree_implementation, write_configs=args.write_configs
     )
+    faiss_summary = None
+    if not args.skip_index:
+        from export.faiss_index import build_from_artifacts
+
+        # the index lives under artifacts/, outside the Triton repository (Triton would take
+        # every folder of its repository for a model)
+        index_report = build_from_artifacts(args.artifacts, progress=not args.quiet, threads=1)
+        faiss_summary = {
+            "default": index_report["default"],
+            "bundle": index_report["bundle"]["dir"],
+            "results": [
+                {key: r.get(key) for key in ("kind", "recall", "p50_ms", "p99_ms", "build_s", "bytes")}
+                for r in index_report["results"]
+            ],
+        }
     ranker = summary["ranker"]
     chosen = next(t for t in ranker["trials"] if t["implementation"] == ranker["tree_implementation"])
     print(
@@ -93,6 +108,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 "ranker_ms_p50": chosen["ms_p50"],
                 "parity_max_abs_diff": {m: max(d.values()) for m, d in summary["parity_max_abs_diff"].items()},
                 "configs_written": summary["configs_written"],
+                "faiss": faiss_summary,
                 "seconds": summary["seconds"],
             },
             indent=2,
@@ -184,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--write-configs", action="store_true", help="regenerate config.pbtxt, configs/cpu.pbtxt and model.py from the artifacts' shapes"
     )
+    exp.add_argument("--skip-index", action="store_true", help="do not (re)build the FAISS indexes under ARTIFACTS/faiss")
+    exp.add_argument("--quiet", action="store_true", help="no progress bars")
     exp.set_defaults(func=_cmd_export)
 
     tri = sub.add_parser("triton", help="run the embedded Triton server on a model repository (CPU, Python backend)")

@@ -250,13 +250,18 @@ def test_dtype_and_name_mismatch_in_one_config_is_refused(tiny_repository, tiny_
 
 def test_recsys_export_cli(tiny_repository, tiny_artifacts, tmp_path, capsys):
     repo = shutil.copytree(tiny_repository, tmp_path / "repo")
-    argv = ["export", "--artifacts", str(tiny_artifacts), "--repo", str(repo), "--tree-implementation", "tree_trav"]
+    artifacts = shutil.copytree(tiny_artifacts, tmp_path / "artifacts")
+    argv = ["export", "--artifacts", str(artifacts), "--repo", str(repo), "--tree-implementation", "tree_trav", "--quiet"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["version"] == 2 and out["tree_implementation"] == "tree_trav"
+    # the FAISS bundle is built beside the artifacts, outside the Triton repository
+    assert out["faiss"]["default"] in {r["kind"] for r in out["faiss"]["results"]}
+    assert (artifacts / "faiss" / "index.json").exists() and (artifacts / "faiss" / "report.md").exists()
+    assert not any(p.name == "faiss" for p in repo.iterdir())
     bad = repo / "user_tower" / "config.pbtxt"
     bad.write_text(bad.read_text().replace("dims: [ 3 ]", "dims: [ 4 ]"))
-    assert main(argv) == 1
+    assert main([*argv, "--skip-index"]) == 1
     err = capsys.readouterr().err
     assert "recsys: error:" in err and "user_tower (config.pbtxt): input 'demographics' dims [4] in config, [3] in ONNX" in err
     assert published_versions(repo / "user_tower") == [1, 2]
