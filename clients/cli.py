@@ -152,6 +152,47 @@ def _cmd_triton(args: argparse.Namespace) -> int:
     return serve_forever(server, announce)
 
 
+def _cmd_batch_score(args: argparse.Namespace) -> int:
+    from export.batch_score import BatchScoreError, StopRequested, batch_score
+    from export.triton import TritonError
+
+    on_chunk = None
+    if args.stop_after_chunks is not None:
+        # hidden, for tests and demos of resuming: end the run after N newly scored chunks
+        remaining = [args.stop_after_chunks]
+
+        def on_chunk(chunk, table) -> None:  # noqa: ARG001 - callback signature
+            remaining[0] -= 1
+            if remaining[0] <= 0:
+                raise StopRequested
+
+    try:
+        summary = batch_score(
+            args.artifacts,
+            args.out,
+            args.users,
+            url=args.url,
+            repo=args.repo,
+            k=args.k,
+            candidates=args.candidates,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            data_dir=args.data,
+            restart=args.restart,
+            keep_parts=args.keep_parts,
+            progress=not args.quiet,
+            on_chunk=on_chunk,
+        )
+    except StopRequested:
+        print(f"recsys: stopped early; rerun the same command to resume from {args.out}.parts", file=sys.stderr)
+        return 3
+    except (BatchScoreError, TritonError) as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``recsys`` argument parser."""
     parser = argparse.ArgumentParser(prog="recsys", description="Two-stage movie recommender on NVIDIA Triton.")
@@ -215,6 +256,24 @@ def build_parser() -> argparse.ArgumentParser:
     tri.add_argument("--check", action="store_true", help="start, report every model's state, stop; exit 0 only if all are READY")
     tri.add_argument("--json", action="store_true", help="print JSON")
     tri.set_defaults(func=_cmd_triton)
+
+    bs = sub.add_parser("batch-score", help="top-K recommendations for many users through Triton HTTP, written to Parquet (resumable)")
+    bs.add_argument("--artifacts", default="artifacts", help="folder written by `recsys train`, with faiss/ (default: %(default)s)")
+    bs.add_argument("--repo", default="model_repository", help="model repository for the embedded Triton (default: %(default)s)")
+    bs.add_argument("--url", default=None, help="Triton HTTP host:port (default: start the embedded Triton on --repo)")
+    bs.add_argument("--users", default="all", help="all | N (first N user ids) | file of user ids (default: %(default)s)")
+    bs.add_argument("--k", type=int, default=100, help="recommendations per user (default: %(default)s)")
+    bs.add_argument("--candidates", type=int, default=None, help="retrieval depth (default: the ranker's, from the manifest)")
+    bs.add_argument("--out", required=True, help="output Parquet (parts go to OUT.parts/ until the run completes)")
+    bs.add_argument("--batch-size", type=int, default=512, help="users per chunk, the unit of restart (default: %(default)s)")
+    bs.add_argument("--concurrency", type=int, default=4, help="Triton requests in flight (default: %(default)s)")
+    bs.add_argument("--data", default=None, help="folder with users.csv for demographics (default: the manifest's data path)")
+    bs.add_argument("--restart", action="store_true", help="discard the parts of an unfinished earlier run")
+    bs.add_argument("--keep-parts", action="store_true", help="keep OUT.parts/ after combining")
+    bs.add_argument("--quiet", action="store_true", help="no progress bar")
+    bs.add_argument("--stop-after-chunks", type=int, default=None, help=argparse.SUPPRESS)
+    bs.set_defaults(func=_cmd_batch_score)
+
     return parser
 
 

@@ -1,0 +1,1 @@
+"""perf_analyzer against the served models: valid input data (make_inputs) and the sweep (run)."""

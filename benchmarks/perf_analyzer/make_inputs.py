@@ -1,0 +1,235 @@
+"""Real-data input files for perf_analyzer (``--input-data inputs/<model>.json``).
+
+perf_analyzer fills inputs it has no data for with random values; for INT64 item ids and
+demographic codes those index far out of range and the model fails (FIELD-NOTES). These
+files hold real requests instead, cut from the artifacts:
+
+* ``user_tower``: real users' history windows (the ``Histories.last`` rule, length ``L`` from
+  the served config) with their ratings and demographic codes; one user per entry.
+* ``item_tower``: item indices of the catalog; one item per entry.
+* ``ranker_features`` / ``ranker_ensemble``: one entry per *candidate row* of a few users
+  (item, retrieval score and 0-based rank, the user's window), the top ``N`` of the user
+  tower (run in process with onnxruntime on the published ``model.onnx``) over the item
+  embeddings, seen items excluded: what the orchestrator sends.
+* ``ranker``: the feature rows of the same candidates, computed by the published
+  ``ranker_features`` graph.
+
+Batching: perf_analyzer forms a batch of ``-b B`` from ``B`` consecutive entries (round
+robin), so with one *row* per entry ``-b 200`` sends one user's 200 candidates per request,
+the realistic ranker request. ``meta.json`` records each model's batch size for ``run``.
+
+    python -m benchmarks.perf_analyzer.make_inputs --artifacts artifacts --repo model_repository \\
+        --out benchmarks/perf_analyzer/inputs
+
+The checked-in ``inputs/`` were generated this way from the bundled ml-100k model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+MODELS = ("user_tower", "item_tower", "ranker_features", "ranker", "ranker_ensemble")
+CANDIDATE_MODELS = ("ranker_features", "ranker", "ranker_ensemble")
+CPU_CONFIG = "configs/cpu.pbtxt"
+DEFAULT_OUT = Path(__file__).resolve().parent / "inputs"
+
+_NUMPY = {
+    model_config_pb2.TYPE_INT64: np.int64,
+    model_config_pb2.TYPE_FP32: np.float32,
+}
+
+
+def read_config(path: str | Path) -> model_config_pb2.ModelConfig:
+    """Parses a ``config.pbtxt`` with Triton's own protobuf schema (what the server reads)."""
+    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+
+
+def input_specs(config: model_config_pb2.ModelConfig) -> dict[str, tuple[type, list[int]]]:
+    """Input name -> (numpy dtype, dims without the batch axis)."""
+    return {t.name: (_NUMPY[t.data_type], [int(d) for d in t.dims]) for t in config.input}
+
+
+def latest_version(model_dir: Path) -> Path:
+    """The highest numeric version folder of a model."""
+    versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise FileNotFoundError(f"{model_dir}: no version folder (run `recsys export` first)")
+    return versions[-1][1]
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _demo_cardinalities(artifacts: Path) -> list[int]:
+    """The demographic vocabularies' sizes the user tower was built with (codes must stay below)."""
+    import torch
+
+    ckpt = torch.load(artifacts / "two_tower.pt", map_location="cpu", weights_only=True)
+    return [int(c) for c in ckpt["demo_cardinalities"]]
+
+
+def _values(array: np.ndarray) -> list:
+    """A row as JSON numbers: exact ints, floats rounded to 6 decimals (small files; timing, not parity)."""
+    if np.issubdtype(array.dtype, np.integer):
+        return [int(v) for v in array.ravel()]
+    return [round(float(v), 6) for v in array.ravel()]
+
+
+def _entries(arrays: dict[str, np.ndarray]) -> list[dict[str, list]]:
+    n = len(next(iter(arrays.values())))
+    return [{name: _values(a[i]) for name, a in arrays.items()} for i in range(n)]
+
+
+def make_inputs(
+    artifacts: str | Path,
+    repo: str | Path,
+    out: str | Path = DEFAULT_OUT,
+    *,
+    users: int = 32,
+    items: int = 64,
+    ranker_users: int = 2,
+    candidates: int | None = None,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Writes ``<out>/<model>.json`` for every model and ``<out>/meta.json``.
+
+    Args:
+        artifacts: Folder written by ``recsys train``.
+        repo: Model repository with an exported version (its CPU configs give the shapes).
+        out: Output folder.
+        users: Users (entries) for ``user_tower``.
+        items: Items (entries) for ``item_tower``.
+        ranker_users: Users whose candidates fill the candidate models' files.
+        candidates: Candidates per user (default: the ranker's training depth, else 200);
+            also the ``-b`` batch size recorded for the candidate models.
+        seed: Which users and items are drawn.
+        data_dir: Folder with ``users.csv`` for demographics (default: the manifest's).
+
+    Returns:
+        The ``meta.json`` content.
+    """
+    from export.batch_score import load_user_data, user_inputs
+
+    artifacts, repo, out = Path(artifacts), Path(repo), Path(out)
+    configs = {m: read_config(repo / m / CPU_CONFIG) for m in MODELS}
+    specs = {m: input_specs(c) for m, c in configs.items()}
+    history_len = specs["user_tower"]["history"][1][0]
+    n_features = specs["ranker"]["features"][1][0]
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    if candidates is None:
+        candidates = int(manifest.get("ranker", {}).get("config", {}).get("candidates", 200))
+
+    data = load_user_data(artifacts, data_dir)
+    rng = np.random.default_rng(seed)
+    active = data.histories.user_ids[np.diff(data.histories.offsets) > 0]
+    chosen = np.sort(rng.choice(active, size=min(users, len(active)), replace=False))
+    x = user_inputs(data, chosen, history_len)
+
+    version = latest_version(repo / "user_tower")
+    vectors = _session(version / "model.onnx").run(["user_embedding"], x)[0]
+    item_vectors = np.load(artifacts / "item_embeddings.npy").astype(np.float32)
+    n_items = len(item_vectors)
+    if n_items != data.n_items:
+        raise ValueError(f"item_embeddings.npy has {n_items} rows, items.parquet {data.n_items}")
+
+    # candidates of the first `ranker_users` users: exact top-N, seen items excluded
+    who = np.arange(min(ranker_users, len(chosen)))
+    scores = vectors[who] @ item_vectors.T
+    for row, seen in zip(who, data.histories.seen(chosen[who])):
+        scores[row, seen] = -np.inf
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :candidates]
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    keep = np.isfinite(top_scores)
+    user_row, rank = np.nonzero(keep)
+    rows = {
+        "item": top[user_row, rank].reshape(-1, 1).astype(np.int64),
+        "retrieval_score": top_scores[user_row, rank].reshape(-1, 1).astype(np.float32),
+        "retrieval_rank": rank.reshape(-1, 1).astype(np.float32),
+        "history": x["history"][who][user_row],
+        "history_rating": x["history_rating"][who][user_row],
+    }
+    features_version = latest_version(repo / "ranker_features")
+    features = _session(features_version / "model.onnx").run(["features"], rows)[0]
+    if features.shape[1] != n_features:
+        raise ValueError(f"ranker_features returns {features.shape[1]} features, the ranker config wants {n_features}")
+
+    item_ids = np.sort(rng.choice(n_items, size=min(items, n_items), replace=False)).reshape(-1, 1).astype(np.int64)
+    payloads = {
+        "user_tower": x,
+        "item_tower": {"item": item_ids},
+        "ranker_features": rows,
+        "ranker": {"features": features.astype(np.float32)},
+        "ranker_ensemble": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    models: dict[str, dict[str, Any]] = {}
+    for model, arrays in payloads.items():
+        # only the inputs the config names, in its order (the ensemble and the feature model
+        # share the candidate rows)
+        arrays = {name: arrays[name] for name in specs[model]}
+        path = out / f"{model}.json"
+        path.write_text(json.dumps({"data": _entries(arrays)}, separators=(",", ":")) + "\n")
+        models[model] = {
+            "file": path.name,
+            "entries": int(len(next(iter(arrays.values())))),
+            "batch_size": int(candidates) if model in CANDIDATE_MODELS else 1,
+        }
+    meta = {
+        "generated_at": pd.Timestamp.now(tz="UTC").isoformat(),
+        "generator": "python -m benchmarks.perf_analyzer.make_inputs",
+        "artifacts": {
+            "manifest_created_at": manifest.get("created_at"),
+            "data_sha256": manifest.get("data", {}).get("sha256"),
+            "data_path": manifest.get("data", {}).get("path"),
+        },
+        "model_version": int(version.name),
+        "n_items": int(n_items),
+        "history_len": int(history_len),
+        "n_features": int(n_features),
+        "demo_cardinalities": _demo_cardinalities(artifacts),
+        "candidates": int(candidates),
+        "seed": seed,
+        "models": models,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", default="artifacts")
+    parser.add_argument("--repo", default="model_repository")
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--users", type=int, default=32, help="user_tower entries (default: %(default)s)")
+    parser.add_argument("--items", type=int, default=64, help="item_tower entries (default: %(default)s)")
+    parser.add_argument("--ranker-users", type=int, default=2, help="users whose candidates fill the ranker files (default: %(default)s)")
+    parser.add_argument("--candidates", type=int, default=None, help="candidates per user = -b of the ranker models")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=None, help="folder with users.csv (default: the manifest's data path)")
+    args = parser.parse_args(argv)
+    meta = make_inputs(
+        args.artifacts, args.repo, args.out, users=args.users, items=args.items,
+        ranker_users=args.ranker_users, candidates=args.candidates, seed=args.seed, data_dir=args.data,
+    )
+    print(json.dumps(meta["models"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
