@@ -259,6 +259,8 @@ class EmbeddedTriton:
             libdirs.append(env["LD_LIBRARY_PATH"])
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libdirs)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # the stub imports each version's model.py: keep __pycache__ out of the model repository
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
         # a PYTHONHOME/PYTHONPATH meant for another interpreter would override the venv lookup
         env.pop("PYTHONHOME", None)
         env.pop("PYTHONPATH", None)

@@ -201,14 +201,14 @@ def test_version_folders_record_artifacts(tiny_repository, tiny_artifacts):
 
 def test_reexport_publishes_next_version_beside_the_last(tiny_repository, tiny_artifacts, tmp_path):
     repo = shutil.copytree(tiny_repository, tmp_path / "repo")
-    before = {p: file_sha256(p) for p in repo.glob("*/1/*")}
+    before = {p: file_sha256(p) for p in repo.glob("*/1/*") if p.is_file()}
     summary = export_repository(tiny_artifacts, repo, tree_implementation="tree_trav", update_manifest=False)
     assert summary["version"] == 2
     assert summary["ranker"]["selection"] == "forced"
     for name in MODEL_NAMES:
         assert published_versions(repo / name) == [1, 2]
         assert json.loads((repo / name / "2" / "version.json").read_text())["version"] == 2
-    assert {p: file_sha256(p) for p in repo.glob("*/1/*")} == before  # version 1 untouched
+    assert {p: file_sha256(p) for p in repo.glob("*/1/*") if p.is_file()} == before  # version 1 untouched
     assert not list(repo.glob("*/.staging-*"))
     # a gap (version 1 removed by hand) never lets a later export reuse a number
     shutil.rmtree(repo / "user_tower" / "1")
