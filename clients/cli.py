@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--stop-after-chunks", type=int, default=None, help=argparse.SUPPRESS)
     bs.set_defaults(func=_cmd_batch_score)
 
+    from clients.online_cli import add_online_commands  # serve, demo, recommend, similar, popular, health
+
+    add_online_commands(sub)
     return parser
 
 

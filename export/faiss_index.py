@@ -49,7 +49,6 @@ Bundle layout (:func:`write_index_bundle`, nothing is pickled)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -66,6 +65,7 @@ import faiss
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
+from export.files import file_sha256 as _sha256
 
 __all__ = [
     "BUNDLE_VERSION",
@@ -994,12 +994,7 @@ def search_filtered(
 # the bundle
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+
 
 
 def _replace_atomically(path: Path, write: Any) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -51,6 +50,7 @@ from export.features import FEATURE_NAMES, RankerFeatures
 from export.items import Catalog, ItemStats
 from export.pipeline import git_sha
 from export.two_tower import TwoTower, TwoTowerConfig
+from export.files import file_sha256
 
 OPSET = 17
 """ONNX opset of every graph: supported by onnxruntime 1.32 and by Triton 2.51's onnxruntime backend."""
@@ -904,13 +904,7 @@ def repository_lock(repo: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+
 
 
 ARTIFACT_FILES = ("two_tower.pt", "ranker_features.pt", "ranker.lgb", "item_embeddings.npy", "items.parquet")

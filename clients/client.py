@@ -1,0 +1,336 @@
+"""Typed clients of ``recsys.v1.Recommender``: :class:`RecsysClient` (sync) and :class:`AsyncRecsysClient`.
+
+Both have the same surface and the same policy:
+
+* every call has a deadline (``timeout_s``, default 5 s per client, overridable per call);
+* only UNAVAILABLE is retried (the server was not reachable or not ready: nothing was
+  done), with jittered exponential backoff, inside the same deadline; every other status
+  is final;
+* failures raise the class of their status code (:mod:`clients.errors`).
+
+Responses are the generated protobuf messages (``protos/recsys/v1/recsys_pb2.pyi`` types
+them)::
+
+    with RecsysClient("127.0.0.1:50051") as client:
+        for item in client.recommend(42, k=10, genres=["Action"]).items:
+            print(item.title, item.explanation)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypedDict, TypeVar, Unpack
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.errors import DeadlineExceeded, from_rpc_error
+from protos.recsys.v1 import recsys_pb2 as pb
+from protos.recsys.v1 import recsys_pb2_grpc
+
+DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_RETRIES = 3
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+R = TypeVar("R")
+
+
+class FilterArgs(TypedDict, total=False):
+    """Keyword filters (see ``Filters`` in recsys.proto)."""
+
+    genres: Sequence[str]
+    min_year: int
+    max_year: int
+    min_mean_rating: float
+    exclude_movie_ids: Sequence[int]
+    include_seen: bool
+
+
+class RerankArgs(TypedDict, total=False):
+    """Keyword MMR and rules (see ``Rerank`` in recsys.proto)."""
+
+    mmr_lambda: float
+    candidate_pool: int
+    freshness_weight: float
+    max_per_genre: int
+
+
+class RecommendArgs(FilterArgs, RerankArgs, total=False):
+    """Filters and re-ranking options of Recommend / Similar."""
+
+
+_FILTER_KEYS = frozenset(FilterArgs.__annotations__)
+_RERANK_KEYS = frozenset(RerankArgs.__annotations__)
+
+
+def _split(options: dict[str, Any]) -> tuple[pb.Filters, pb.Rerank]:
+    unknown = set(options) - _FILTER_KEYS - _RERANK_KEYS
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}")
+    filters = pb.Filters(**{k: v for k, v in options.items() if k in _FILTER_KEYS and v is not None})
+    rerank = pb.Rerank(**{k: v for k, v in options.items() if k in _RERANK_KEYS and v is not None})
+    return filters, rerank
+
+
+def recommend_request(
+    user_id: int | None = None,
+    *,
+    history: Sequence[int] | None = None,
+    ratings: Sequence[float] | None = None,
+    k: int = 10,
+    **options: Unpack[RecommendArgs],
+) -> pb.RecommendRequest:
+    """A RecommendRequest for a user id or an explicit history (exactly one of them)."""
+    if (user_id is None) == (history is None):
+        raise TypeError("pass exactly one of user_id and history")
+    filters, rerank = _split(dict(options))
+    req = pb.RecommendRequest(k=k, filters=filters, rerank=rerank)
+    if user_id is not None:
+        req.user_id = user_id
+    else:
+        req.history.CopyFrom(pb.History(movie_ids=list(history or ()), ratings=list(ratings or ())))
+    return req
+
+
+def similar_request(movie_id: int, *, k: int = 10, user_id: int | None = None, **options: Unpack[RecommendArgs]) -> pb.SimilarRequest:
+    """A SimilarRequest."""
+    filters, rerank = _split(dict(options))
+    req = pb.SimilarRequest(movie_id=movie_id, k=k, filters=filters, rerank=rerank)
+    if user_id is not None:
+        req.user_id = user_id
+    return req
+
+
+def popular_request(*, k: int = 10, recent: bool = False, **filters: Unpack[FilterArgs]) -> pb.PopularRequest:
+    """A PopularRequest (all time, or the recent window)."""
+    flt, _ = _split(dict(filters))
+    window = pb.POPULARITY_WINDOW_RECENT if recent else pb.POPULARITY_WINDOW_ALL_TIME
+    return pb.PopularRequest(k=k, window=window, filters=flt)
+
+
+def _backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
+    # "full jitter": spreads the retries of many clients hitting one restarting server
+    return random.uniform(0.5, 1.0) * min(cap_s, base_s * 2**attempt)
+
+
+class _Base:
+    def __init__(self, timeout_s: float, retries: int, backoff_s: float, max_backoff_s: float):
+        if timeout_s <= 0 or retries < 0 or backoff_s < 0:
+            raise ValueError("timeout_s must be > 0, retries and backoff_s >= 0")
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+
+    def _next_wait(self, exc: grpc.RpcError, attempt: int, expires: float) -> float | None:
+        """Seconds to wait before retrying, or None when the error is final."""
+        # UNAVAILABLE means the call did not run; any other status may have had effects
+        if exc.code() not in RETRYABLE or attempt >= self.retries:
+            return None
+        wait = _backoff_s(attempt, self.backoff_s, self.max_backoff_s)
+        return wait if time.monotonic() + wait < expires else None
+
+
+class RecsysClient(_Base):
+    """Blocking client.
+
+    Args:
+        target: ``host:port`` of the orchestrator.
+        timeout_s: Default deadline of every call.
+        retries: Extra attempts after UNAVAILABLE.
+        backoff_s: First retry delay (doubles per retry, jittered).
+        max_backoff_s: Longest retry delay.
+        channel: An existing channel (the client then does not close it).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retries: int = DEFAULT_RETRIES,
+        backoff_s: float = 0.05,
+        max_backoff_s: float = 1.0,
+        channel: grpc.Channel | None = None,
+    ):
+        super().__init__(timeout_s, retries, backoff_s, max_backoff_s)
+        self._own = channel is None
+        self.channel = channel or grpc.insecure_channel(target)
+        self._stub = recsys_pb2_grpc.RecommenderStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def _call(self, method: Callable[..., R], request: Any, timeout_s: float | None) -> R:
+        # one deadline for all attempts: retries never stretch what the caller asked for
+        expires = time.monotonic() + (timeout_s or self.timeout_s)
+        attempt = 0
+        while True:
+            left = expires - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded("the deadline expired between retries")
+            try:
+                return method(request, timeout=left)
+            except grpc.RpcError as exc:
+                wait = self._next_wait(exc, attempt, expires)
+                if wait is None:
+                    raise from_rpc_error(exc) from exc
+                time.sleep(wait)
+                attempt += 1
+
+    def recommend(
+        self,
+        user_id: int | None = None,
+        *,
+        history: Sequence[int] | None = None,
+        ratings: Sequence[float] | None = None,
+        k: int = 10,
+        timeout_s: float | None = None,
+        **options: Unpack[RecommendArgs],
+    ) -> pb.RecommendResponse:
+        """Top-``k`` for a user id or an explicit history (see RecommendRequest)."""
+        req = recommend_request(user_id, history=history, ratings=ratings, k=k, **options)
+        return self._call(self._stub.Recommend, req, timeout_s)
+
+    def similar(
+        self, movie_id: int, *, k: int = 10, user_id: int | None = None, timeout_s: float | None = None, **options: Unpack[RecommendArgs]
+    ) -> pb.SimilarResponse:
+        """Movies similar to ``movie_id``."""
+        return self._call(self._stub.Similar, similar_request(movie_id, k=k, user_id=user_id, **options), timeout_s)
+
+    def popular(self, *, k: int = 10, recent: bool = False, timeout_s: float | None = None, **filters: Unpack[FilterArgs]) -> pb.PopularResponse:
+        """The most rated movies."""
+        return self._call(self._stub.Popular, popular_request(k=k, recent=recent, **filters), timeout_s)
+
+    def batch_recommend(self, requests: Sequence[pb.RecommendRequest], *, timeout_s: float | None = None) -> pb.BatchRecommendResponse:
+        """Many Recommends in one call (build them with :func:`recommend_request`)."""
+        return self._call(self._stub.BatchRecommend, pb.BatchRecommendRequest(requests=list(requests)), timeout_s)
+
+    def record_interaction(
+        self, user_id: int, movie_id: int, rating: float = 0.0, timestamp_s: int = 0, *, timeout_s: float | None = None
+    ) -> pb.RecordInteractionResponse:
+        """Appends one interaction (idempotent, so retrying it is safe)."""
+        req = pb.RecordInteractionRequest(user_id=user_id, movie_id=movie_id, rating=rating, timestamp_s=timestamp_s)
+        return self._call(self._stub.RecordInteraction, req, timeout_s)
+
+    def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        """``SERVING`` / ``NOT_SERVING`` / ... of the standard health service."""
+        resp = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def wait_until_serving(self, timeout_s: float = 60.0, poll_s: float = 0.1) -> None:
+        """Blocks until health is SERVING.
+
+        Raises:
+            DeadlineExceeded: Not serving within ``timeout_s``.
+        """
+        expires = time.monotonic() + timeout_s
+        status = "UNKNOWN"
+        while time.monotonic() < expires:
+            try:
+                status = self.health(timeout_s=max(0.1, min(2.0, expires - time.monotonic())))
+                if status == "SERVING":
+                    return
+            except Exception as exc:  # not up yet: keep polling until the deadline
+                status = type(exc).__name__
+            time.sleep(poll_s)
+        raise DeadlineExceeded(f"not SERVING after {timeout_s:.0f} s (last: {status})")
+
+    def close(self) -> None:
+        if self._own:
+            self.channel.close()
+
+    def __enter__(self) -> "RecsysClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncRecsysClient(_Base):
+    """asyncio client with the surface and policy of :class:`RecsysClient` (``await`` each call)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retries: int = DEFAULT_RETRIES,
+        backoff_s: float = 0.05,
+        max_backoff_s: float = 1.0,
+        channel: grpc.aio.Channel | None = None,
+    ):
+        super().__init__(timeout_s, retries, backoff_s, max_backoff_s)
+        self._own = channel is None
+        self.channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = recsys_pb2_grpc.RecommenderStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def _call(self, method: Callable[..., Any], request: Any, timeout_s: float | None) -> Any:
+        expires = time.monotonic() + (timeout_s or self.timeout_s)
+        attempt = 0
+        while True:
+            left = expires - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded("the deadline expired between retries")
+            try:
+                return await method(request, timeout=left)
+            except grpc.RpcError as exc:
+                wait = self._next_wait(exc, attempt, expires)
+                if wait is None:
+                    raise from_rpc_error(exc) from exc
+                await asyncio.sleep(wait)
+                attempt += 1
+
+    async def recommend(
+        self,
+        user_id: int | None = None,
+        *,
+        history: Sequence[int] | None = None,
+        ratings: Sequence[float] | None = None,
+        k: int = 10,
+        timeout_s: float | None = None,
+        **options: Unpack[RecommendArgs],
+    ) -> pb.RecommendResponse:
+        """See :meth:`RecsysClient.recommend`."""
+        req = recommend_request(user_id, history=history, ratings=ratings, k=k, **options)
+        return await self._call(self._stub.Recommend, req, timeout_s)
+
+    async def similar(
+        self, movie_id: int, *, k: int = 10, user_id: int | None = None, timeout_s: float | None = None, **options: Unpack[RecommendArgs]
+    ) -> pb.SimilarResponse:
+        """See :meth:`RecsysClient.similar`."""
+        return await self._call(self._stub.Similar, similar_request(movie_id, k=k, user_id=user_id, **options), timeout_s)
+
+    async def popular(
+        self, *, k: int = 10, recent: bool = False, timeout_s: float | None = None, **filters: Unpack[FilterArgs]
+    ) -> pb.PopularResponse:
+        """See :meth:`RecsysClient.popular`."""
+        return await self._call(self._stub.Popular, popular_request(k=k, recent=recent, **filters), timeout_s)
+
+    async def batch_recommend(self, requests: Sequence[pb.RecommendRequest], *, timeout_s: float | None = None) -> pb.BatchRecommendResponse:
+        """See :meth:`RecsysClient.batch_recommend`."""
+        return await self._call(self._stub.BatchRecommend, pb.BatchRecommendRequest(requests=list(requests)), timeout_s)
+
+    async def record_interaction(
+        self, user_id: int, movie_id: int, rating: float = 0.0, timestamp_s: int = 0, *, timeout_s: float | None = None
+    ) -> pb.RecordInteractionResponse:
+        """See :meth:`RecsysClient.record_interaction`."""
+        req = pb.RecordInteractionRequest(user_id=user_id, movie_id=movie_id, rating=rating, timestamp_s=timestamp_s)
+        return await self._call(self._stub.RecordInteraction, req, timeout_s)
+
+    async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        """See :meth:`RecsysClient.health`."""
+        resp = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    async def close(self) -> None:
+        if self._own:
+            await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncRecsysClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

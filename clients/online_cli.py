@@ -1,0 +1,264 @@
+"""The online subcommands of ``recsys``: serve, demo, recommend, similar, popular, health.
+
+Thin shells over :mod:`clients.client` and :mod:`orchestrator.serve`; :func:`add_online_commands`
+registers them on the ``recsys`` parser (``clients/cli.py``). Exit codes: 0 ok, 1 a failed
+call (the status code and the server's message on stderr), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _print_items(resp: Any, header: str) -> None:
+    print(header)
+    for i, item in enumerate(resp.items, 1):
+        genres = "|".join(item.genres)
+        print(f"{i:>3}  {item.movie_id:>7}  {item.score:>8.3f}  {item.year or '':>4}  {item.title} [{genres}]  {item.explanation}")
+
+
+def _emit(resp: Any, as_json: bool, header: str) -> None:
+    if as_json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+    else:
+        _print_items(resp, header)
+
+
+def _options(args: argparse.Namespace, rerank: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "genres": args.genre or None,
+        "min_year": args.min_year,
+        "max_year": args.max_year,
+        "min_mean_rating": args.min_rating,
+        "exclude_movie_ids": args.exclude or None,
+    }
+    if rerank:
+        out.update(
+            include_seen=True if args.include_seen else None,
+            mmr_lambda=args.mmr_lambda,
+            candidate_pool=args.pool,
+            freshness_weight=args.freshness,
+            max_per_genre=args.max_per_genre,
+        )
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _call(args: argparse.Namespace, fn) -> int:
+    """Runs ``fn(client)``; a failed call prints its status and message and exits 1."""
+    from clients.client import RecsysClient
+    from clients.errors import RecsysRpcError
+
+    with RecsysClient(args.target, timeout_s=args.timeout) as client:
+        try:
+            return fn(client)
+        except RecsysRpcError as exc:
+            print(f"recsys: {exc.code.name}: {exc.details}", file=sys.stderr)
+            return 1
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    """``recsys recommend``: by ``--user`` or ``--history``."""
+    def run(client) -> int:
+        if args.user is not None:
+            resp = client.recommend(args.user, k=args.k, **_options(args))
+            who = f"user {args.user}"
+        else:
+            resp = client.recommend(history=args.history, ratings=args.ratings, k=args.k, **_options(args))
+            who = f"history {args.history}"
+        from protos.recsys.v1 import recsys_pb2 as pb
+
+        why = f", fallback {pb.FallbackReason.Name(resp.fallback_reason)}" if resp.is_fallback else ""
+        _emit(resp, args.json, f"# {who}: model {resp.model_version}, {resp.latency_ms:.1f} ms{why}")
+        return 0
+
+    return _call(args, run)
+
+
+def _cmd_similar(args: argparse.Namespace) -> int:
+    """``recsys similar --movie ID``."""
+    def run(client) -> int:
+        resp = client.similar(args.movie, k=args.k, user_id=args.user, **_options(args))
+        _emit(resp, args.json, f"# similar to movie {args.movie}: model {resp.model_version}, {resp.latency_ms:.1f} ms")
+        return 0
+
+    return _call(args, run)
+
+
+def _cmd_popular(args: argparse.Namespace) -> int:
+    """``recsys popular [--genre G] [--recent]``."""
+    def run(client) -> int:
+        resp = client.popular(k=args.k, recent=args.recent, **_options(args, rerank=False))
+        _emit(resp, args.json, f"# popular ({'last 30 days' if args.recent else 'all time'}): {resp.latency_ms:.1f} ms")
+        return 0
+
+    return _call(args, run)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    """``recsys health``: prints the status; exit 0 only when SERVING."""
+    def run(client) -> int:
+        status = client.health(args.service)
+        print(json.dumps({"service": args.service, "status": status}) if args.json else status)
+        return 0 if status == "SERVING" else 1
+
+    return _call(args, run)
+
+
+def _settings(args: argparse.Namespace):
+    """ServeSettings from ``RECSYS_*`` variables, overridden by the flags that were given."""
+    from orchestrator.settings import ServeSettings
+
+    return ServeSettings.from_env(
+        artifacts_dir=args.artifacts,
+        model_repository=args.repo,
+        triton_url=args.triton_url,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        workers=args.workers,
+        history_store=args.history_store,
+        history_db_path=args.history_db,
+        redis_url=args.redis_url,
+        triton_timeout_s=args.triton_timeout,
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """``recsys serve``: foreground until SIGINT/SIGTERM."""
+    from orchestrator.serve import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded is noise here
+    settings = _settings(args)
+
+    def announce(info: dict) -> None:
+        print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k:<14}{v}" for k, v in info.items()), flush=True)
+
+    from export.triton import TritonError
+
+    try:
+        # an external Triton (docker-compose) or --in-process: nothing to start here
+        return serve(settings, start_triton=not settings.triton_url and not args.in_process, announce=announce)
+    except (TritonError, RuntimeError) as exc:  # Triton did not start, the port is taken
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """``recsys demo [--json]``."""
+    from orchestrator.serve import demo, demo_table
+
+    from clients.errors import RecsysRpcError
+    from export.triton import TritonError
+
+    logging.basicConfig(level=logging.WARNING)  # the demo's output is the answers, not the logs
+    try:
+        result = demo(args.artifacts, args.repo, args.data, k=args.k, progress=not args.quiet)
+    except (TritonError, RecsysRpcError) as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: result[k] for k in ("recommend", "recommend_by_history", "similar")}, indent=2) if args.json else demo_table(result))
+    return 0
+
+
+def _target_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET, help="orchestrator host:port (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the response as JSON")
+
+
+def _filter_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-k", type=int, default=10, help="results (1..500, default: %(default)s)")
+    p.add_argument("--genre", action="append", help="genre filter, any-of (repeatable)")
+    p.add_argument("--min-year", type=int, default=None)
+    p.add_argument("--max-year", type=int, default=None)
+    p.add_argument("--min-rating", type=float, default=None, help="lowest mean rating (0..5)")
+    p.add_argument("--exclude", type=_ids, default=None, help="movie ids never to return (comma-separated)")
+
+
+def _rerank_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include-seen", action="store_true", help="also return movies the user rated")
+    p.add_argument("--mmr-lambda", type=float, default=None, help="1 relevance .. 0 diversity")
+    p.add_argument("--pool", type=int, default=None, help="ranked candidates MMR chooses from")
+    p.add_argument("--freshness", type=float, default=None, help="weight of release-year freshness (0..1)")
+    p.add_argument("--max-per-genre", type=int, default=None, help="per-genre quota")
+
+
+def add_online_commands(sub: argparse._SubParsersAction) -> None:
+    """Registers serve, demo, recommend, similar, popular and health on the ``recsys`` parser."""
+    srv = sub.add_parser("serve", help="run the gRPC orchestrator (and the embedded Triton unless --triton-url)")
+    srv.add_argument("--artifacts", default=None, help="folder written by `recsys train` (default: artifacts)")
+    srv.add_argument("--repo", default=None, help="Triton model repository (default: model_repository)")
+    srv.add_argument("--triton-url", default=None, help="external Triton gRPC host:port; default: start the embedded one")
+    srv.add_argument("--in-process", action="store_true", help="no Triton: run the ONNX models with onnxruntime here")
+    srv.add_argument("--host", default=None, help="bind address (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=None, help="gRPC port (default: a free one)")
+    srv.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (accepted; exporter: issue #6)")
+    srv.add_argument("--workers", type=int, default=None, help="server threads (default: 8)")
+    srv.add_argument("--history-store", choices=("sqlite", "redis"), default=None)
+    srv.add_argument("--history-db", default=None, help="SQLite file (default: one per artifacts folder in the state dir)")
+    srv.add_argument("--redis-url", default=None)
+    srv.add_argument("--triton-timeout", type=float, default=None, help="seconds a Triton call may take before the fallback")
+    srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    srv.add_argument("--json", action="store_true", help="print the addresses as JSON")
+    srv.set_defaults(func=_cmd_serve)
+
+    dem = sub.add_parser("demo", help="train/export if needed, start Triton + orchestrator, show three answers, stop")
+    dem.add_argument("--artifacts", default="artifacts")
+    dem.add_argument("--repo", default="model_repository")
+    dem.add_argument("--data", default="data/ml-100k", help="trained on when the artifacts have no manifest")
+    dem.add_argument("-k", type=int, default=10)
+    dem.add_argument("--json", action="store_true", help='print {"recommend", "recommend_by_history", "similar"} as JSON')
+    dem.add_argument("--quiet", action="store_true", help="no progress bars")
+    dem.set_defaults(func=_cmd_demo)
+
+    rec = sub.add_parser("recommend", help="top-k movies for a user or a history")
+    who = rec.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", type=int, help="user id (history from the store)")
+    who.add_argument("--history", type=_ids, help="movie ids, oldest first (comma-separated)")
+    rec.add_argument("--ratings", type=_floats, default=None, help="ratings of --history (comma-separated)")
+    _filter_flags(rec)
+    _rerank_flags(rec)
+    _target_flags(rec)
+    rec.set_defaults(func=_cmd_recommend)
+
+    sim = sub.add_parser("similar", help="movies similar to a movie")
+    sim.add_argument("--movie", type=int, required=True, help="movie id")
+    sim.add_argument("--user", type=int, default=None, help="exclude this user's seen movies")
+    _filter_flags(sim)
+    _rerank_flags(sim)
+    _target_flags(sim)
+    sim.set_defaults(func=_cmd_similar)
+
+    pop = sub.add_parser("popular", help="the most rated movies")
+    pop.add_argument("--recent", action="store_true", help="count the last 30 days before the cut-off only")
+    _filter_flags(pop)
+    _target_flags(pop)
+    pop.set_defaults(func=_cmd_popular)
+
+    hl = sub.add_parser("health", help="the standard gRPC health check (exit 0 only when SERVING)")
+    hl.add_argument("--service", default="", help="service name ('' = the whole server)")
+    _target_flags(hl)
+    hl.set_defaults(func=_cmd_health)

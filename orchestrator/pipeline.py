@@ -1,0 +1,272 @@
+"""The online pipeline: history -> user_tower -> FAISS top-N -> ranker_ensemble -> MMR + rules -> top-K.
+
+:meth:`Recommender.recommend` reads like the diagram; each stage is one call and one timed
+block. What the stages share:
+
+* the **history window** (the last ``L`` movies and ratings, left-padded with -1 / 0) that
+  both the user tower and the ranker's features read, exactly as offline
+  (``export/history.py``);
+* the **deadline**: every model call gets ``min(triton_timeout_s, time left)``. A model
+  that fails or is too slow while the caller still has time yields the popular fallback
+  (``is_fallback`` + reason); an expired deadline is DEADLINE_EXCEEDED, never a hang.
+
+The pipeline trusts its inputs: the service validated them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from orchestrator.backends import InferenceBackend
+from orchestrator.catalog import Catalog, Filters
+from orchestrator.errors import Deadline, DeadlineExceeded, ModelTimeout, ModelUnavailable, Unavailable
+from orchestrator.rerank import RerankOptions, rerank
+from orchestrator.settings import ServeSettings
+from orchestrator.store import HistoryStore, UserHistory
+
+NO_HISTORY = "no_history"
+MODEL_UNAVAILABLE = "model_unavailable"
+MODEL_TIMEOUT = "model_timeout"
+HISTORY_UNAVAILABLE = "history_unavailable"
+FALLBACK_VERSION = "popularity"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Query:
+    """One Recommend, validated.
+
+    Attributes:
+        k: Results wanted.
+        filters: Item filters.
+        rerank: MMR and rules.
+        user_id: Read the history from the store (exclusive with ``history``).
+        history: Explicit movie ids, oldest first.
+        ratings: Their ratings (0 = unknown), same length.
+    """
+
+    k: int
+    filters: Filters
+    rerank: RerankOptions
+    user_id: int | None = None
+    history: tuple[int, ...] | None = None
+    ratings: tuple[float, ...] | None = None
+
+
+@dataclass
+class Result:
+    """A list of items and how it was made.
+
+    Attributes:
+        items: int64 item indices, best first.
+        scores: float32, aligned.
+        explanations: One sentence per item.
+        model_version: Model repository version, or ``popularity``.
+        fallback: None, or ``no_history`` / ``model_unavailable`` / ``model_timeout``.
+        timings_ms: Wall time per stage.
+        ignored_movie_ids: Request history ids not in the catalog.
+        history_length: Length of the window the model read.
+    """
+
+    items: np.ndarray
+    scores: np.ndarray
+    explanations: list[str]
+    model_version: str
+    fallback: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    ignored_movie_ids: list[int] = field(default_factory=list)
+    history_length: int = 0
+
+
+@dataclass(frozen=True)
+class Window:
+    """A user's history as the models see it.
+
+    Attributes:
+        items: int64 [L] last ``L`` item indices, -1 padded on the left.
+        ratings: float32 [L], 0 padded.
+        seen: int64 every item index of the history.
+        ignored: Movie ids that are not in the catalog.
+    """
+
+    items: np.ndarray
+    ratings: np.ndarray
+    seen: np.ndarray
+    ignored: list[int]
+
+    @property
+    def length(self) -> int:
+        return int((self.items >= 0).sum())
+
+
+class Timer:
+    """Wall time per named stage, in milliseconds."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
+
+
+class Recommender:
+    """The pipeline over one catalog, one history store and one inference backend.
+
+    Args:
+        settings: Serving settings.
+        catalog: Items, vectors, FAISS.
+        store: User histories.
+        backend: Where the user tower and the ranker run.
+    """
+
+    def __init__(self, settings: ServeSettings, catalog: Catalog, store: HistoryStore, backend: InferenceBackend):
+        self.settings = settings
+        self.catalog = catalog
+        self.store = store
+        self.backend = backend
+
+    def recommend(self, q: Query, deadline: Deadline) -> Result:
+        """Top-``q.k`` movies for a user or a history (see the module docstring)."""
+        t = Timer()
+        with t("history"):
+            window, reason = self.window(q)
+        if window.length == 0:
+            return self.fallback(q, window, reason, t)  # cold start: popular
+        allowed, exclude = self.catalog.allowed(q.filters), self.catalog.excluded(q.filters, window.seen)
+        try:
+            with t("user_tower"):
+                user = self.user_vector(q, window, deadline)
+            with t("retrieval"):
+                cand, sims = self.catalog.retrieve(user, self.settings.retrieve_k, allowed, exclude)
+            with t("ranking"):
+                scores = self.rank(cand, sims, window, deadline)
+        except ModelUnavailable as exc:
+            return self.fallback(q, window, self.reason(exc, deadline), t)  # Triton down or slow
+        with t("reranking"):
+            picked = self.rerank(cand, scores, q.k, q.rerank)
+        return self.result(cand[picked], scores[picked], window, t)
+
+    # ------------------------------------------------------------------ stages
+
+    def window(self, q: Query) -> tuple[Window, str]:
+        """The history window from the request or the store, and the fallback reason if it is empty.
+
+        Unknown movies are dropped (and reported for request histories). A store that cannot
+        be read gives an empty window: the popular movies can still answer.
+        """
+        reason = NO_HISTORY
+        if q.history is not None:
+            movies = np.asarray(q.history, np.int64)
+            ratings = np.asarray(q.ratings if q.ratings else np.zeros(len(movies)), np.float32)
+        else:
+            try:
+                h = self.store.history(int(q.user_id)) if q.user_id is not None else UserHistory.empty()
+            except Unavailable as exc:
+                log.warning("history of user %s unavailable, serving popular: %s", q.user_id, exc)
+                h, reason = UserHistory.empty(), HISTORY_UNAVAILABLE
+            movies, ratings = h.movie_ids, h.ratings
+        items = self.catalog.to_items(movies)
+        known = items >= 0
+        # reported only for request histories: stored ones may name movies a retrain dropped
+        ignored = sorted(set(movies[~known].tolist())) if q.history is not None else []
+        items, ratings = items[known], ratings[known]
+        L = self.catalog.history_len
+        win_items = np.full(L, -1, np.int64)
+        win_ratings = np.zeros(L, np.float32)
+        n = min(L, len(items))
+        if n:
+            win_items[L - n :] = items[-n:]
+            win_ratings[L - n :] = ratings[-n:]
+        return Window(win_items, win_ratings, np.unique(items), ignored), reason
+
+    def user_vector(self, q: Query, window: Window, deadline: Deadline) -> np.ndarray:
+        """The user tower's vector for the window (demographics of known users, else unknown)."""
+        demo = self.catalog.demographics_of(q.user_id)
+        return self.backend.user_embedding(window.items[None], window.ratings[None], demo, timeout_s=self.timeout(deadline, "user tower"))[0]
+
+    def timeout(self, deadline: Deadline, stage: str) -> float:
+        """Time a model call may take: ``triton_timeout_s`` capped by the deadline."""
+        return min(self.settings.triton_timeout_s, deadline.check(stage))
+
+    def rank(self, cand: np.ndarray, sims: np.ndarray, window: Window, deadline: Deadline) -> np.ndarray:
+        """Ranker scores of the candidates (one row each, the history window repeated)."""
+        if len(cand) == 0:
+            return np.zeros(0, np.float32)
+        n = len(cand)
+        # one row per candidate (candidates are the batch axis, so Triton can batch users);
+        # broadcast views, copied once when serialised
+        hist = np.broadcast_to(window.items, (n, len(window.items)))
+        rats = np.broadcast_to(window.ratings, (n, len(window.ratings)))
+        ranks = np.arange(n, dtype=np.float32)  # 0-based FAISS order, as the ranker was trained
+        return self.backend.rank(cand, sims, ranks, hist, rats, timeout_s=self.timeout(deadline, "ranking"))
+
+    def rerank(self, cand: np.ndarray, scores: np.ndarray, k: int, options: RerankOptions) -> np.ndarray:
+        """Positions into ``cand`` after MMR, freshness and the per-genre quota."""
+        cat = self.catalog
+        return rerank(scores, cat.mmr_vectors[cand], k, options, cat.freshness(cand), cat.genre_matrix[cand])
+
+    def result(self, items: np.ndarray, scores: np.ndarray, window: Window, t: Timer) -> Result:
+        """The model's answer, each item explained by the most similar movie of the history."""
+        because = self.catalog.nearest_in(items, window.items[window.items >= 0])
+        explain = [f"because you watched {self.catalog.titles[h]}" if h >= 0 else "" for h in because]
+        return Result(items, scores, explain, self.backend.model_version, None, t.ms, window.ignored, window.length)
+
+    def reason(self, exc: ModelUnavailable, deadline: Deadline) -> str:
+        """The fallback reason for a model failure, or DEADLINE_EXCEEDED when no time is left."""
+        # a timeout bound by the caller's deadline leaves no time to serve anything else
+        if isinstance(exc, ModelTimeout) and deadline.remaining() <= 0:
+            raise DeadlineExceeded("deadline exceeded while waiting for the models") from exc
+        return MODEL_TIMEOUT if isinstance(exc, ModelTimeout) else MODEL_UNAVAILABLE
+
+    def fallback(self, q: Query, window: Window, reason: str, t: Timer) -> Result:
+        """The popular movies that pass the filters (the user's seen ones excluded)."""
+        allowed, exclude = self.catalog.allowed(q.filters), self.catalog.excluded(q.filters, window.seen)
+        with t("reranking"):
+            items, counts = self.catalog.popular(q.k, False, allowed, exclude)
+        explain = [f"popular: {int(c)} ratings" for c in counts]
+        return Result(items, counts, explain, FALLBACK_VERSION, reason, t.ms, window.ignored, window.length)
+
+    # ------------------------------------------------------------------ the other RPCs
+
+    def similar(
+        self, movie_id: int, k: int, filters: Filters, options: RerankOptions, user_id: int | None, deadline: Deadline
+    ) -> Result:
+        """Nearest movies to one movie by item-embedding cosine, filtered, optionally MMR-diversified."""
+        t = Timer()
+        item = self.catalog.item_of(movie_id)
+        seen = self.store.history(user_id).movie_ids if user_id is not None else None
+        seen_items = self.catalog.to_items(seen) if seen is not None else None
+        exclude = np.union1d(self.catalog.excluded(filters, seen_items), [item])
+        deadline.check("retrieval")
+        with t("retrieval"):
+            cand, sims = self.catalog.retrieve(self.catalog.vectors[item], max(k, options.pool), self.catalog.allowed(filters), exclude)
+        with t("reranking"):
+            picked = self.rerank(cand, sims, k, options)
+        title = self.catalog.titles[item]
+        return Result(cand[picked], sims[picked], [f"similar to {title}"] * len(picked), self.backend.model_version, timings_ms=t.ms)
+
+    def popular(self, k: int, recent: bool, filters: Filters) -> Result:
+        """The most rated movies passing the filters."""
+        t = Timer()
+        with t("retrieval"):
+            items, counts = self.catalog.popular(k, recent, self.catalog.allowed(filters), self.catalog.excluded(filters))
+        when = "in the last 30 days" if recent else "overall"
+        explain = [f"popular {when}: {int(c)} ratings" for c in counts]
+        return Result(items, counts, explain, FALLBACK_VERSION, timings_ms=t.ms)
+
+    def record(self, user_id: int, movie_id: int, rating: float, timestamp_s: int) -> tuple[bool, int]:
+        """Appends an interaction (the movie must be in the catalog)."""
+        self.catalog.item_of(movie_id)
+        return self.store.record(user_id, movie_id, rating, timestamp_s)

@@ -1,0 +1,447 @@
+"""The gRPC service: requests in, validation, the pipeline, responses out.
+
+:func:`create_server` builds everything (catalog, store, backend, servicer, health,
+reflection) and binds the port; :meth:`Server.start` runs it. Tests bind port 0 and talk to
+a real server.
+
+Validation lives here, in ``parse_*`` functions that raise
+:class:`~orchestrator.errors.InvalidArgument` with a message naming the field, its value
+and its range. Every handler runs inside :func:`_handle`, the one place that turns an
+exception into a status (:func:`orchestrator.errors.abort`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from orchestrator.backends import InferenceBackend, InProcessBackend, TritonBackend
+from orchestrator.catalog import YEAR_RANGE, Catalog, Filters
+from orchestrator.errors import Deadline, InvalidArgument, RecsysError, abort, describe
+from orchestrator.pipeline import HISTORY_UNAVAILABLE, MODEL_TIMEOUT, MODEL_UNAVAILABLE, NO_HISTORY, Query, Recommender, Result
+from orchestrator.rerank import RerankOptions
+from orchestrator.settings import ServeSettings
+from orchestrator.store import HistoryStore, RedisHistoryStore, SqliteHistoryStore
+from protos.recsys.v1 import recsys_pb2 as pb
+from protos.recsys.v1 import recsys_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+"""``recsys.v1.Recommender``: the health service reports it and ``""``."""
+
+FALLBACK_REASONS = {
+    None: pb.FALLBACK_REASON_UNSPECIFIED,
+    NO_HISTORY: pb.FALLBACK_REASON_NO_HISTORY,
+    MODEL_UNAVAILABLE: pb.FALLBACK_REASON_MODEL_UNAVAILABLE,
+    MODEL_TIMEOUT: pb.FALLBACK_REASON_MODEL_TIMEOUT,
+    HISTORY_UNAVAILABLE: pb.FALLBACK_REASON_HISTORY_UNAVAILABLE,
+}
+MAX_EXCLUDED = 10_000
+FUTURE_SLACK_S = 86_400
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _finite(name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise InvalidArgument(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def parse_k(k: int, max_k: int) -> int:
+    """``k`` in ``1..max_k``."""
+    if not 1 <= k <= max_k:
+        raise InvalidArgument(f"k must be in 1..{max_k}, got {k}")
+    return int(k)
+
+
+def parse_user_id(user_id: int, field: str = "user_id") -> int:
+    """A user id ``>= 1``."""
+    if user_id < 1:
+        raise InvalidArgument(f"{field} must be >= 1, got {user_id}")
+    return int(user_id)
+
+
+def parse_rating(rating: float, field: str = "rating") -> float:
+    """0 (watched, unrated) or 0.5..5.0 stars."""
+    r = _finite(field, rating)
+    if r != 0.0 and not 0.5 <= r <= 5.0:
+        raise InvalidArgument(f"{field} must be 0 (unrated) or in 0.5..5.0, got {rating}")
+    return r
+
+
+def parse_filters(msg: pb.Filters) -> Filters:
+    """:class:`Filters` from the message; genres are checked against the catalog later."""
+    min_year = msg.min_year if msg.HasField("min_year") else None
+    max_year = msg.max_year if msg.HasField("max_year") else None
+    for name, year in (("min_year", min_year), ("max_year", max_year)):
+        if year is not None and not YEAR_RANGE[0] <= year <= YEAR_RANGE[1]:
+            raise InvalidArgument(f"filters.{name} must be in {YEAR_RANGE[0]}..{YEAR_RANGE[1]}, got {year}")
+    if min_year is not None and max_year is not None and min_year > max_year:
+        raise InvalidArgument(f"filters.min_year ({min_year}) is after filters.max_year ({max_year})")
+    min_rating = None
+    if msg.HasField("min_mean_rating"):
+        min_rating = _finite("filters.min_mean_rating", msg.min_mean_rating)
+        if not 0.0 <= min_rating <= 5.0:
+            raise InvalidArgument(f"filters.min_mean_rating must be in 0.0..5.0, got {min_rating:g}")
+    if len(msg.exclude_movie_ids) > MAX_EXCLUDED:
+        raise InvalidArgument(f"filters.exclude_movie_ids holds {len(msg.exclude_movie_ids)} ids, at most {MAX_EXCLUDED}")
+    genres = tuple(g for g in msg.genres)
+    if any(not g.strip() for g in genres):
+        raise InvalidArgument("filters.genres holds an empty name")
+    return Filters(genres, min_year, max_year, min_rating, tuple(msg.exclude_movie_ids), bool(msg.include_seen))
+
+
+def parse_rerank(msg: pb.Rerank, k: int, settings: ServeSettings, default_lambda: float | None = None) -> RerankOptions:
+    """:class:`RerankOptions` with the settings' defaults for unset fields."""
+    lam = default_lambda if default_lambda is not None else settings.mmr_lambda
+    if msg.HasField("mmr_lambda"):
+        lam = _finite("rerank.mmr_lambda", msg.mmr_lambda)
+        if not 0.0 <= lam <= 1.0:
+            raise InvalidArgument(f"rerank.mmr_lambda must be in 0.0..1.0, got {lam:g}")
+    # MMR needs at least k candidates to choose k from, whatever the default pool says
+    pool = max(k, settings.mmr_pool)
+    if msg.HasField("candidate_pool"):
+        pool = msg.candidate_pool
+        if not k <= pool <= max(k, settings.retrieve_k):
+            raise InvalidArgument(f"rerank.candidate_pool must be in k..{max(k, settings.retrieve_k)} (k = {k}), got {pool}")
+    fresh = 0.0
+    if msg.HasField("freshness_weight"):
+        fresh = _finite("rerank.freshness_weight", msg.freshness_weight)
+        if not 0.0 <= fresh <= 1.0:
+            raise InvalidArgument(f"rerank.freshness_weight must be in 0.0..1.0, got {fresh:g}")
+    quota = None
+    if msg.HasField("max_per_genre"):
+        quota = msg.max_per_genre
+        if not 1 <= quota <= 500:
+            raise InvalidArgument(f"rerank.max_per_genre must be in 1..500, got {quota}")
+    return RerankOptions(lam, int(pool), fresh, quota)
+
+
+def parse_recommend(msg: pb.RecommendRequest, settings: ServeSettings) -> Query:
+    """A validated :class:`Query` (subject, k, filters, rerank)."""
+    k = parse_k(msg.k, settings.max_k)
+    filters = parse_filters(msg.filters)
+    options = parse_rerank(msg.rerank, k, settings)
+    subject = msg.WhichOneof("subject")
+    if subject == "user_id":
+        return Query(k, filters, options, user_id=parse_user_id(msg.user_id))
+    if subject != "history":
+        raise InvalidArgument("set user_id or history")
+    movies, ratings = list(msg.history.movie_ids), list(msg.history.ratings)
+    if not movies:
+        raise InvalidArgument("history.movie_ids is empty; send at least one movie id (or a user_id)")
+    if len(movies) > settings.max_history:
+        raise InvalidArgument(f"history.movie_ids holds {len(movies)} ids, at most {settings.max_history}")
+    if ratings and len(ratings) != len(movies):
+        raise InvalidArgument(f"history.ratings has {len(ratings)} values for {len(movies)} movie ids (send one each, or none)")
+    ratings = [parse_rating(r, f"history.ratings[{i}]") for i, r in enumerate(ratings)]
+    return Query(k, filters, options, history=tuple(movies), ratings=tuple(ratings) or None)
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+def _items(catalog: Catalog, result: Result) -> list[pb.RecommendedItem]:
+    return [
+        pb.RecommendedItem(
+            movie_id=int(catalog.movie_ids[i]),
+            title=str(catalog.titles[i]),
+            genres=catalog.genres[i],
+            year=int(catalog.years[i]),
+            score=float(s),
+            explanation=e,
+        )
+        for i, s, e in zip(result.items.tolist(), result.scores.tolist(), result.explanations)
+    ]
+
+
+def recommend_response(catalog: Catalog, result: Result, started: float) -> pb.RecommendResponse:
+    """The RecommendResponse of a pipeline :class:`Result`."""
+    t = result.timings_ms
+    return pb.RecommendResponse(
+        items=_items(catalog, result),
+        model_version=result.model_version,
+        is_fallback=result.fallback is not None,
+        fallback_reason=FALLBACK_REASONS[result.fallback],
+        latency_ms=(time.perf_counter() - started) * 1e3,
+        timings=pb.StageTimings(
+            history_ms=t.get("history", 0.0),
+            user_tower_ms=t.get("user_tower", 0.0),
+            retrieval_ms=t.get("retrieval", 0.0),
+            ranking_ms=t.get("ranking", 0.0),
+            reranking_ms=t.get("reranking", 0.0),
+        ),
+        ignored_movie_ids=result.ignored_movie_ids,
+        history_length=result.history_length,
+    )
+
+
+# ---------------------------------------------------------------------------- the servicer
+
+
+class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
+    """``recsys.v1.Recommender`` over a :class:`Recommender` pipeline."""
+
+    def __init__(self, recommender: Recommender):
+        self.rec = recommender
+        self.settings = recommender.settings
+        self.catalog = recommender.catalog
+
+    def _handle(self, context: grpc.ServicerContext, work: Callable[[Deadline], T]) -> T:
+        """Runs ``work`` under the call's deadline; the one place errors become statuses."""
+        # the deadline starts here, so parsing and store reads count against it too
+        deadline = Deadline(context.time_remaining(), self.settings.default_deadline_s)
+        try:
+            return work(deadline)
+        except Exception as exc:
+            abort(context, exc)
+            raise  # unreachable: abort raises
+
+    def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RecommendResponse:
+        """Top-k for a user or a history; the popular fallback when the models cannot answer."""
+        started = time.perf_counter()
+
+        def work(deadline: Deadline) -> pb.RecommendResponse:
+            return recommend_response(self.catalog, self.rec.recommend(parse_recommend(request, self.settings), deadline), started)
+
+        return self._handle(context, work)
+
+    def Similar(self, request: pb.SimilarRequest, context: grpc.ServicerContext) -> pb.SimilarResponse:
+        """Nearest movies by item embedding; needs FAISS only, so it answers while Triton is down."""
+        started = time.perf_counter()
+
+        def work(deadline: Deadline) -> pb.SimilarResponse:
+            k = parse_k(request.k, self.settings.max_k)
+            filters = parse_filters(request.filters)
+            options = parse_rerank(request.rerank, k, self.settings, default_lambda=1.0)
+            user = parse_user_id(request.user_id) if request.HasField("user_id") else None
+            result = self.rec.similar(request.movie_id, k, filters, options, user, deadline)
+            return pb.SimilarResponse(
+                items=_items(self.catalog, result),
+                model_version=result.model_version,
+                latency_ms=(time.perf_counter() - started) * 1e3,
+            )
+
+        return self._handle(context, work)
+
+    def Popular(self, request: pb.PopularRequest, context: grpc.ServicerContext) -> pb.PopularResponse:
+        """The most rated movies (precomputed orders, filtered per request)."""
+        started = time.perf_counter()
+
+        def work(deadline: Deadline) -> pb.PopularResponse:
+            k = parse_k(request.k, self.settings.max_k)
+            if request.window not in (pb.POPULARITY_WINDOW_ALL_TIME, pb.POPULARITY_WINDOW_RECENT):
+                raise InvalidArgument(f"window {request.window} is not a PopularityWindow")
+            result = self.rec.popular(k, request.window == pb.POPULARITY_WINDOW_RECENT, parse_filters(request.filters))
+            return pb.PopularResponse(items=_items(self.catalog, result), latency_ms=(time.perf_counter() - started) * 1e3)
+
+        return self._handle(context, work)
+
+    def BatchRecommend(self, request: pb.BatchRecommendRequest, context: grpc.ServicerContext) -> pb.BatchRecommendResponse:
+        """Recommend per request, in order; a request's error becomes its Failure, not the batch's."""
+        started = time.perf_counter()
+
+        def work(deadline: Deadline) -> pb.BatchRecommendResponse:
+            n = len(request.requests)
+            if not 1 <= n <= self.settings.max_batch:
+                raise InvalidArgument(f"requests must hold 1..{self.settings.max_batch} requests, got {n}")
+            results = []
+            for i, sub in enumerate(request.requests):
+                deadline.check(f"request {i} of the batch")  # an expired batch fails whole
+                t0 = time.perf_counter()
+                try:
+                    res = recommend_response(self.catalog, self.rec.recommend(parse_recommend(sub, self.settings), deadline), t0)
+                    results.append(pb.BatchRecommendResult(index=i, response=res))
+                except RecsysError as exc:
+                    code, message = describe(exc)
+                    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise  # the caller stops listening: partial results would reach nobody
+                    results.append(pb.BatchRecommendResult(index=i, failure=pb.Failure(code=code.value[0], message=message)))
+            return pb.BatchRecommendResponse(results=results, latency_ms=(time.perf_counter() - started) * 1e3)
+
+        return self._handle(context, work)
+
+    def RecordInteraction(
+        self, request: pb.RecordInteractionRequest, context: grpc.ServicerContext
+    ) -> pb.RecordInteractionResponse:
+        """Appends one interaction, acknowledged only once it is durable."""
+
+        def work(deadline: Deadline) -> pb.RecordInteractionResponse:
+            user = parse_user_id(request.user_id)
+            rating = parse_rating(request.rating)
+            now = int(time.time())
+            ts = request.timestamp_s or now  # proto3 cannot tell 0 from unset: both mean "now"
+            if ts < 0 or ts > now + FUTURE_SLACK_S:
+                raise InvalidArgument(f"timestamp_s must be in 0..now + 1 day ({now + FUTURE_SLACK_S}), got {ts}")
+            deadline.check("recording")
+            created, length = self.rec.record(user, request.movie_id, rating, ts)
+            return pb.RecordInteractionResponse(created=created, history_length=length, timestamp_s=ts)
+
+        return self._handle(context, work)
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+class HealthWatcher:
+    """Polls the backend's readiness and publishes it on the standard health service.
+
+    NOT_SERVING until the first successful check (the catalog and the index are loaded
+    before the server exists), then follows the backend: a Recommend still answers with the
+    popular fallback while it is NOT_SERVING, but load balancers should prefer another
+    replica.
+    """
+
+    def __init__(self, servicer: health.HealthServicer, backend: InferenceBackend, poll_s: float):
+        self.servicer = servicer
+        self.backend = backend
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="recsys-health", daemon=True)
+        self.serving = False
+        self._publish(False)
+
+    def _publish(self, ok: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.servicer.set(name, status)
+        if ok != self.serving:
+            log.info("health: %s", "SERVING" if ok else "NOT_SERVING")
+        self.serving = ok
+
+    def check(self) -> bool:
+        """One readiness check, published."""
+        ok = self.backend.ready(timeout_s=min(2.0, self.poll_s * 2))
+        self._publish(ok)
+        return ok
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.check()
+            self._stop.wait(self.poll_s)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self.servicer.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
+
+
+class Server:
+    """A built gRPC server and the resources it owns; :meth:`stop` releases them all.
+
+    Attributes:
+        grpc_server: The ``grpc.Server``.
+        port: The bound port.
+        recommender: The pipeline (catalog, store, backend).
+        health: The health watcher.
+    """
+
+    def __init__(self, grpc_server: grpc.Server, port: int, recommender: Recommender, watcher: HealthWatcher):
+        self.grpc_server = grpc_server
+        self.port = port
+        self.recommender = recommender
+        self.health = watcher
+
+    @property
+    def address(self) -> str:
+        """``host:port`` clients dial."""
+        host = self.recommender.settings.host
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '[::]') else host}:{self.port}"
+
+    def start(self) -> "Server":
+        """Starts serving and the health polling."""
+        self.grpc_server.start()
+        self.health.start()
+        return self
+
+    def stop(self, grace_s: float | None = 2.0) -> None:
+        """Health NOT_SERVING, in-flight calls get ``grace_s``, then the backend and store close."""
+        self.health.stop()
+        self.grpc_server.stop(grace_s).wait()
+        self.recommender.backend.close()
+        self.recommender.store.close()
+
+    def wait_for_termination(self, timeout_s: float | None = None) -> bool:
+        """Blocks until the server stops (True) or ``timeout_s`` passes (False)."""
+        return self.grpc_server.wait_for_termination(timeout_s)
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def make_store(settings: ServeSettings) -> HistoryStore:
+    """The configured history store, seeded from the artifacts' interactions on first start."""
+    seed = settings.artifacts_dir / "interactions.parquet"
+    seed_from = seed if seed.is_file() else None
+    if settings.history_store == "redis":
+        return RedisHistoryStore(settings.redis_url, seed_from)
+    return SqliteHistoryStore(settings.history_db(), seed_from)
+
+
+def make_backend(settings: ServeSettings) -> InferenceBackend:
+    """Triton when ``triton_url`` is set, else onnxruntime on the repository's graphs."""
+    if settings.triton_url:
+        return TritonBackend(settings.triton_url)
+    return InProcessBackend(settings.model_repository)
+
+
+def create_server(
+    settings: ServeSettings,
+    *,
+    backend: InferenceBackend | None = None,
+    store: HistoryStore | None = None,
+    catalog: Catalog | None = None,
+) -> tuple[Server, int]:
+    """Builds the server (not started): catalog, store, backend, servicer, health, reflection.
+
+    Args:
+        settings: Serving settings.
+        backend: Overrides :func:`make_backend` (tests inject slow or failing ones).
+        store: Overrides :func:`make_store`.
+        catalog: A catalog already loaded (several servers over one artifacts folder).
+
+    Returns:
+        ``(server, port)``: call ``server.start()``; ``port`` is the bound one (port 0 in
+        the settings picks a free port).
+
+    Raises:
+        RuntimeError: The port cannot be bound.
+    """
+    catalog = catalog or Catalog.load(settings.artifacts_dir, settings.mmr_genre_weight)
+    store = store or make_store(settings)
+    backend = backend or make_backend(settings)
+    recommender = Recommender(settings, catalog, store, backend)
+    # so_reuseport off: a second server on a taken port must fail, not share it silently
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="recsys"), options=[("grpc.so_reuseport", 0)])
+    recsys_pb2_grpc.add_RecommenderServicer_to_server(RecommenderService(recommender), server)
+    # non-blocking: Watch streams must not each hold one of the worker threads
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise RuntimeError(f"cannot bind {settings.host}:{settings.port}")
+    watcher = HealthWatcher(health_servicer, backend, settings.health_poll_s)
+    return Server(server, port, recommender, watcher), port
+

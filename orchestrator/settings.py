@@ -1,0 +1,155 @@
+"""The orchestrator's settings: one frozen object, validated on construction.
+
+Units are in the names (``_s`` seconds, ``_k`` counts of items). Every field can come from an
+environment variable ``RECSYS_<FIELD>`` (:meth:`ServeSettings.from_env`); command-line flags
+override those (``recsys serve``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "RECSYS_"
+HISTORY_STORES = ("sqlite", "redis")
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/triton-recsys`` (``~/.local/state/triton-recsys``): where the history lives.
+
+    Not inside the artifacts folder: deployments mount it read-only.
+    """
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "triton-recsys"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything that shapes the online path.
+
+    Attributes:
+        artifacts_dir: Folder written by ``recsys train`` (item table, embeddings,
+            interactions, optional ``faiss/`` bundle).
+        model_repository: Triton model repository (the in-process backend runs its ONNX
+            files; ``recsys serve`` starts the embedded Triton on it).
+        triton_url: ``host:port`` of Triton's gRPC endpoint; None: in-process backend.
+        host: Address the gRPC API binds to.
+        port: gRPC port; 0 picks a free one.
+        metrics_port: Prometheus port (accepted; the exporter arrives with issue #6).
+        workers: Server threads (concurrent requests).
+        history_store: ``sqlite`` (default, a file) or ``redis``.
+        history_db_path: SQLite file; None: one per artifacts set under :func:`default_state_dir`.
+        redis_url: Redis URL when ``history_store == "redis"``.
+        default_deadline_s: Deadline of a call whose client set none.
+        triton_timeout_s: Longest one Triton call may take before Recommend falls back to
+            the popular movies (the caller's deadline caps it further).
+        health_poll_s: How often Triton's readiness is polled for the health service.
+        retrieve_k: Candidates FAISS retrieves and the ranker scores (the ranker was trained
+            on the two-tower's top 200).
+        mmr_lambda: Default MMR trade-off (1 relevance only, 0 diversity only).
+        mmr_pool: Default number of ranked candidates MMR chooses from.
+        mmr_genre_weight: Share of genre cosine (vs embedding cosine) in MMR's similarity.
+        max_k: Largest ``k`` a request may ask for.
+        max_batch: Largest BatchRecommend.
+        max_history: Longest explicit history a request may carry.
+    """
+
+    artifacts_dir: Path = Path("artifacts")
+    model_repository: Path = Path("model_repository")
+    triton_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = None
+    workers: int = 8
+    history_store: str = "sqlite"
+    history_db_path: Path | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    default_deadline_s: float = 5.0
+    triton_timeout_s: float = 1.0
+    health_poll_s: float = 1.0
+    retrieve_k: int = 200
+    # the operating point of the offline evaluation (export/evaluate.py EvalSettings)
+    mmr_lambda: float = 0.4
+    mmr_pool: int = 50
+    mmr_genre_weight: float = 0.8
+    max_k: int = 500
+    max_batch: int = 256
+    max_history: int = 1000
+
+    def __post_init__(self) -> None:
+        # paths may arrive as strings (env, flags); normalise so the object stays hashable
+        object.__setattr__(self, "artifacts_dir", Path(self.artifacts_dir))
+        object.__setattr__(self, "model_repository", Path(self.model_repository))
+        if self.history_db_path is not None:
+            object.__setattr__(self, "history_db_path", Path(self.history_db_path))
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port {self.port} is not in 0..65535")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            problems.append(f"metrics_port {self.metrics_port} is not in 0..65535")
+        if self.workers < 1:
+            problems.append(f"workers must be >= 1, got {self.workers}")
+        if self.history_store not in HISTORY_STORES:
+            problems.append(f"history_store must be one of {HISTORY_STORES}, got {self.history_store!r}")
+        for name in ("default_deadline_s", "triton_timeout_s", "health_poll_s"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 1 <= self.max_k <= 500:
+            problems.append(f"max_k must be in 1..500 (the API's range), got {self.max_k}")
+        if self.retrieve_k < 1:
+            problems.append(f"retrieve_k must be >= 1, got {self.retrieve_k}")
+        if not 0.0 <= self.mmr_lambda <= 1.0:
+            problems.append(f"mmr_lambda must be in [0, 1], got {self.mmr_lambda}")
+        if not 1 <= self.mmr_pool <= self.retrieve_k:
+            problems.append(f"mmr_pool must be in 1..retrieve_k ({self.retrieve_k}), got {self.mmr_pool}")
+        if not 0.0 <= self.mmr_genre_weight <= 1.0:
+            problems.append(f"mmr_genre_weight must be in [0, 1], got {self.mmr_genre_weight}")
+        if self.max_batch < 1 or self.max_history < 1:
+            problems.append("max_batch and max_history must be >= 1")
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
+
+    def history_db(self) -> Path:
+        """The SQLite file: the configured one, or one per artifacts folder in the state dir."""
+        if self.history_db_path is not None:
+            return self.history_db_path
+        key = hashlib.sha256(str(self.artifacts_dir.resolve()).encode()).hexdigest()[:12]
+        return default_state_dir() / f"history-{key}.sqlite"
+
+    def with_(self, **changes: Any) -> "ServeSettings":
+        """A copy with ``changes`` applied (and validated)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "ServeSettings":
+        """Settings from ``RECSYS_*`` variables, then ``overrides`` (None values are skipped).
+
+        Args:
+            env: The environment (default ``os.environ``).
+            **overrides: Field values that win over the environment (e.g. parsed flags).
+
+        Raises:
+            ValueError: A variable does not parse, or the result is invalid.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = str(f.type)
+            try:
+                if kind.startswith("int"):
+                    values[f.name] = int(raw)
+                elif kind.startswith("float"):
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: not a {kind}") from exc
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
