@@ -1,0 +1,239 @@
+"""What every benchmark records next to its figures: the conditions, and a few shared helpers.
+
+STYLE.md item 12: a figure without its conditions cannot be compared with another one. Every
+benchmark in this folder therefore writes :func:`conditions` (git sha and whether the tree was
+dirty, CPU model, cores, the CPUs this process may use, niceness, package versions) and the
+load average before and after its run (:class:`LoadWatch`): the development machines are
+shared 2-core VMs, and a load average of 3 during a latency run explains a p99 better than
+any code change does.
+
+Latency summaries (:func:`latency_summary`) are medians and 99th percentiles in
+milliseconds; means are kept for throughput arithmetic, never for comparisons.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.pipeline import git_sha, package_versions
+
+REPORTS = Path(__file__).resolve().parent.parent / "reports" / "benchmarks"
+"""Default output folder (``reports/`` is git-ignored: figures are regenerated, not committed)."""
+
+GIB = 1024**3
+
+
+def log(message: str) -> None:
+    """A timestamped progress line on stderr (long runs say where they are; stdout stays the report)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from ``/proc/cpuinfo`` (``platform`` only says ``x86_64``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_dirty() -> bool | None:
+    """Whether the code behind the figures differs from the commit (None outside git).
+
+    A sha alone would claim the figures came from that commit; with work in progress in
+    the tree they came from the sha *plus* the diff, and the report should say so. Counted:
+    modified tracked files anywhere, and untracked files under ``benchmarks/`` and
+    ``export/`` (a new benchmark module is part of what produced its figures).
+    """
+    try:
+        tracked = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all", "--", ":(top)benchmarks", ":(top)export"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0 or tracked.returncode != 0:
+        return None
+    return bool(out.stdout.strip() or tracked.stdout.strip())
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages, rounded."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process *now* (``getrusage`` only knows the peak)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports ``ru_maxrss`` in KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def conditions(**extra: Any) -> dict[str, Any]:
+    """The machine and code a benchmark ran on.
+
+    Args:
+        **extra: Benchmark-specific conditions (threads, repeats, warm-up, catalog size...),
+            merged in last.
+
+    Returns:
+        A JSON-able dict.
+    """
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+    out: dict[str, Any] = {
+        "git_sha": git_sha(),
+        "git_dirty": git_dirty(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cpus": affinity,
+        "nice": os.nice(0),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
+        "gpu": None,
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    out.update(extra)
+    return out
+
+
+class LoadWatch:
+    """Records the load average before and after a block, and its wall time.
+
+    Example::
+
+        with LoadWatch() as load:
+            run()
+        report["conditions"]["load_average"] = load.record()
+    """
+
+    def __init__(self) -> None:
+        self.before: list[float] = []
+        self.after: list[float] = []
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def __enter__(self) -> "LoadWatch":
+        self.before = load_average()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._t0
+        self.after = load_average()
+
+    def record(self) -> dict[str, Any]:
+        """``{"before": [1, 5, 15 min], "after": [...], "wall_s": ...}``."""
+        return {"before": self.before, "after": self.after or load_average(), "wall_s": round(self.seconds, 1)}
+
+
+def latency_summary(seconds: Sequence[float] | np.ndarray) -> dict[str, float | int]:
+    """p50 / p99 / mean in milliseconds of per-call wall times given in seconds."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    if ms.size == 0:
+        return {"n": 0, "p50_ms": math.nan, "p99_ms": math.nan, "mean_ms": math.nan}
+    return {
+        "n": int(ms.size),
+        "p50_ms": round(float(np.median(ms)), 4),
+        "p99_ms": round(float(np.percentile(ms, 99)), 4),
+        "mean_ms": round(float(ms.mean()), 4),
+    }
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """``value / reference`` rounded, or None when either is missing or the reference is 0."""
+    if value is None or reference is None or not reference or not math.isfinite(value) or not math.isfinite(reference):
+        return None
+    return round(value / reference, 3)
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Writes ``payload`` as indented JSON atomically (a reader never sees half a report)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; numbers are right-aligned, None prints as ``-``."""
+    rows = [list(r) for r in rows]
+    numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) if rows else False for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(v) for v in r) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "-"
+        if abs(value) >= 100:
+            return f"{value:,.1f}"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
+    return str(value)
+
+
+def conditions_line(cond: dict[str, Any]) -> str:
+    """One printable line of the conditions that matter most when reading a table."""
+    sha = (cond.get("git_sha") or "no-git")[:10] + ("+dirty" if cond.get("git_dirty") else "")
+    load = cond.get("load_average", {})
+    return (
+        f"git {sha}; {cond.get('cpu')}, {cond.get('cores')} cores; nice {cond.get('nice')}; "
+        f"load avg before {load.get('before')} after {load.get('after')}"
+    )
