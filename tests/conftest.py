@@ -7,6 +7,7 @@ repository work on a copy of it.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,19 @@ def tiny_repository(tiny_artifacts, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("tiny_repo") / "model_repository"
     export_repository(tiny_artifacts, repo)
     return repo
+
+
+@pytest.fixture(scope="module")
+def start_triton():
+    """Starts real embedded Tritons for a test module; stopped when the module ends.
+
+    Skips the module when the tritonserver binary of the nvidia-pytriton wheel is missing.
+    """
+    from export.triton import EmbeddedTriton, TritonError, find_triton
+
+    try:
+        find_triton()
+    except TritonError as exc:
+        pytest.skip(f"embedded Triton unavailable: {exc}")
+    with ExitStack() as stack:
+        yield lambda repo: stack.enter_context(EmbeddedTriton(repo, startup_timeout=90))

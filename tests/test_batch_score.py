@@ -25,7 +25,6 @@ from export.batch_score import (
     top_k_per_user,
     user_bounds,
 )
-from export.triton import EmbeddedTriton, TritonError, find_triton
 
 K = 10
 CHUNK = 64  # 300 users -> 5 chunks; also the user tower's max_batch_size
@@ -47,13 +46,8 @@ def artifacts(tiny_artifacts, tiny_repository, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_repository):
-    try:
-        find_triton()
-    except TritonError as exc:
-        pytest.skip(f"embedded Triton unavailable: {exc}")
-    with EmbeddedTriton(tiny_repository, startup_timeout=90) as srv:
-        yield srv
+def server(tiny_repository, start_triton):
+    return start_triton(tiny_repository)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from test_service import make_api
 
 from clients import errors as E
 from clients.client import RecsysClient
-from export.triton import EmbeddedTriton, TritonError, find_triton, free_port
+from export.triton import free_port
 from protos.recsys.v1 import recsys_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,13 +38,8 @@ def repo(tiny_repository, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def triton(repo):
-    try:
-        find_triton()
-    except TritonError as exc:
-        pytest.skip(f"embedded Triton unavailable: {exc}")
-    with EmbeddedTriton(repo, startup_timeout=90) as srv:
-        yield srv
+def triton(repo, start_triton):
+    return start_triton(repo)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from export.onnx_export import MODEL_NAMES, sample_candidate_inputs, sample_user_inputs, session
-from export.triton import EmbeddedTriton, TritonError, check, find_triton
+from export.triton import EmbeddedTriton, check
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
@@ -31,13 +31,8 @@ TRITON_TYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_repository):
-    try:
-        find_triton()
-    except TritonError as exc:
-        pytest.skip(f"embedded Triton unavailable: {exc}")
-    with EmbeddedTriton(tiny_repository, startup_timeout=90) as srv:
-        yield srv
+def server(tiny_repository, start_triton):
+    return start_triton(tiny_repository)
 
 
 @pytest.fixture(scope="module")
