@@ -33,7 +33,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.perf_analyzer.make_inputs import CPU_CONFIG, DEFAULT_OUT as DEFAULT_INPUTS, MODELS, input_specs, read_config
+from benchmarks.common import cpu_model
 
 PERF_ANALYZER_VERSION = "2.60.0"
 WHEEL_PLATFORM = "manylinux_2_38_x86_64"
@@ -345,14 +345,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def conditions(pa: PerfAnalyzer, server: Any, url: str, args: argparse.Namespace, meta: dict) -> dict[str, Any]:
     """What the figures depend on, written beside them."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         from export.pipeline import git_sha
 
