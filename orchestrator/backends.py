@@ -73,6 +73,15 @@ class InferenceBackend(Protocol):
         ...
 
 
+def user_tower_feeds(history: np.ndarray, ratings: np.ndarray, demographics: np.ndarray) -> dict[str, np.ndarray]:
+    """The user tower's input tensors, in the dtypes of its configs."""
+    return {
+        "history": np.ascontiguousarray(history, np.int64),
+        "history_rating": np.ascontiguousarray(ratings, np.float32),
+        "demographics": np.ascontiguousarray(demographics, np.int64),
+    }
+
+
 def candidate_feeds(
     items: np.ndarray, retrieval_scores: np.ndarray, retrieval_ranks: np.ndarray, history: np.ndarray, ratings: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -154,11 +163,7 @@ class InProcessBackend:
         return out
 
     def user_embedding(self, history, ratings, demographics, timeout_s):
-        feeds = {
-            "history": np.ascontiguousarray(history, np.int64),
-            "history_rating": np.ascontiguousarray(ratings, np.float32),
-            "demographics": np.ascontiguousarray(demographics, np.int64),
-        }
+        feeds = user_tower_feeds(history, ratings, demographics)
         return self._run(USER_TOWER, "user_embedding", feeds, timeout_s)
 
     def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s):
@@ -267,11 +272,7 @@ class TritonBackend:
         return out
 
     def user_embedding(self, history, ratings, demographics, timeout_s):
-        feeds = {
-            "history": np.ascontiguousarray(history, np.int64),
-            "history_rating": np.ascontiguousarray(ratings, np.float32),
-            "demographics": np.ascontiguousarray(demographics, np.int64),
-        }
+        feeds = user_tower_feeds(history, ratings, demographics)
         return self._infer(USER_TOWER, feeds, "user_embedding", timeout_s)
 
     def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s):
