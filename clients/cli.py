@@ -274,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--stop-after-chunks", type=int, default=None, help=argparse.SUPPRESS)
     bs.set_defaults(func=_cmd_batch_score)
 
+    bench = sub.add_parser("bench", help="benchmarks that print figures with their conditions").add_subparsers(
+        dest="bench_command", required=True
+    )
+    from benchmarks.e2e import add_arguments as add_e2e_arguments
+
+    add_e2e_arguments(bench.add_parser("e2e", help="Recommend served (Triton + gRPC) vs the in-process floor, c1..c32"))
+
     from clients.online_cli import add_online_commands  # serve, demo, recommend, similar, popular, health
 
     add_online_commands(sub)

@@ -6,7 +6,9 @@ Both have the same surface and the same policy:
 * only UNAVAILABLE is retried (the server was not reachable or not ready: nothing was
   done), with jittered exponential backoff, inside the same deadline; every other status
   is final;
-* failures raise the class of their status code (:mod:`clients.errors`).
+* failures raise the class of their status code (:mod:`clients.errors`);
+* ``api_key`` is sent as ``x-api-key`` metadata on every call; ``tls_ca`` (a PEM root
+  certificate, or ``tls=True`` for the system's roots) turns on TLS.
 
 Responses are the generated protobuf messages (``protos/recsys/v1/recsys_pb2.pyi`` types
 them)::
@@ -22,6 +24,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypedDict, TypeVar, Unpack
 
 import grpc
@@ -34,6 +37,7 @@ from protos.recsys.v1 import recsys_pb2_grpc
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_RETRIES = 3
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+API_KEY_HEADER = "x-api-key"
 
 R = TypeVar("R")
 
@@ -111,19 +115,33 @@ def popular_request(*, k: int = 10, recent: bool = False, **filters: Unpack[Filt
     return pb.PopularRequest(k=k, window=window, filters=flt)
 
 
+def channel_credentials(tls: bool = False, tls_ca: str | Path | bytes | None = None) -> grpc.ChannelCredentials | None:
+    """TLS credentials for a channel: None (plaintext) unless ``tls`` or ``tls_ca``.
+
+    Args:
+        tls: Use TLS with the system's root certificates.
+        tls_ca: PEM root certificate(s) to trust instead (a path or the bytes); implies TLS.
+    """
+    if tls_ca is None:
+        return grpc.ssl_channel_credentials() if tls else None
+    root = tls_ca if isinstance(tls_ca, bytes) else Path(tls_ca).read_bytes()
+    return grpc.ssl_channel_credentials(root_certificates=root)
+
+
 def _backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
     # "full jitter": spreads the retries of many clients hitting one restarting server
     return random.uniform(0.5, 1.0) * min(cap_s, base_s * 2**attempt)
 
 
 class _Base:
-    def __init__(self, timeout_s: float, retries: int, backoff_s: float, max_backoff_s: float):
+    def __init__(self, timeout_s: float, retries: int, backoff_s: float, max_backoff_s: float, api_key: str | None):
         if timeout_s <= 0 or retries < 0 or backoff_s < 0:
             raise ValueError("timeout_s must be > 0, retries and backoff_s >= 0")
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self._metadata = ((API_KEY_HEADER, api_key),) if api_key else None
 
     def _next_wait(self, exc: grpc.RpcError, attempt: int, expires: float) -> float | None:
         """Seconds to wait before retrying, or None when the error is final."""
@@ -143,7 +161,12 @@ class RecsysClient(_Base):
         retries: Extra attempts after UNAVAILABLE.
         backoff_s: First retry delay (doubles per retry, jittered).
         max_backoff_s: Longest retry delay.
-        channel: An existing channel (the client then does not close it).
+        channel: An existing channel (the client then does not close it; ``tls`` and
+            ``tls_ca`` are ignored).
+        api_key: Sent as ``x-api-key`` metadata with every call (servers with API keys).
+        tls: TLS with the system's root certificates.
+        tls_ca: PEM root certificate (path or bytes) the server's certificate must chain
+            to, e.g. a self-signed one; implies TLS.
     """
 
     def __init__(
@@ -155,10 +178,16 @@ class RecsysClient(_Base):
         backoff_s: float = 0.05,
         max_backoff_s: float = 1.0,
         channel: grpc.Channel | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: str | Path | bytes | None = None,
     ):
-        super().__init__(timeout_s, retries, backoff_s, max_backoff_s)
+        super().__init__(timeout_s, retries, backoff_s, max_backoff_s, api_key)
         self._own = channel is None
-        self.channel = channel or grpc.insecure_channel(target)
+        if channel is None:
+            creds = channel_credentials(tls, tls_ca)
+            channel = grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)
+        self.channel = channel
         self._stub = recsys_pb2_grpc.RecommenderStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -171,7 +200,7 @@ class RecsysClient(_Base):
             if left <= 0:
                 raise DeadlineExceeded("the deadline expired between retries")
             try:
-                return method(request, timeout=left)
+                return method(request, timeout=left, metadata=self._metadata)
             except grpc.RpcError as exc:
                 wait = self._next_wait(exc, attempt, expires)
                 if wait is None:
@@ -214,6 +243,10 @@ class RecsysClient(_Base):
         req = pb.RecordInteractionRequest(user_id=user_id, movie_id=movie_id, rating=rating, timestamp_s=timestamp_s)
         return self._call(self._stub.RecordInteraction, req, timeout_s)
 
+    def delete_user(self, user_id: int, *, timeout_s: float | None = None) -> pb.DeleteUserResponse:
+        """Erases the user's history and request-log rows (idempotent, so retrying it is safe)."""
+        return self._call(self._stub.DeleteUser, pb.DeleteUserRequest(user_id=user_id), timeout_s)
+
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """``SERVING`` / ``NOT_SERVING`` / ... of the standard health service."""
         resp = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout_s)
@@ -249,7 +282,7 @@ class RecsysClient(_Base):
 
 
 class AsyncRecsysClient(_Base):
-    """asyncio client with the surface and policy of :class:`RecsysClient` (``await`` each call)."""
+    """asyncio client with the surface, policy and arguments of :class:`RecsysClient` (``await`` each call)."""
 
     def __init__(
         self,
@@ -260,10 +293,16 @@ class AsyncRecsysClient(_Base):
         backoff_s: float = 0.05,
         max_backoff_s: float = 1.0,
         channel: grpc.aio.Channel | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: str | Path | bytes | None = None,
     ):
-        super().__init__(timeout_s, retries, backoff_s, max_backoff_s)
+        super().__init__(timeout_s, retries, backoff_s, max_backoff_s, api_key)
         self._own = channel is None
-        self.channel = channel or grpc.aio.insecure_channel(target)
+        if channel is None:
+            creds = channel_credentials(tls, tls_ca)
+            channel = grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
+        self.channel = channel
         self._stub = recsys_pb2_grpc.RecommenderStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -275,7 +314,7 @@ class AsyncRecsysClient(_Base):
             if left <= 0:
                 raise DeadlineExceeded("the deadline expired between retries")
             try:
-                return await method(request, timeout=left)
+                return await method(request, timeout=left, metadata=self._metadata)
             except grpc.RpcError as exc:
                 wait = self._next_wait(exc, attempt, expires)
                 if wait is None:
@@ -319,6 +358,10 @@ class AsyncRecsysClient(_Base):
         """See :meth:`RecsysClient.record_interaction`."""
         req = pb.RecordInteractionRequest(user_id=user_id, movie_id=movie_id, rating=rating, timestamp_s=timestamp_s)
         return await self._call(self._stub.RecordInteraction, req, timeout_s)
+
+    async def delete_user(self, user_id: int, *, timeout_s: float | None = None) -> pb.DeleteUserResponse:
+        """See :meth:`RecsysClient.delete_user`."""
+        return await self._call(self._stub.DeleteUser, pb.DeleteUserRequest(user_id=user_id), timeout_s)
 
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """See :meth:`RecsysClient.health`."""

@@ -16,13 +16,15 @@ class RecsysRpcError(Exception):
     Attributes:
         code: The gRPC status code.
         details: The server's message (a person can act on it).
+        request_id: The call's ``x-request-id`` (quote it to the operator), or None.
     """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, details: str, code: grpc.StatusCode | None = None):
+    def __init__(self, details: str, code: grpc.StatusCode | None = None, request_id: str | None = None):
         super().__init__(f"{(code or self.code).name}: {details}")
         self.details = details
+        self.request_id = request_id
         if code is not None:
             self.code = code
 
@@ -106,5 +108,7 @@ def from_rpc_error(exc: grpc.RpcError) -> RecsysRpcError:
     """The typed error for a failed call (raise it ``from exc``)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(code)
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    request_id = next((str(v) for k, v in trailing or () if k == "x-request-id"), None)
     cls = ERRORS.get(code, RecsysRpcError)
-    return cls(details) if cls is not RecsysRpcError else RecsysRpcError(details, code)
+    return cls(details, request_id=request_id) if cls is not RecsysRpcError else RecsysRpcError(details, code, request_id)

@@ -1,4 +1,5 @@
-"""The online subcommands of ``recsys``: serve, demo, recommend, similar, popular, health.
+"""The online subcommands of ``recsys``: serve, demo, recommend, similar, popular, health,
+delete-user and replay.
 
 Thin shells over :mod:`clients.client` and :mod:`orchestrator.serve`; :func:`add_online_commands`
 registers them on the ``recsys`` parser (``clients/cli.py``). Exit codes: 0 ok, 1 a failed
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -70,11 +72,17 @@ def _call(args: argparse.Namespace, fn) -> int:
     from clients.client import RecsysClient
     from clients.errors import RecsysRpcError
 
-    with RecsysClient(args.target, timeout_s=args.timeout) as client:
+    try:
+        client = RecsysClient(args.target, timeout_s=args.timeout, api_key=args.api_key or None, tls=args.tls, tls_ca=args.tls_ca)
+    except OSError as exc:  # an unreadable --tls-ca
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 1
+    with client:
         try:
             return fn(client)
         except RecsysRpcError as exc:
-            print(f"recsys: {exc.code.name}: {exc.details}", file=sys.stderr)
+            ref = f" (request {exc.request_id})" if exc.request_id else ""
+            print(f"recsys: {exc.code.name}: {exc.details}{ref}", file=sys.stderr)
             return 1
 
 
@@ -126,6 +134,39 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return _call(args, run)
 
 
+def _cmd_delete_user(args: argparse.Namespace) -> int:
+    """``recsys delete-user --user ID``: erases the user's history and request-log rows."""
+    def run(client) -> int:
+        resp = client.delete_user(args.user)
+        body = {"user_id": args.user, "interactions_deleted": resp.interactions_deleted, "request_log_rows_deleted": resp.request_log_rows_deleted}
+        if args.json:
+            print(json.dumps(body))
+        else:
+            print(f"user {args.user}: {resp.interactions_deleted} interactions and {resp.request_log_rows_deleted} request-log rows deleted")
+        return 0
+
+    return _call(args, run)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    """``recsys replay``: hit rate of the logged recommendations against the later history."""
+    import sqlite3
+
+    from orchestrator.requestlog import replay, replay_table
+    from orchestrator.settings import ServeSettings
+
+    defaults = ServeSettings.from_env(artifacts_dir=args.artifacts)
+    log_path = args.log or defaults.request_log_db()
+    db = args.db or defaults.history_db()
+    try:
+        report = replay(log_path, db, args.horizon_s)
+    except (FileNotFoundError, sqlite3.Error) as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else replay_table(report))
+    return 0
+
+
 def _settings(args: argparse.Namespace):
     """ServeSettings from ``RECSYS_*`` variables, overridden by the flags that were given."""
     from orchestrator.settings import ServeSettings
@@ -142,6 +183,11 @@ def _settings(args: argparse.Namespace):
         history_db_path=args.history_db,
         redis_url=args.redis_url,
         triton_timeout_s=args.triton_timeout,
+        api_keys_file=args.api_keys_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        request_log=False if args.no_request_log else None,
+        request_log_path=args.request_log,
     )
 
 
@@ -151,7 +197,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded is noise here
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+    except ValueError as exc:  # a RECSYS_* variable or flag out of range
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 2
 
     def announce(info: dict) -> None:
         print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k:<14}{v}" for k, v in info.items()), flush=True)
@@ -161,7 +211,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         # an external Triton (docker-compose) or --in-process: nothing to start here
         return serve(settings, start_triton=not settings.triton_url and not args.in_process, announce=announce)
-    except (TritonError, RuntimeError) as exc:  # Triton did not start, the port is taken
+    except (TritonError, RuntimeError, ValueError, OSError) as exc:  # Triton, a taken port, bad keys or TLS files
         print(f"recsys: error: {exc}", file=sys.stderr)
         return 1
 
@@ -187,6 +237,11 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help="orchestrator host:port (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.add_argument(
+        "--api-key", default=os.environ.get("RECSYS_API_KEY"), help="sent as x-api-key metadata (default: $RECSYS_API_KEY)"
+    )
+    p.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    p.add_argument("--tls-ca", default=None, help="PEM root certificate the server's certificate chains to (implies --tls)")
 
 
 def _filter_flags(p: argparse.ArgumentParser) -> None:
@@ -207,7 +262,7 @@ def _rerank_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_online_commands(sub: argparse._SubParsersAction) -> None:
-    """Registers serve, demo, recommend, similar, popular and health on the ``recsys`` parser."""
+    """Registers serve, demo, recommend, similar, popular, health, delete-user and replay on the ``recsys`` parser."""
     srv = sub.add_parser("serve", help="run the gRPC orchestrator (and the embedded Triton unless --triton-url)")
     srv.add_argument("--artifacts", default=None, help="folder written by `recsys train` (default: artifacts)")
     srv.add_argument("--repo", default=None, help="Triton model repository (default: model_repository)")
@@ -215,12 +270,17 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--in-process", action="store_true", help="no Triton: run the ONNX models with onnxruntime here")
     srv.add_argument("--host", default=None, help="bind address (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="gRPC port (default: a free one)")
-    srv.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (accepted; exporter: issue #6)")
+    srv.add_argument("--metrics-port", type=int, default=None, help="port of the Prometheus /metrics page (default: none)")
     srv.add_argument("--workers", type=int, default=None, help="server threads (default: 8)")
     srv.add_argument("--history-store", choices=("sqlite", "redis"), default=None)
     srv.add_argument("--history-db", default=None, help="SQLite file (default: one per artifacts folder in the state dir)")
     srv.add_argument("--redis-url", default=None)
     srv.add_argument("--triton-timeout", type=float, default=None, help="seconds a Triton call may take before the fallback")
+    srv.add_argument("--api-keys-file", default=None, help="file of key[:requests_per_second] lines; calls then need x-api-key")
+    srv.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
+    srv.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    srv.add_argument("--request-log", default=None, help="request log SQLite file (default: beside the history DB)")
+    srv.add_argument("--no-request-log", action="store_true", help="do not log answered calls")
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     srv.add_argument("--json", action="store_true", help="print the addresses as JSON")
     srv.set_defaults(func=_cmd_serve)
@@ -262,3 +322,16 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     hl.add_argument("--service", default="", help="service name ('' = the whole server)")
     _target_flags(hl)
     hl.set_defaults(func=_cmd_health)
+
+    du = sub.add_parser("delete-user", help="erase a user's history and request-log rows (GDPR)")
+    du.add_argument("--user", type=int, required=True, help="user id")
+    _target_flags(du)
+    du.set_defaults(func=_cmd_delete_user)
+
+    rp = sub.add_parser("replay", help="hit rate of logged recommendations against the history that followed")
+    rp.add_argument("--log", default=None, help="request log SQLite file (default: the serve default for --artifacts)")
+    rp.add_argument("--db", default=None, help="history SQLite file (default: the serve default for --artifacts)")
+    rp.add_argument("--artifacts", default=None, help="artifacts folder the defaults are derived from (default: artifacts)")
+    rp.add_argument("--horizon-s", type=float, default=None, help="count interactions at most this many seconds later")
+    rp.add_argument("--json", action="store_true", help="print the report as JSON")
+    rp.set_defaults(func=_cmd_replay)

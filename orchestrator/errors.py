@@ -4,7 +4,8 @@ Every failure inside the orchestrator is one of the classes below; :data:`STATUS
 to its gRPC status code and :func:`abort` is the only code that ends an RPC with an error.
 Nothing a client can cause maps to INTERNAL: bad input is :class:`InvalidArgument` or
 :class:`NotFound`, time is :class:`DeadlineExceeded`, an unreachable dependency with no
-fallback is :class:`Unavailable`.
+fallback is :class:`Unavailable`; a missing or unknown API key is :class:`Unauthenticated`
+and a key over its rate :class:`RateLimited` (``orchestrator/auth.py``).
 
 Backend (Triton) failures are :class:`ModelError` subclasses, chosen from the status code of
 the Triton call (never from its message text) by the backend, with the original exception
@@ -43,6 +44,14 @@ class Unavailable(RecsysError):
     """Nothing can answer right now (history store down, server not ready); retryable."""
 
 
+class Unauthenticated(RecsysError):
+    """The call carries no API key, or one the server does not know."""
+
+
+class RateLimited(RecsysError):
+    """The call's API key is over its request rate; retry after a moment."""
+
+
 class ModelError(RecsysError):
     """A model call failed in a way that is the server's problem (e.g. a tensor contract)."""
 
@@ -60,6 +69,8 @@ STATUS: dict[type[RecsysError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
     ModelError: grpc.StatusCode.INTERNAL,
 }

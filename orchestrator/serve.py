@@ -79,7 +79,10 @@ def serve(settings: ServeSettings, start_triton: bool, announce: Callable[[dict]
                 "backend": server.recommender.backend.name,
                 "history_store": settings.history_store,
                 "history_db": str(settings.history_db()) if settings.history_store == "sqlite" else settings.redis_url,
-                "metrics_port": settings.metrics_port,  # TODO(issue #6): the Prometheus exporter
+                "metrics_port": server.metrics_port,  # the /metrics page, None: off
+                "request_log": str(settings.request_log_db()) if settings.request_log else "off",
+                "tls": "on" if settings.tls_cert else "off",
+                "api_keys": "required" if (settings.api_keys_file or settings.api_keys) else "off",
             }
             if triton is not None:
                 info["triton_log"] = str(triton.log_path)

@@ -4,6 +4,11 @@
 reflection) and binds the port; :meth:`Server.start` runs it. Tests bind port 0 and talk to
 a real server.
 
+Around the servicer: :class:`~orchestrator.metrics.MetricsInterceptor` counts and times
+every call, :class:`~orchestrator.auth.ApiKeyInterceptor` (when keys are configured) admits
+it, and every answered call is queued for the request log (:mod:`orchestrator.requestlog`)
+under the ``x-request-id`` it returns in its trailing metadata.
+
 Validation lives here, in ``parse_*`` functions that raise
 :class:`~orchestrator.errors.InvalidArgument` with a message naming the field, its value
 and its range. Every handler runs inside :func:`_handle`, the one place that turns an
@@ -16,7 +21,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import TypeVar
 
@@ -24,10 +30,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from orchestrator.auth import ApiKeyInterceptor, load_keys, server_credentials
 from orchestrator.backends import InferenceBackend, InProcessBackend, TritonBackend
 from orchestrator.catalog import YEAR_RANGE, Catalog, Filters
 from orchestrator.errors import Deadline, InvalidArgument, RecsysError, abort, describe
 from orchestrator.pipeline import HISTORY_UNAVAILABLE, MODEL_TIMEOUT, MODEL_UNAVAILABLE, NO_HISTORY, Query, Recommender, Result
+from orchestrator.metrics import Metrics, MetricsInterceptor
+from orchestrator.requestlog import LogRow, RequestLog
 from orchestrator.rerank import RerankOptions
 from orchestrator.settings import ServeSettings
 from orchestrator.store import HistoryStore, RedisHistoryStore, SqliteHistoryStore
@@ -46,10 +55,16 @@ FALLBACK_REASONS = {
     MODEL_TIMEOUT: pb.FALLBACK_REASON_MODEL_TIMEOUT,
     HISTORY_UNAVAILABLE: pb.FALLBACK_REASON_HISTORY_UNAVAILABLE,
 }
+REQUEST_ID_HEADER = "x-request-id"
+"""Trailing metadata key of the call's request id (the request log's ``request_id``)."""
+PIPELINE_RPCS = frozenset({"Recommend", "BatchRecommend"})
+"""RPCs whose stage timings and fallbacks go into the metrics."""
 MAX_EXCLUDED = 10_000
 FUTURE_SLACK_S = 86_400
 
 T = TypeVar("T")
+Work = Callable[[Deadline, str], T]
+"""A handler's body: ``(deadline, request_id) -> response``."""
 
 
 # ---------------------------------------------------------------------------- validation
@@ -194,29 +209,56 @@ def recommend_response(catalog: Catalog, result: Result, started: float) -> pb.R
 
 
 class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
-    """``recsys.v1.Recommender`` over a :class:`Recommender` pipeline."""
+    """``recsys.v1.Recommender`` over a :class:`Recommender` pipeline.
 
-    def __init__(self, recommender: Recommender):
+    Args:
+        recommender: The pipeline.
+        metrics: Where stage timings and fallbacks are recorded (a private one if None).
+        request_log: Where answered calls are queued; None: not logged.
+    """
+
+    def __init__(self, recommender: Recommender, metrics: Metrics | None = None, request_log: RequestLog | None = None):
         self.rec = recommender
         self.settings = recommender.settings
         self.catalog = recommender.catalog
+        self.metrics = metrics or Metrics()
+        self.request_log = request_log
 
-    def _handle(self, context: grpc.ServicerContext, work: Callable[[Deadline], T]) -> T:
-        """Runs ``work`` under the call's deadline; the one place errors become statuses."""
+    def _handle(self, context: grpc.ServicerContext, work: Work[T]) -> T:
+        """Runs ``work`` under the call's deadline and request id; the one place errors become statuses."""
         # the deadline starts here, so parsing and store reads count against it too
         deadline = Deadline(context.time_remaining(), self.settings.default_deadline_s)
+        request_id = uuid.uuid4().hex
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))  # errors carry it too
         try:
-            return work(deadline)
+            return work(deadline, request_id)
         except Exception as exc:
             abort(context, exc)
             raise  # unreachable: abort raises
+
+    def _observe(
+        self, request_id: str, rpc: str, user_id: int | None, result: Result, items: Sequence[pb.RecommendedItem], latency_ms: float
+    ) -> None:
+        """Metrics of a pipeline answer, and its request-log row (queued, never waited for)."""
+        if rpc in PIPELINE_RPCS:
+            self.metrics.observe_result(result.timings_ms, result.fallback)
+        if self.request_log is not None:
+            row = LogRow(
+                request_id, time.time(), user_id, rpc, [i.movie_id for i in items], [i.score for i in items],
+                latency_ms, result.model_version, result.fallback,
+            )
+            self.request_log.log(row)
 
     def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RecommendResponse:
         """Top-k for a user or a history; the popular fallback when the models cannot answer."""
         started = time.perf_counter()
 
-        def work(deadline: Deadline) -> pb.RecommendResponse:
-            return recommend_response(self.catalog, self.rec.recommend(parse_recommend(request, self.settings), deadline), started)
+        def work(deadline: Deadline, request_id: str) -> pb.RecommendResponse:
+            query = parse_recommend(request, self.settings)
+            result = self.rec.recommend(query, deadline)
+            response = recommend_response(self.catalog, result, started)
+            self._observe(request_id, "Recommend", query.user_id, result, response.items, response.latency_ms)
+            return response
 
         return self._handle(context, work)
 
@@ -224,17 +266,19 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
         """Nearest movies by item embedding; needs FAISS only, so it answers while Triton is down."""
         started = time.perf_counter()
 
-        def work(deadline: Deadline) -> pb.SimilarResponse:
+        def work(deadline: Deadline, request_id: str) -> pb.SimilarResponse:
             k = parse_k(request.k, self.settings.max_k)
             filters = parse_filters(request.filters)
             options = parse_rerank(request.rerank, k, self.settings, default_lambda=1.0)
             user = parse_user_id(request.user_id) if request.HasField("user_id") else None
             result = self.rec.similar(request.movie_id, k, filters, options, user, deadline)
-            return pb.SimilarResponse(
+            response = pb.SimilarResponse(
                 items=_items(self.catalog, result),
                 model_version=result.model_version,
                 latency_ms=(time.perf_counter() - started) * 1e3,
             )
+            self._observe(request_id, "Similar", user, result, response.items, response.latency_ms)
+            return response
 
         return self._handle(context, work)
 
@@ -242,12 +286,14 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
         """The most rated movies (precomputed orders, filtered per request)."""
         started = time.perf_counter()
 
-        def work(deadline: Deadline) -> pb.PopularResponse:
+        def work(deadline: Deadline, request_id: str) -> pb.PopularResponse:
             k = parse_k(request.k, self.settings.max_k)
             if request.window not in (pb.POPULARITY_WINDOW_ALL_TIME, pb.POPULARITY_WINDOW_RECENT):
                 raise InvalidArgument(f"window {request.window} is not a PopularityWindow")
             result = self.rec.popular(k, request.window == pb.POPULARITY_WINDOW_RECENT, parse_filters(request.filters))
-            return pb.PopularResponse(items=_items(self.catalog, result), latency_ms=(time.perf_counter() - started) * 1e3)
+            response = pb.PopularResponse(items=_items(self.catalog, result), latency_ms=(time.perf_counter() - started) * 1e3)
+            self._observe(request_id, "Popular", None, result, response.items, response.latency_ms)
+            return response
 
         return self._handle(context, work)
 
@@ -255,7 +301,7 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
         """Recommend per request, in order; a request's error becomes its Failure, not the batch's."""
         started = time.perf_counter()
 
-        def work(deadline: Deadline) -> pb.BatchRecommendResponse:
+        def work(deadline: Deadline, request_id: str) -> pb.BatchRecommendResponse:
             n = len(request.requests)
             if not 1 <= n <= self.settings.max_batch:
                 raise InvalidArgument(f"requests must hold 1..{self.settings.max_batch} requests, got {n}")
@@ -264,7 +310,10 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
                 deadline.check(f"request {i} of the batch")  # an expired batch fails whole
                 t0 = time.perf_counter()
                 try:
-                    res = recommend_response(self.catalog, self.rec.recommend(parse_recommend(sub, self.settings), deadline), t0)
+                    query = parse_recommend(sub, self.settings)
+                    result = self.rec.recommend(query, deadline)
+                    res = recommend_response(self.catalog, result, t0)
+                    self._observe(request_id, "BatchRecommend", query.user_id, result, res.items, res.latency_ms)
                     results.append(pb.BatchRecommendResult(index=i, response=res))
                 except RecsysError as exc:
                     code, message = describe(exc)
@@ -280,7 +329,7 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
     ) -> pb.RecordInteractionResponse:
         """Appends one interaction, acknowledged only once it is durable."""
 
-        def work(deadline: Deadline) -> pb.RecordInteractionResponse:
+        def work(deadline: Deadline, request_id: str) -> pb.RecordInteractionResponse:
             user = parse_user_id(request.user_id)
             rating = parse_rating(request.rating)
             now = int(time.time())
@@ -290,6 +339,24 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
             deadline.check("recording")
             created, length = self.rec.record(user, request.movie_id, rating, ts)
             return pb.RecordInteractionResponse(created=created, history_length=length, timestamp_s=ts)
+
+        return self._handle(context, work)
+
+    def DeleteUser(self, request: pb.DeleteUserRequest, context: grpc.ServicerContext) -> pb.DeleteUserResponse:
+        """Erases the user's history and request-log rows (rows queued before the call included).
+
+        A Recommend for the user still in flight while this runs may log its row afterwards.
+        """
+
+        def work(deadline: Deadline, request_id: str) -> pb.DeleteUserResponse:
+            user = parse_user_id(request.user_id)
+            deadline.check("deleting")
+            interactions = self.rec.store.delete_user(user)
+            rows = 0
+            if self.request_log is not None:
+                rows = self.request_log.delete_user(user, timeout_s=max(0.05, deadline.remaining()))
+            log.info("DeleteUser %s (request %s): %d interactions, %d request-log rows", user, request_id, interactions, rows)
+            return pb.DeleteUserResponse(interactions_deleted=interactions, request_log_rows_deleted=rows)
 
         return self._handle(context, work)
 
@@ -306,10 +373,19 @@ class HealthWatcher:
     replica.
     """
 
-    def __init__(self, servicer: health.HealthServicer, backend: InferenceBackend, poll_s: float):
+    def __init__(
+        self,
+        servicer: health.HealthServicer,
+        backend: InferenceBackend,
+        poll_s: float,
+        warm_up: Callable[[], object] | None = None,
+        metrics: Metrics | None = None,
+    ):
         self.servicer = servicer
         self.backend = backend
         self.poll_s = poll_s
+        self.warm_up = warm_up
+        self.metrics = metrics
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="recsys-health", daemon=True)
         self.serving = False
@@ -326,7 +402,11 @@ class HealthWatcher:
     def check(self) -> bool:
         """One readiness check, published."""
         ok = self.backend.ready(timeout_s=min(2.0, self.poll_s * 2))
+        if ok and not self.serving and self.warm_up is not None:
+            self.warm_up()  # a (re)started backend is cold: pay its first calls before SERVING
         self._publish(ok)
+        if self.metrics is not None:
+            self.metrics.observe_backend(ok, self.backend.model_version)
         return ok
 
     def _run(self) -> None:
@@ -352,13 +432,30 @@ class Server:
         port: The bound port.
         recommender: The pipeline (catalog, store, backend).
         health: The health watcher.
+        metrics: The server's Prometheus metrics (served on ``settings.metrics_port``).
+        request_log: The request log, or None when it is off.
     """
 
-    def __init__(self, grpc_server: grpc.Server, port: int, recommender: Recommender, watcher: HealthWatcher):
+    def __init__(
+        self,
+        grpc_server: grpc.Server,
+        port: int,
+        recommender: Recommender,
+        watcher: HealthWatcher,
+        metrics: Metrics | None = None,
+        request_log: RequestLog | None = None,
+    ):
         self.grpc_server = grpc_server
         self.port = port
         self.recommender = recommender
         self.health = watcher
+        self.metrics = metrics or Metrics()
+        self.request_log = request_log
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound ``/metrics`` port once started (None: no exporter)."""
+        return self.metrics.port
 
     @property
     def address(self) -> str:
@@ -367,17 +464,28 @@ class Server:
         return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '[::]') else host}:{self.port}"
 
     def start(self) -> "Server":
-        """Starts serving and the health polling."""
+        """Starts the metrics page (when ``metrics_port`` is set), serving and the health polling.
+
+        Raises:
+            RuntimeError: The metrics port cannot be bound.
+        """
+        settings = self.recommender.settings
+        if settings.metrics_port is not None and self.metrics.port is None:
+            self.metrics.serve(settings.host, settings.metrics_port)
         self.grpc_server.start()
         self.health.start()
         return self
 
     def stop(self, grace_s: float | None = 2.0) -> None:
-        """Health NOT_SERVING, in-flight calls get ``grace_s``, then the backend and store close."""
+        """Health NOT_SERVING, in-flight calls get ``grace_s``, then the request log is written
+        out and the backend, store and metrics page close."""
         self.health.stop()
         self.grpc_server.stop(grace_s).wait()
+        if self.request_log is not None:
+            self.request_log.close()
         self.recommender.backend.close()
         self.recommender.store.close()
+        self.metrics.stop()
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
         """Blocks until the server stops (True) or ``timeout_s`` passes (False)."""
@@ -426,22 +534,48 @@ def create_server(
         the settings picks a free port).
 
     Raises:
-        RuntimeError: The port cannot be bound.
+        RuntimeError: The port cannot be bound, or a TLS file cannot be read.
+        ValueError: The API keys do not parse.
     """
+    # keys and certificates first: a typo there should fail before minutes of loading
+    keys = load_keys(settings)
+    credentials = server_credentials(settings)
     catalog = catalog or Catalog.load(settings.artifacts_dir, settings.mmr_genre_weight)
     store = store or make_store(settings)
     backend = backend or make_backend(settings)
     recommender = Recommender(settings, catalog, store, backend)
+    metrics = Metrics()
+    # metrics outermost: calls the key check refuses are counted too
+    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
+    if keys:
+        interceptors.append(ApiKeyInterceptor(keys))
     # so_reuseport off: a second server on a taken port must fail, not share it silently
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="recsys"), options=[("grpc.so_reuseport", 0)])
-    recsys_pb2_grpc.add_RecommenderServicer_to_server(RecommenderService(recommender), server)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="recsys"),
+        interceptors=interceptors,
+        options=[("grpc.so_reuseport", 0)],
+    )
+    request_log = None
+    if settings.request_log:
+        request_log = RequestLog(
+            settings.request_log_db(), settings.request_log_queue, on_drop=metrics.request_log_dropped.inc, on_write=metrics.request_log_rows.inc
+        )
+    recsys_pb2_grpc.add_RecommenderServicer_to_server(RecommenderService(recommender, metrics, request_log), server)
     # non-blocking: Watch streams must not each hold one of the worker threads
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise RuntimeError(f"cannot bind {settings.host}:{settings.port}")
-    watcher = HealthWatcher(health_servicer, backend, settings.health_poll_s)
-    return Server(server, port, recommender, watcher), port
+        if request_log is not None:
+            request_log.close()
+        raise RuntimeError(f"cannot bind {address}")
+    watcher = HealthWatcher(
+        health_servicer, backend, settings.health_poll_s, lambda: recommender.warm_up(settings.warmup_calls), metrics
+    )
+    return Server(server, port, recommender, watcher, metrics, request_log), port
 

@@ -10,12 +10,20 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "RECSYS_"
 HISTORY_STORES = ("sqlite", "redis")
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _boolean(raw: str) -> bool:
+    try:
+        return _BOOLEANS[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(f"expected one of {sorted(_BOOLEANS)}") from None
 
 
 def default_state_dir() -> Path:
@@ -39,7 +47,8 @@ class ServeSettings:
         triton_url: ``host:port`` of Triton's gRPC endpoint; None: in-process backend.
         host: Address the gRPC API binds to.
         port: gRPC port; 0 picks a free one.
-        metrics_port: Prometheus port (accepted; the exporter arrives with issue #6).
+        metrics_port: Port of the Prometheus ``/metrics`` page (plain HTTP, bound to
+            ``host``); None: no exporter; 0 picks a free port.
         workers: Server threads (concurrent requests).
         history_store: ``sqlite`` (default, a file) or ``redis``.
         history_db_path: SQLite file; None: one per artifacts set under :func:`default_state_dir`.
@@ -56,6 +65,20 @@ class ServeSettings:
         max_k: Largest ``k`` a request may ask for.
         max_batch: Largest BatchRecommend.
         max_history: Longest explicit history a request may carry.
+        warmup_calls: Full model paths run on a synthetic history before health first
+            turns SERVING (and again after Triton comes back), so no user pays the cold
+            start (~100 ms on the first call otherwise).
+        api_keys_file: File of API keys, one ``key[:requests_per_second]`` a line (``#``
+            comments); with :attr:`api_keys`, the keys a call must send as ``x-api-key``
+            metadata. No key configured at all: authentication is off.
+        api_keys: The same entries comma-separated (``RECSYS_API_KEYS``); never printed.
+        tls_cert: PEM certificate chain of the gRPC port; with ``tls_key``: TLS on.
+        tls_key: PEM private key of ``tls_cert``.
+        request_log: Whether answered Recommend / Similar / Popular calls are logged.
+        request_log_path: The request log's SQLite file; None: beside the history DB
+            (:meth:`request_log_db`).
+        request_log_queue: Rows waiting for the log writer at most; more are dropped
+            (counted in ``recsys_request_log_dropped_total``), never waited for.
     """
 
     artifacts_dir: Path = Path("artifacts")
@@ -79,13 +102,22 @@ class ServeSettings:
     max_k: int = 500
     max_batch: int = 256
     max_history: int = 1000
+    warmup_calls: int = 20
+    api_keys_file: Path | None = None
+    api_keys: str | None = field(default=None, repr=False)  # secrets stay out of logs and tracebacks
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    request_log: bool = True
+    request_log_path: Path | None = None
+    request_log_queue: int = 10_000
 
     def __post_init__(self) -> None:
         # paths may arrive as strings (env, flags); normalise so the object stays hashable
         object.__setattr__(self, "artifacts_dir", Path(self.artifacts_dir))
         object.__setattr__(self, "model_repository", Path(self.model_repository))
-        if self.history_db_path is not None:
-            object.__setattr__(self, "history_db_path", Path(self.history_db_path))
+        for name in ("history_db_path", "api_keys_file", "tls_cert", "tls_key", "request_log_path"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         problems = []
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not in 0..65535")
@@ -108,8 +140,14 @@ class ServeSettings:
             problems.append(f"mmr_pool must be in 1..retrieve_k ({self.retrieve_k}), got {self.mmr_pool}")
         if not 0.0 <= self.mmr_genre_weight <= 1.0:
             problems.append(f"mmr_genre_weight must be in [0, 1], got {self.mmr_genre_weight}")
+        if self.warmup_calls < 0:
+            problems.append(f"warmup_calls must be >= 0, got {self.warmup_calls}")
         if self.max_batch < 1 or self.max_history < 1:
             problems.append("max_batch and max_history must be >= 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("tls_cert and tls_key go together: set both (TLS) or neither (plaintext)")
+        if self.request_log_queue < 1:
+            problems.append(f"request_log_queue must be >= 1, got {self.request_log_queue}")
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
@@ -119,6 +157,13 @@ class ServeSettings:
             return self.history_db_path
         key = hashlib.sha256(str(self.artifacts_dir.resolve()).encode()).hexdigest()[:12]
         return default_state_dir() / f"history-{key}.sqlite"
+
+    def request_log_db(self) -> Path:
+        """The request log's SQLite file: the configured one, or ``<history db>-requests.sqlite``."""
+        if self.request_log_path is not None:
+            return self.request_log_path
+        db = self.history_db()
+        return db.with_name(f"{db.stem}-requests.sqlite")
 
     def with_(self, **changes: Any) -> "ServeSettings":
         """A copy with ``changes`` applied (and validated)."""
@@ -143,7 +188,9 @@ class ServeSettings:
                 continue
             kind = str(f.type)
             try:
-                if kind.startswith("int"):
+                if kind.startswith("bool"):
+                    values[f.name] = _boolean(raw)
+                elif kind.startswith("int"):
                     values[f.name] = int(raw)
                 elif kind.startswith("float"):
                     values[f.name] = float(raw)

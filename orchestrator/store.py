@@ -14,6 +14,8 @@ Both are seeded from ``artifacts/interactions.parquet`` the first time they star
 seed marker records the file's sha256); an existing store is never re-seeded, so online
 interactions survive restarts and retrains. Movies are stored by movie id: ids outlive item
 indices across retrains. Writes are idempotent on ``(user_id, movie_id, timestamp)``.
+``delete_user`` erases a user's interactions (DeleteUser); the seed marker keeps a restart
+from bringing them back from the parquet file.
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ class HistoryStore(Protocol):
 
     def record(self, user_id: int, movie_id: int, rating: float, timestamp_s: int) -> tuple[bool, int]:
         """Appends one interaction durably; ``(created, history length)``.
+
+        Raises:
+            Unavailable: The store cannot be written.
+        """
+        ...
+
+    def delete_user(self, user_id: int) -> int:
+        """Deletes every interaction of the user durably (GDPR erasure); how many there were.
 
         Raises:
             Unavailable: The store cannot be written.
@@ -196,6 +206,21 @@ class SqliteHistoryStore:
             raise Unavailable(f"history store cannot be written: {exc}") from exc
         return created, int(length)
 
+    def delete_user(self, user_id: int) -> int:
+        """See :meth:`HistoryStore.delete_user`."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                deleted = conn.execute("DELETE FROM interactions WHERE user_id = ?", (int(user_id),)).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise Unavailable(f"history store cannot be written: {exc}") from exc
+        return int(deleted)
+
     def close(self) -> None:
         """Closes every thread's connection."""
         with self._lock:
@@ -277,6 +302,17 @@ class RedisHistoryStore:
         except self._errors as exc:
             raise Unavailable(f"history store (redis) cannot be written: {exc}") from exc
         return bool(added), int(length)
+
+    def delete_user(self, user_id: int) -> int:
+        """See :meth:`HistoryStore.delete_user`."""
+        try:
+            pipe = self.client.pipeline(transaction=True)  # MULTI: count and delete at once
+            pipe.zcard(f"{self.prefix}h:{user_id}")
+            pipe.delete(f"{self.prefix}h:{user_id}", f"{self.prefix}r:{user_id}")
+            count, _ = pipe.execute()
+        except self._errors as exc:
+            raise Unavailable(f"history store (redis) cannot be written: {exc}") from exc
+        return int(count)
 
     def close(self) -> None:
         """Closes the connection pool."""

@@ -261,7 +261,7 @@ class TestRecommenderAPI:
         db = ProtoReflectionDescriptorDatabase(api.client.channel)
         assert {"recsys.v1.Recommender", "grpc.health.v1.Health"} <= set(db.get_services())
         method = db.FindFileContainingSymbol("recsys.v1.Recommender").service[0].method
-        assert {m.name for m in method} == {"Recommend", "Similar", "Popular", "BatchRecommend", "RecordInteraction"}
+        assert {m.name for m in method} == {"Recommend", "Similar", "Popular", "BatchRecommend", "RecordInteraction", "DeleteUser"}
 
     def test_async_client_has_the_same_surface(self, api):
         target = api.server.address
@@ -389,7 +389,8 @@ class BrokenStore:
 
 
 def test_history_store_down(tiny_artifacts, tiny_repository):
-    settings = ServeSettings(artifacts_dir=tiny_artifacts, model_repository=tiny_repository)
+    # no request log: it would default to the state dir beside a history DB this test never makes
+    settings = ServeSettings(artifacts_dir=tiny_artifacts, model_repository=tiny_repository, request_log=False)
     server, port = create_server(settings, store=BrokenStore(), backend=InProcessBackend(tiny_repository))
     with server, RecsysClient(f"127.0.0.1:{port}", retries=0) as client:
         resp = client.recommend(1, k=3)  # popular can still answer

@@ -39,6 +39,8 @@ def check_store(store) -> None:
     assert store.record(1, 50, 0.0, 400) == (False, 4)  # idempotent
     assert store.history(1).movie_ids.tolist()[-1] == 50
     assert store.record(7, 10, 3.5, 1) == (True, 1)
+    assert store.delete_user(2) == 2 and len(store.history(2)) == 0  # DeleteUser: seeded rows too
+    assert store.delete_user(2) == 0 and store.delete_user(999) == 0
 
 
 def test_sqlite_store_seeds_once_and_is_durable(tmp_path, interactions):
@@ -49,9 +51,10 @@ def test_sqlite_store_seeds_once_and_is_durable(tmp_path, interactions):
     # a fresh process would see the acknowledged writes, and a restart does not re-seed
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 7
+        assert conn.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 5
     again = SqliteHistoryStore(db, interactions)
     assert again.history(1).movie_ids.tolist() == [10, 20, 30, 50]
+    assert len(again.history(2)) == 0  # a deleted user stays deleted: no re-seed
     again.close()
 
 
@@ -111,6 +114,7 @@ def test_redis_store(redis_url, interactions):
     store.close()
     again = RedisHistoryStore(redis_url, interactions, prefix="t:")  # no re-seed
     assert again.history(1).movie_ids.tolist() == [10, 20, 30, 50]
+    assert len(again.history(2)) == 0
     again.close()
 
 
@@ -123,3 +127,5 @@ def test_redis_store_down_is_unavailable():
         store.history(1)
     with pytest.raises(Unavailable):
         store.record(1, 2, 3.0, 4)
+    with pytest.raises(Unavailable):
+        store.delete_user(1)

@@ -222,3 +222,17 @@ class RecordInteractionResponse(_message.Message):
     history_length: int
     timestamp_s: int
     def __init__(self, created: _Optional[bool] = ..., history_length: _Optional[int] = ..., timestamp_s: _Optional[int] = ...) -> None: ...
+
+class DeleteUserRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    def __init__(self, user_id: _Optional[int] = ...) -> None: ...
+
+class DeleteUserResponse(_message.Message):
+    __slots__ = ("interactions_deleted", "request_log_rows_deleted")
+    INTERACTIONS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_LOG_ROWS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    interactions_deleted: int
+    request_log_rows_deleted: int
+    def __init__(self, interactions_deleted: _Optional[int] = ..., request_log_rows_deleted: _Optional[int] = ...) -> None: ...

@@ -61,6 +61,11 @@ class RecommenderStub:
                 request_serializer=protos_dot_recsys_dot_v1_dot_recsys__pb2.RecordInteractionRequest.SerializeToString,
                 response_deserializer=protos_dot_recsys_dot_v1_dot_recsys__pb2.RecordInteractionResponse.FromString,
                 _registered_method=True)
+        self.DeleteUser = channel.unary_unary(
+                '/recsys.v1.Recommender/DeleteUser',
+                request_serializer=protos_dot_recsys_dot_v1_dot_recsys__pb2.DeleteUserRequest.SerializeToString,
+                response_deserializer=protos_dot_recsys_dot_v1_dot_recsys__pb2.DeleteUserResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -105,6 +110,17 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteUser(self, request, context):
+        """Erases a user (GDPR): every interaction in the history store and every row of the
+        request log that names the user. Durable when acknowledged; idempotent (an unknown or
+        already deleted user gets zero counts). The next Recommend for the user is the
+        popular fallback (reason NO_HISTORY). Trained model files are not changed: the user's
+        old interactions leave the models at the next retrain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +148,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.RecordInteraction,
                     request_deserializer=protos_dot_recsys_dot_v1_dot_recsys__pb2.RecordInteractionRequest.FromString,
                     response_serializer=protos_dot_recsys_dot_v1_dot_recsys__pb2.RecordInteractionResponse.SerializeToString,
+            ),
+            'DeleteUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUser,
+                    request_deserializer=protos_dot_recsys_dot_v1_dot_recsys__pb2.DeleteUserRequest.FromString,
+                    response_serializer=protos_dot_recsys_dot_v1_dot_recsys__pb2.DeleteUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +292,33 @@ class Recommender:
             '/recsys.v1.Recommender/RecordInteraction',
             protos_dot_recsys_dot_v1_dot_recsys__pb2.RecordInteractionRequest.SerializeToString,
             protos_dot_recsys_dot_v1_dot_recsys__pb2.RecordInteractionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Recommender/DeleteUser',
+            protos_dot_recsys_dot_v1_dot_recsys__pb2.DeleteUserRequest.SerializeToString,
+            protos_dot_recsys_dot_v1_dot_recsys__pb2.DeleteUserResponse.FromString,
             options,
             channel_credentials,
             insecure,
