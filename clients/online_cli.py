@@ -183,6 +183,9 @@ def _settings(args: argparse.Namespace):
         history_db_path=args.history_db,
         redis_url=args.redis_url,
         triton_timeout_s=args.triton_timeout,
+        reload_poll_s=getattr(args, "reload_poll", None),
+        ab_version=getattr(args, "ab_version", None),
+        ab_share=getattr(args, "ab_share", None),
         api_keys_file=args.api_keys_file,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
@@ -281,6 +284,9 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     srv.add_argument("--request-log", default=None, help="request log SQLite file (default: beside the history DB)")
     srv.add_argument("--no-request-log", action="store_true", help="do not log answered calls")
+    srv.add_argument("--reload-poll", type=float, default=None, help="seconds between polls of the repository for a newer version to hot-reload (0: off; default 2)")
+    srv.add_argument("--ab-version", type=int, default=None, help="A/B: model version of the treatment arm (one of the two newest)")
+    srv.add_argument("--ab-share", type=float, default=None, help="A/B: share of users (stable hash) routed to --ab-version, 0..1")
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     srv.add_argument("--json", action="store_true", help="print the addresses as JSON")
     srv.set_defaults(func=_cmd_serve)

@@ -628,9 +628,13 @@ def render_config(spec: ModelSpec, cpu: bool) -> str:
         f"  max_queue_delay_microseconds: {spec.max_queue_delay_us}\n"
         "}\n"
     )
+    # two versions side by side: the one being replaced keeps serving its pinned requests
+    # while the next loads (hot reload), and an A/B test can route users to either
+    policy = "version_policy: { latest: { num_versions: 2 } }\n"
     return (
         head
         + f"max_batch_size: {spec.max_batch_size}\n"
+        + policy
         + _tensor_block("input", spec.inputs)
         + _tensor_block("output", spec.outputs)
         + group

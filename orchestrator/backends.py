@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 USER_TOWER = "user_tower"
 RANKER = "ranker_ensemble"
+LEAF_MODELS = (USER_TOWER, "ranker_features", "ranker")
+"""The graphs the online path runs (the ensemble chains the last two)."""
+KEPT_VERSIONS = 2
+"""Versions served side by side (the configs' ``version_policy: latest 2``): the one being
+replaced keeps answering its pinned requests while the next one loads, and A/B tests compare two."""
 CANDIDATE_INPUTS = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating")
 
 
@@ -51,9 +56,9 @@ class InferenceBackend(Protocol):
         ...
 
     def user_embedding(
-        self, history: np.ndarray, ratings: np.ndarray, demographics: np.ndarray, timeout_s: float
+        self, history: np.ndarray, ratings: np.ndarray, demographics: np.ndarray, timeout_s: float, version: int | None = None
     ) -> np.ndarray:
-        """float32 [B, dim] user vectors for left-padded history windows [B, L]."""
+        """float32 [B, dim] user vectors for left-padded history windows [B, L] (``version``: pinned, None: latest)."""
         ...
 
     def rank(
@@ -64,8 +69,13 @@ class InferenceBackend(Protocol):
         history: np.ndarray,
         ratings: np.ndarray,
         timeout_s: float,
+        version: int | None = None,
     ) -> np.ndarray:
         """float32 [N] ranker scores of N candidates of one user (history windows [N, L])."""
+        ...
+
+    def load_version(self, version: int, timeout_s: float) -> None:
+        """Makes ``version`` of every model callable (pinned) next to the versions already served."""
         ...
 
     def close(self) -> None:
@@ -131,17 +141,32 @@ class InProcessBackend:
         import onnxruntime as ort
 
         repo = Path(repo)
-        leaves = (USER_TOWER, "ranker_features", "ranker")
-        self.version = version or latest_version(repo, leaves)
+        self._ort = ort
+        self.repo = repo
+        self.threads = threads
+        self.version = version or latest_version(repo, LEAF_MODELS)
+        self._sessions: dict[tuple[str, int], Any] = {}
+        self.load_version(self.version, timeout_s=float("inf"))
+
+    def load_version(self, version: int, timeout_s: float) -> None:  # noqa: ARG002 - loading cannot be interrupted
+        """Opens the sessions of ``version``; the two newest versions stay open (Triton's policy)."""
+        ort = self._ort
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
-        self._sessions = {
-            m: ort.InferenceSession(str(repo / m / str(self.version) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-            for m in leaves
-        }
+        try:
+            new = {
+                (m, version): ort.InferenceSession(str(self.repo / m / str(version) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+                for m in LEAF_MODELS
+            }
+        except Exception as exc:  # a missing or broken graph: the version is not servable
+            raise ModelUnavailable(f"version {version}: cannot open its graphs ({type(exc).__name__}: {exc})") from exc
+        self._sessions.update(new)
+        keep = sorted({v for _, v in self._sessions})[-KEPT_VERSIONS:]
+        self._sessions = {key: sess for key, sess in self._sessions.items() if key[1] in keep}
+        self.version = max(keep)
 
     @property
     def model_version(self) -> str:
@@ -150,28 +175,31 @@ class InProcessBackend:
     def ready(self, timeout_s: float) -> bool:  # noqa: ARG002 - loaded at construction
         return True
 
-    def _run(self, model: str, output: str, feeds: dict[str, np.ndarray], timeout_s: float) -> np.ndarray:
+    def _run(self, model: str, output: str, feeds: dict[str, np.ndarray], timeout_s: float, version: int | None) -> np.ndarray:
         if timeout_s <= 0:
             raise ModelTimeout(f"{model}: no time left for the call")
+        session = self._sessions.get((model, self.version if version is None else version))
+        if session is None:
+            raise ModelUnavailable(f"{model}: version {version} is not loaded")
         t0 = time.monotonic()
         try:
-            out = self._sessions[model].run([output], feeds)[0]
+            out = session.run([output], feeds)[0]
         except Exception as exc:  # onnxruntime raises its own types for bad feeds: a defect here
             raise ModelError(f"{model}: onnxruntime failed: {type(exc).__name__}") from exc
         if time.monotonic() - t0 > timeout_s:
             raise ModelTimeout(f"{model}: answered after the {timeout_s:.3f} s timeout")
         return out
 
-    def user_embedding(self, history, ratings, demographics, timeout_s):
+    def user_embedding(self, history, ratings, demographics, timeout_s, version=None):
         feeds = user_tower_feeds(history, ratings, demographics)
-        return self._run(USER_TOWER, "user_embedding", feeds, timeout_s)
+        return self._run(USER_TOWER, "user_embedding", feeds, timeout_s, version)
 
-    def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s):
+    def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s, version=None):
         t0 = time.monotonic()
         feeds = candidate_feeds(items, retrieval_scores, retrieval_ranks, history, ratings)
-        features = self._run("ranker_features", "features", feeds, timeout_s)
+        features = self._run("ranker_features", "features", feeds, timeout_s, version)
         left = timeout_s - (time.monotonic() - t0)
-        return self._run("ranker", "score", {"features": features}, left).reshape(-1)
+        return self._run("ranker", "score", {"features": features}, left, version).reshape(-1)
 
     def close(self) -> None:
         self._sessions.clear()
@@ -229,6 +257,10 @@ class TritonBackend:
         self.client = grpcclient.InferenceServerClient(url)
         self._version = "unknown"
         self._lock = threading.Lock()
+        # the leaf version the ensemble's "latest" steps resolve to; None while a version
+        # loads (every ranking goes through the pinned leaf models until it is known again)
+        self._ensemble_version: int | None = None
+        self._loading = False
 
     @property
     def model_version(self) -> str:
@@ -243,14 +275,17 @@ class TritonBackend:
             if ok:
                 meta = self.client.get_model_metadata(USER_TOWER, client_timeout=timeout_s, as_json=True)
                 versions = meta.get("versions") or []
+                ranker = self.client.get_model_metadata("ranker", client_timeout=timeout_s, as_json=True).get("versions") or []
                 with self._lock:
                     self._version = str(max(versions, key=int)) if versions else "unknown"
+                    if not self._loading:
+                        self._ensemble_version = max(map(int, ranker)) if ranker else None
             return bool(ok)
         except Exception as exc:  # any failure to ask is "not ready", which is what health reports
             log.debug("triton at %s not ready: %r", self.url, exc)
             return False
 
-    def _infer(self, model: str, feeds: dict[str, np.ndarray], output: str, timeout_s: float) -> np.ndarray:
+    def _infer(self, model: str, feeds: dict[str, np.ndarray], output: str, timeout_s: float, version: int | None = None) -> np.ndarray:
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
         if timeout_s <= 0:
@@ -262,7 +297,11 @@ class TritonBackend:
             inputs.append(t)
         try:
             result = self.client.infer(
-                model, inputs, outputs=[self._grpc.InferRequestedOutput(output)], client_timeout=timeout_s
+                model,
+                inputs,
+                model_version="" if version is None else str(version),
+                outputs=[self._grpc.InferRequestedOutput(output)],
+                client_timeout=timeout_s,
             )
         except InferenceServerException as exc:
             raise triton_error(exc, model, timeout_s) from exc
@@ -271,13 +310,62 @@ class TritonBackend:
             raise ModelError(f"{model}: Triton returned no '{output}' tensor")
         return out
 
-    def user_embedding(self, history, ratings, demographics, timeout_s):
+    def user_embedding(self, history, ratings, demographics, timeout_s, version=None):
         feeds = user_tower_feeds(history, ratings, demographics)
-        return self._infer(USER_TOWER, feeds, "user_embedding", timeout_s)
+        return self._infer(USER_TOWER, feeds, "user_embedding", timeout_s, version)
 
-    def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s):
+    def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s, version=None):
+        """The ensemble when it runs ``version`` (one call), else its two steps pinned to ``version``.
+
+        The ensemble's steps call the *latest* ranker_features and ranker, so a request
+        pinned to the version being replaced (or to the other arm of an A/B test) must not
+        go through it.
+        """
         feeds = candidate_feeds(items, retrieval_scores, retrieval_ranks, history, ratings)
-        return self._infer(RANKER, feeds, "score", timeout_s).reshape(-1)
+        if version is None or version == self._ensemble_version:
+            return self._infer(RANKER, feeds, "score", timeout_s).reshape(-1)
+        t0 = time.monotonic()
+        features = self._infer("ranker_features", feeds, "features", timeout_s, version)
+        left = timeout_s - (time.monotonic() - t0)
+        return self._infer("ranker", {"features": features}, "score", left, version).reshape(-1)
+
+    def load_version(self, version: int, timeout_s: float) -> None:
+        """Asks Triton to (re)load every model, then waits until ``version`` of each is READY.
+
+        The configs keep the two newest versions (``version_policy: latest 2``), so the
+        version served until now keeps answering while this one loads. A Triton without
+        explicit model control (polling, or none) refuses the load call: then this only waits.
+
+        Raises:
+            ModelUnavailable: ``version`` is not READY within ``timeout_s``.
+        """
+        from tritonclient.utils import InferenceServerException
+
+        with self._lock:
+            self._loading, self._ensemble_version = True, None
+        try:
+            for model in (*LEAF_MODELS, RANKER):
+                try:
+                    self.client.load_model(model, client_timeout=timeout_s)
+                except InferenceServerException as exc:
+                    if "explicit" not in str(exc).lower():
+                        raise ModelUnavailable(f"{model}: Triton refused to load version {version}: {exc.message()}") from exc
+            expires = time.monotonic() + timeout_s
+            for model in LEAF_MODELS:
+                while not self._ready_version(model, version):
+                    if time.monotonic() > expires:
+                        raise ModelUnavailable(f"{model}: version {version} not READY after {timeout_s:.0f} s")
+                    time.sleep(0.1)
+        finally:
+            with self._lock:
+                self._loading = False
+        self.ready(timeout_s=2.0)  # the ensemble's version and model_version, refreshed
+
+    def _ready_version(self, model: str, version: int) -> bool:
+        try:
+            return bool(self.client.is_model_ready(model, str(version), client_timeout=2.0))
+        except Exception:  # noqa: BLE001 - "not ready yet" in every form
+            return False
 
     def close(self) -> None:
         self.client.close()

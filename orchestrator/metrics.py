@@ -11,6 +11,7 @@ as Prometheus names them):
 ``recsys_stage_latency_seconds``          histogram  pipeline stage time, by ``stage``
 ``recsys_fallbacks_total``                counter    popular-movie answers, by ``reason``
 ``recsys_model_info``                     info       the served ``model_version``
+``recsys_answers_total``                  counter    pipeline answers by A/B ``variant`` and ``model_version``
 ``recsys_triton_reachable``               gauge      1 when the last readiness poll succeeded
 ``recsys_request_log_dropped_total``      counter    request-log rows dropped (queue full)
 ``recsys_request_log_rows_total``         counter    request-log rows written
@@ -73,6 +74,9 @@ class Metrics:
         self.stage_latency = Histogram(
             "recsys_stage_latency_seconds", "Wall time of one pipeline stage, in seconds.", ("stage",), buckets=STAGE_BUCKETS_S, registry=r
         )
+        self.answers = Counter(
+            "recsys_answers", "Pipeline answers by A/B variant and the model version that made them.", ("variant", "model_version"), registry=r
+        )
         self.fallbacks = Counter("recsys_fallbacks", "Answers that are the popular movies, by reason.", ("reason",), registry=r)
         self.model = Info("recsys_model", "The served model set: model_version is the model repository version.", registry=r)
         self.triton_reachable = Gauge("recsys_triton_reachable", "1 when the inference backend passed its last readiness poll.", registry=r)
@@ -98,8 +102,9 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def observe_result(self, timings_ms: Mapping[str, float], fallback: str | None) -> None:
-        """Records the stage times (milliseconds, as in ``Result.timings_ms``) and a fallback."""
+    def observe_result(self, timings_ms: Mapping[str, float], fallback: str | None, variant: str = "", model_version: str = "") -> None:
+        """Records the stage times (milliseconds, as in ``Result.timings_ms``), a fallback, and the arm/version that answered."""
+        self.answers.labels(variant, model_version).inc()
         for stage, ms in timings_ms.items():
             child = self._stages.get(stage)
             if child is None:  # a stage added later still gets a series

@@ -73,6 +73,9 @@ class Result:
         timings_ms: Wall time per stage.
         ignored_movie_ids: Request history ids not in the catalog.
         history_length: Length of the window the model read.
+        catalog: The catalog ``items`` index into (a hot reload may swap the served one
+            while this answer is being built).
+        variant: A/B arm that answered (``""`` without an experiment).
     """
 
     items: np.ndarray
@@ -83,6 +86,8 @@ class Result:
     timings_ms: dict[str, float] = field(default_factory=dict)
     ignored_movie_ids: list[int] = field(default_factory=list)
     history_length: int = 0
+    catalog: Catalog | None = None
+    variant: str = ""
 
 
 @dataclass(frozen=True)
@@ -221,7 +226,7 @@ class Recommender:
         """The model's answer, each item explained by the most similar movie of the history."""
         because = self.catalog.nearest_in(items, window.items[window.items >= 0])
         explain = [f"because you watched {self.catalog.titles[h]}" if h >= 0 else "" for h in because]
-        return Result(items, scores, explain, self.backend.model_version, None, t.ms, window.ignored, window.length)
+        return Result(items, scores, explain, self.backend.model_version, None, t.ms, window.ignored, window.length, self.catalog)
 
     def reason(self, exc: ModelUnavailable, deadline: Deadline) -> str:
         """The fallback reason for a model failure, or DEADLINE_EXCEEDED when no time is left."""
@@ -236,7 +241,7 @@ class Recommender:
         with t("reranking"):
             items, counts = self.catalog.popular(q.k, False, allowed, exclude)
         explain = [f"popular: {int(c)} ratings" for c in counts]
-        return Result(items, counts, explain, FALLBACK_VERSION, reason, t.ms, window.ignored, window.length)
+        return Result(items, counts, explain, FALLBACK_VERSION, reason, t.ms, window.ignored, window.length, self.catalog)
 
     def warm_up(self, calls: int) -> float:
         """Runs ``calls`` full model paths on a synthetic history (the most popular movies).
@@ -285,7 +290,9 @@ class Recommender:
         with t("reranking"):
             picked = self.rerank(cand, sims, k, options)
         title = self.catalog.titles[item]
-        return Result(cand[picked], sims[picked], [f"similar to {title}"] * len(picked), self.backend.model_version, timings_ms=t.ms)
+        return Result(
+            cand[picked], sims[picked], [f"similar to {title}"] * len(picked), self.backend.model_version, timings_ms=t.ms, catalog=self.catalog
+        )
 
     def popular(self, k: int, recent: bool, filters: Filters) -> Result:
         """The most rated movies passing the filters."""
@@ -294,7 +301,7 @@ class Recommender:
             items, counts = self.catalog.popular(k, recent, self.catalog.allowed(filters), self.catalog.excluded(filters))
         when = "in the last 30 days" if recent else "overall"
         explain = [f"popular {when}: {int(c)} ratings" for c in counts]
-        return Result(items, counts, explain, FALLBACK_VERSION, timings_ms=t.ms)
+        return Result(items, counts, explain, FALLBACK_VERSION, timings_ms=t.ms, catalog=self.catalog)
 
     def record(self, user_id: int, movie_id: int, rating: float, timestamp_s: int) -> tuple[bool, int]:
         """Appends an interaction (the movie must be in the catalog)."""

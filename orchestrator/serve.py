@@ -77,6 +77,7 @@ def serve(settings: ServeSettings, start_triton: bool, announce: Callable[[dict]
                 "grpc": server.address,
                 "triton": server.recommender.settings.triton_url or "in-process (onnxruntime)",
                 "backend": server.recommender.backend.name,
+                "model_versions": server.recommender.versions,
                 "history_store": settings.history_store,
                 "history_db": str(settings.history_db()) if settings.history_store == "sqlite" else settings.redis_url,
                 "metrics_port": server.metrics_port,  # the /metrics page, None: off

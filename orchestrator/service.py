@@ -33,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from orchestrator.auth import ApiKeyInterceptor, load_keys, server_credentials
 from orchestrator.backends import InferenceBackend, InProcessBackend, TritonBackend
 from orchestrator.catalog import YEAR_RANGE, Catalog, Filters
+from orchestrator.deployment import ReloadWatcher, Router, initial_version
 from orchestrator.errors import Deadline, InvalidArgument, RecsysError, abort, describe
 from orchestrator.pipeline import HISTORY_UNAVAILABLE, MODEL_TIMEOUT, MODEL_UNAVAILABLE, NO_HISTORY, Query, Recommender, Result
 from orchestrator.metrics import Metrics, MetricsInterceptor
@@ -171,6 +172,7 @@ def parse_recommend(msg: pb.RecommendRequest, settings: ServeSettings) -> Query:
 
 
 def _items(catalog: Catalog, result: Result) -> list[pb.RecommendedItem]:
+    catalog = result.catalog or catalog  # the catalog the answer was computed on (hot reload may have swapped)
     return [
         pb.RecommendedItem(
             movie_id=int(catalog.movie_ids[i]),
@@ -202,6 +204,7 @@ def recommend_response(catalog: Catalog, result: Result, started: float) -> pb.R
         ),
         ignored_movie_ids=result.ignored_movie_ids,
         history_length=result.history_length,
+        variant=result.variant,
     )
 
 
@@ -220,9 +223,13 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
     def __init__(self, recommender: Recommender, metrics: Metrics | None = None, request_log: RequestLog | None = None):
         self.rec = recommender
         self.settings = recommender.settings
-        self.catalog = recommender.catalog
         self.metrics = metrics or Metrics()
         self.request_log = request_log
+
+    @property
+    def catalog(self) -> Catalog:
+        """The served catalog now (the router swaps it on a hot reload)."""
+        return self.rec.catalog
 
     def _handle(self, context: grpc.ServicerContext, work: Work[T]) -> T:
         """Runs ``work`` under the call's deadline and request id; the one place errors become statuses."""
@@ -241,11 +248,11 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
     ) -> None:
         """Metrics of a pipeline answer, and its request-log row (queued, never waited for)."""
         if rpc in PIPELINE_RPCS:
-            self.metrics.observe_result(result.timings_ms, result.fallback)
+            self.metrics.observe_result(result.timings_ms, result.fallback, result.variant, result.model_version)
         if self.request_log is not None:
             row = LogRow(
                 request_id, time.time(), user_id, rpc, [i.movie_id for i in items], [i.score for i in items],
-                latency_ms, result.model_version, result.fallback,
+                latency_ms, result.model_version, result.fallback, result.variant,
             )
             self.request_log.log(row)
 
@@ -444,8 +451,10 @@ class Server:
         watcher: HealthWatcher,
         metrics: Metrics | None = None,
         request_log: RequestLog | None = None,
+        reloader: ReloadWatcher | None = None,
     ):
         self.grpc_server = grpc_server
+        self.reloader = reloader
         self.port = port
         self.recommender = recommender
         self.health = watcher
@@ -474,11 +483,15 @@ class Server:
             self.metrics.serve(settings.host, settings.metrics_port)
         self.grpc_server.start()
         self.health.start()
+        if self.reloader is not None:
+            self.reloader.start()
         return self
 
     def stop(self, grace_s: float | None = 2.0) -> None:
         """Health NOT_SERVING, in-flight calls get ``grace_s``, then the request log is written
         out and the backend, store and metrics page close."""
+        if self.reloader is not None:
+            self.reloader.stop()
         self.health.stop()
         self.grpc_server.stop(grace_s).wait()
         if self.request_log is not None:
@@ -543,7 +556,7 @@ def create_server(
     catalog = catalog or Catalog.load(settings.artifacts_dir, settings.mmr_genre_weight)
     store = store or make_store(settings)
     backend = backend or make_backend(settings)
-    recommender = Recommender(settings, catalog, store, backend)
+    recommender = Router(settings, catalog, store, backend, initial_version(settings.model_repository))
     metrics = Metrics()
     # metrics outermost: calls the key check refuses are counted too
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
@@ -577,5 +590,6 @@ def create_server(
     watcher = HealthWatcher(
         health_servicer, backend, settings.health_poll_s, lambda: recommender.warm_up(settings.warmup_calls), metrics
     )
-    return Server(server, port, recommender, watcher, metrics, request_log), port
+    reloader = ReloadWatcher(recommender, settings.model_repository, settings.reload_poll_s)
+    return Server(server, port, recommender, watcher, metrics, request_log, reloader), port
 

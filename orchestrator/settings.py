@@ -68,6 +68,13 @@ class ServeSettings:
         warmup_calls: Full model paths run on a synthetic history before health first
             turns SERVING (and again after Triton comes back), so no user pays the cold
             start (~100 ms on the first call otherwise).
+        reload_poll_s: How often the model repository is polled for a newer version to
+            hot-reload (``orchestrator/deployment.py``); 0 turns hot reload off.
+        reload_timeout_s: Longest a new version may take to become ready in the backend.
+        ab_version: The model version of the A/B ``treatment`` arm (None: no experiment);
+            it must be one of the two newest published versions (Triton serves those).
+        ab_share: Share of users (by a stable hash of the id) routed to ``ab_version``.
+        ab_salt: Salt of that hash: a new salt reshuffles users between arms.
         api_keys_file: File of API keys, one ``key[:requests_per_second]`` a line (``#``
             comments); with :attr:`api_keys`, the keys a call must send as ``x-api-key``
             metadata. No key configured at all: authentication is off.
@@ -103,6 +110,11 @@ class ServeSettings:
     max_batch: int = 256
     max_history: int = 1000
     warmup_calls: int = 20
+    reload_poll_s: float = 2.0
+    reload_timeout_s: float = 120.0
+    ab_version: int | None = None
+    ab_share: float = 0.0
+    ab_salt: str = "recsys-ab"
     api_keys_file: Path | None = None
     api_keys: str | None = field(default=None, repr=False)  # secrets stay out of logs and tracebacks
     tls_cert: Path | None = None
@@ -140,6 +152,12 @@ class ServeSettings:
             problems.append(f"mmr_pool must be in 1..retrieve_k ({self.retrieve_k}), got {self.mmr_pool}")
         if not 0.0 <= self.mmr_genre_weight <= 1.0:
             problems.append(f"mmr_genre_weight must be in [0, 1], got {self.mmr_genre_weight}")
+        if self.reload_poll_s < 0 or not self.reload_timeout_s > 0:
+            problems.append("reload_poll_s must be >= 0 (0: off) and reload_timeout_s > 0")
+        if not 0.0 <= self.ab_share <= 1.0:
+            problems.append(f"ab_share must be in [0, 1], got {self.ab_share}")
+        if self.ab_share > 0 and self.ab_version is None:
+            problems.append("ab_share > 0 needs ab_version (the treatment's model version)")
         if self.warmup_calls < 0:
             problems.append(f"warmup_calls must be >= 0, got {self.warmup_calls}")
         if self.max_batch < 1 or self.max_history < 1:

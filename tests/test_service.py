@@ -311,13 +311,16 @@ class Wrapped:
             if self.delay_s > timeout_s:
                 raise ModelTimeout("slow backend")
 
-    def user_embedding(self, *args, timeout_s):
+    def user_embedding(self, *args, timeout_s, version=None):
         self._gate(timeout_s)
-        return self.inner.user_embedding(*args, timeout_s=timeout_s)
+        return self.inner.user_embedding(*args, timeout_s=timeout_s, version=version)
 
-    def rank(self, *args, timeout_s):
+    def rank(self, *args, timeout_s, version=None):
         self._gate(timeout_s)
-        return self.inner.rank(*args, timeout_s=timeout_s)
+        return self.inner.rank(*args, timeout_s=timeout_s, version=version)
+
+    def load_version(self, version, timeout_s):
+        self.inner.load_version(version, timeout_s)
 
     def close(self) -> None:
         self.inner.close()

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/recsys/v1/recsys.proto\x12\trecsys.v1\"\xda\x01\n\x07\x46ilters\x12\x0e\n\x06genres\x18\x01 \x03(\t\x12\x15\n\x08min_year\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08max_year\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fmin_mean_rating\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x19\n\x11\x65xclude_movie_ids\x18\x05 \x03(\x03\x12\x19\n\x0cinclude_seen\x18\x06 \x01(\x08H\x03\x88\x01\x01\x42\x0b\n\t_min_yearB\x0b\n\t_max_yearB\x12\n\x10_min_mean_ratingB\x0f\n\r_include_seen\"-\n\x07History\x12\x11\n\tmovie_ids\x18\x01 \x03(\x03\x12\x0f\n\x07ratings\x18\x02 \x03(\x02\"\xc2\x01\n\x06Rerank\x12\x17\n\nmmr_lambda\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0e\x63\x61ndidate_pool\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1d\n\x10\x66reshness_weight\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x1a\n\rmax_per_genre\x18\x04 \x01(\x05H\x03\x88\x01\x01\x42\r\n\x0b_mmr_lambdaB\x11\n\x0f_candidate_poolB\x13\n\x11_freshness_weightB\x10\n\x0e_max_per_genre\"\xaa\x01\n\x10RecommendRequest\x12\x11\n\x07user_id\x18\x01 \x01(\x03H\x00\x12%\n\x07history\x18\x02 \x01(\x0b\x32\x12.recsys.v1.HistoryH\x00\x12\t\n\x01k\x18\x03 \x01(\x05\x12#\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x12.recsys.v1.Filters\x12!\n\x06rerank\x18\x05 \x01(\x0b\x32\x11.recsys.v1.RerankB\t\n\x07subject\"t\n\x0fRecommendedItem\x12\x10\n\x08movie_id\x18\x01 \x01(\x03\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06genres\x18\x03 \x03(\t\x12\x0c\n\x04year\x18\x04 \x01(\x05\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x13\n\x0b\x65xplanation\x18\x06 \x01(\t\"y\n\x0cStageTimings\x12\x12\n\nhistory_ms\x18\x01 \x01(\x02\x12\x15\n\ruser_tower_ms\x18\x02 \x01(\x02\x12\x14\n\x0cretrieval_ms\x18\x03 \x01(\x02\x12\x12\n\nranking_ms\x18\x04 \x01(\x02\x12\x14\n\x0creranking_ms\x18\x05 \x01(\x02\"\x8f\x02\n\x11RecommendResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x13\n\x0bis_fallback\x18\x03 \x01(\x08\x12\x32\n\x0f\x66\x61llback_reason\x18\x04 \x01(\x0e\x32\x19.recsys.v1.FallbackReason\x12\x12\n\nlatency_ms\x18\x05 \x01(\x02\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.recsys.v1.StageTimings\x12\x19\n\x11ignored_movie_ids\x18\x07 \x03(\x03\x12\x16\n\x0ehistory_length\x18\x08 \x01(\x05\"\x97\x01\n\x0eSimilarRequest\x12\x10\n\x08movie_id\x18\x01 \x01(\x03\x12\t\n\x01k\x18\x02 \x01(\x05\x12#\n\x07\x66ilters\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Filters\x12\x14\n\x07user_id\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12!\n\x06rerank\x18\x05 \x01(\x0b\x32\x11.recsys.v1.RerankB\n\n\x08_user_id\"g\n\x0fSimilarResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nlatency_ms\x18\x03 \x01(\x02\"m\n\x0ePopularRequest\x12\t\n\x01k\x18\x01 \x01(\x05\x12+\n\x06window\x18\x02 \x01(\x0e\x32\x1b.recsys.v1.PopularityWindow\x12#\n\x07\x66ilters\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Filters\"P\n\x0fPopularResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RecommendedItem\x12\x12\n\nlatency_ms\x18\x02 \x01(\x02\"F\n\x15\x42\x61tchRecommendRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.recsys.v1.RecommendRequest\"(\n\x07\x46\x61ilure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x89\x01\n\x14\x42\x61tchRecommendResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1c.recsys.v1.RecommendResponseH\x00\x12%\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x12.recsys.v1.FailureH\x00\x42\t\n\x07outcome\"^\n\x16\x42\x61tchRecommendResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.recsys.v1.BatchRecommendResult\x12\x12\n\nlatency_ms\x18\x02 \x01(\x02\"b\n\x18RecordInteractionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x10\n\x08movie_id\x18\x02 \x01(\x03\x12\x0e\n\x06rating\x18\x03 \x01(\x02\x12\x13\n\x0btimestamp_s\x18\x04 \x01(\x03\"Y\n\x19RecordInteractionResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12\x16\n\x0ehistory_length\x18\x02 \x01(\x05\x12\x13\n\x0btimestamp_s\x18\x03 \x01(\x03\"$\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\"T\n\x12\x44\x65leteUserResponse\x12\x1c\n\x14interactions_deleted\x18\x01 \x01(\x03\x12 \n\x18request_log_rows_deleted\x18\x02 \x01(\x03*\xc4\x01\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x46\x41LLBACK_REASON_NO_HISTORY\x10\x01\x12%\n!FALLBACK_REASON_MODEL_UNAVAILABLE\x10\x02\x12!\n\x1d\x46\x41LLBACK_REASON_MODEL_TIMEOUT\x10\x03\x12\'\n#FALLBACK_REASON_HISTORY_UNAVAILABLE\x10\x04*P\n\x10PopularityWindow\x12\x1e\n\x1aPOPULARITY_WINDOW_ALL_TIME\x10\x00\x12\x1c\n\x18POPULARITY_WINDOW_RECENT\x10\x01\x32\xdb\x03\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponse\x12@\n\x07Similar\x12\x19.recsys.v1.SimilarRequest\x1a\x1a.recsys.v1.SimilarResponse\x12@\n\x07Popular\x12\x19.recsys.v1.PopularRequest\x1a\x1a.recsys.v1.PopularResponse\x12U\n\x0e\x42\x61tchRecommend\x12 .recsys.v1.BatchRecommendRequest\x1a!.recsys.v1.BatchRecommendResponse\x12^\n\x11RecordInteraction\x12#.recsys.v1.RecordInteractionRequest\x1a$.recsys.v1.RecordInteractionResponse\x12I\n\nDeleteUser\x12\x1c.recsys.v1.DeleteUserRequest\x1a\x1d.recsys.v1.DeleteUserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/recsys/v1/recsys.proto\x12\trecsys.v1\"\xda\x01\n\x07\x46ilters\x12\x0e\n\x06genres\x18\x01 \x03(\t\x12\x15\n\x08min_year\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08max_year\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fmin_mean_rating\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x19\n\x11\x65xclude_movie_ids\x18\x05 \x03(\x03\x12\x19\n\x0cinclude_seen\x18\x06 \x01(\x08H\x03\x88\x01\x01\x42\x0b\n\t_min_yearB\x0b\n\t_max_yearB\x12\n\x10_min_mean_ratingB\x0f\n\r_include_seen\"-\n\x07History\x12\x11\n\tmovie_ids\x18\x01 \x03(\x03\x12\x0f\n\x07ratings\x18\x02 \x03(\x02\"\xc2\x01\n\x06Rerank\x12\x17\n\nmmr_lambda\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0e\x63\x61ndidate_pool\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1d\n\x10\x66reshness_weight\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x1a\n\rmax_per_genre\x18\x04 \x01(\x05H\x03\x88\x01\x01\x42\r\n\x0b_mmr_lambdaB\x11\n\x0f_candidate_poolB\x13\n\x11_freshness_weightB\x10\n\x0e_max_per_genre\"\xaa\x01\n\x10RecommendRequest\x12\x11\n\x07user_id\x18\x01 \x01(\x03H\x00\x12%\n\x07history\x18\x02 \x01(\x0b\x32\x12.recsys.v1.HistoryH\x00\x12\t\n\x01k\x18\x03 \x01(\x05\x12#\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x12.recsys.v1.Filters\x12!\n\x06rerank\x18\x05 \x01(\x0b\x32\x11.recsys.v1.RerankB\t\n\x07subject\"t\n\x0fRecommendedItem\x12\x10\n\x08movie_id\x18\x01 \x01(\x03\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06genres\x18\x03 \x03(\t\x12\x0c\n\x04year\x18\x04 \x01(\x05\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x13\n\x0b\x65xplanation\x18\x06 \x01(\t\"y\n\x0cStageTimings\x12\x12\n\nhistory_ms\x18\x01 \x01(\x02\x12\x15\n\ruser_tower_ms\x18\x02 \x01(\x02\x12\x14\n\x0cretrieval_ms\x18\x03 \x01(\x02\x12\x12\n\nranking_ms\x18\x04 \x01(\x02\x12\x14\n\x0creranking_ms\x18\x05 \x01(\x02\"\xa0\x02\n\x11RecommendResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x13\n\x0bis_fallback\x18\x03 \x01(\x08\x12\x32\n\x0f\x66\x61llback_reason\x18\x04 \x01(\x0e\x32\x19.recsys.v1.FallbackReason\x12\x12\n\nlatency_ms\x18\x05 \x01(\x02\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.recsys.v1.StageTimings\x12\x19\n\x11ignored_movie_ids\x18\x07 \x03(\x03\x12\x16\n\x0ehistory_length\x18\x08 \x01(\x05\x12\x0f\n\x07variant\x18\t \x01(\t\"\x97\x01\n\x0eSimilarRequest\x12\x10\n\x08movie_id\x18\x01 \x01(\x03\x12\t\n\x01k\x18\x02 \x01(\x05\x12#\n\x07\x66ilters\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Filters\x12\x14\n\x07user_id\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12!\n\x06rerank\x18\x05 \x01(\x0b\x32\x11.recsys.v1.RerankB\n\n\x08_user_id\"g\n\x0fSimilarResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nlatency_ms\x18\x03 \x01(\x02\"m\n\x0ePopularRequest\x12\t\n\x01k\x18\x01 \x01(\x05\x12+\n\x06window\x18\x02 \x01(\x0e\x32\x1b.recsys.v1.PopularityWindow\x12#\n\x07\x66ilters\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Filters\"P\n\x0fPopularResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RecommendedItem\x12\x12\n\nlatency_ms\x18\x02 \x01(\x02\"F\n\x15\x42\x61tchRecommendRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.recsys.v1.RecommendRequest\"(\n\x07\x46\x61ilure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x89\x01\n\x14\x42\x61tchRecommendResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1c.recsys.v1.RecommendResponseH\x00\x12%\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x12.recsys.v1.FailureH\x00\x42\t\n\x07outcome\"^\n\x16\x42\x61tchRecommendResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.recsys.v1.BatchRecommendResult\x12\x12\n\nlatency_ms\x18\x02 \x01(\x02\"b\n\x18RecordInteractionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x10\n\x08movie_id\x18\x02 \x01(\x03\x12\x0e\n\x06rating\x18\x03 \x01(\x02\x12\x13\n\x0btimestamp_s\x18\x04 \x01(\x03\"Y\n\x19RecordInteractionResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12\x16\n\x0ehistory_length\x18\x02 \x01(\x05\x12\x13\n\x0btimestamp_s\x18\x03 \x01(\x03\"$\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\"T\n\x12\x44\x65leteUserResponse\x12\x1c\n\x14interactions_deleted\x18\x01 \x01(\x03\x12 \n\x18request_log_rows_deleted\x18\x02 \x01(\x03*\xc4\x01\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x46\x41LLBACK_REASON_NO_HISTORY\x10\x01\x12%\n!FALLBACK_REASON_MODEL_UNAVAILABLE\x10\x02\x12!\n\x1d\x46\x41LLBACK_REASON_MODEL_TIMEOUT\x10\x03\x12\'\n#FALLBACK_REASON_HISTORY_UNAVAILABLE\x10\x04*P\n\x10PopularityWindow\x12\x1e\n\x1aPOPULARITY_WINDOW_ALL_TIME\x10\x00\x12\x1c\n\x18POPULARITY_WINDOW_RECENT\x10\x01\x32\xdb\x03\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponse\x12@\n\x07Similar\x12\x19.recsys.v1.SimilarRequest\x1a\x1a.recsys.v1.SimilarResponse\x12@\n\x07Popular\x12\x19.recsys.v1.PopularRequest\x1a\x1a.recsys.v1.PopularResponse\x12U\n\x0e\x42\x61tchRecommend\x12 .recsys.v1.BatchRecommendRequest\x1a!.recsys.v1.BatchRecommendResponse\x12^\n\x11RecordInteraction\x12#.recsys.v1.RecordInteractionRequest\x1a$.recsys.v1.RecordInteractionResponse\x12I\n\nDeleteUser\x12\x1c.recsys.v1.DeleteUserRequest\x1a\x1d.recsys.v1.DeleteUserResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.recsys.v1.recsys_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FALLBACKREASON']._serialized_start=2315
-  _globals['_FALLBACKREASON']._serialized_end=2511
-  _globals['_POPULARITYWINDOW']._serialized_start=2513
-  _globals['_POPULARITYWINDOW']._serialized_end=2593
+  _globals['_FALLBACKREASON']._serialized_start=2332
+  _globals['_FALLBACKREASON']._serialized_end=2528
+  _globals['_POPULARITYWINDOW']._serialized_start=2530
+  _globals['_POPULARITYWINDOW']._serialized_end=2610
   _globals['_FILTERS']._serialized_start=45
   _globals['_FILTERS']._serialized_end=263
   _globals['_HISTORY']._serialized_start=265
@@ -48,31 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGETIMINGS']._serialized_start=800
   _globals['_STAGETIMINGS']._serialized_end=921
   _globals['_RECOMMENDRESPONSE']._serialized_start=924
-  _globals['_RECOMMENDRESPONSE']._serialized_end=1195
-  _globals['_SIMILARREQUEST']._serialized_start=1198
-  _globals['_SIMILARREQUEST']._serialized_end=1349
-  _globals['_SIMILARRESPONSE']._serialized_start=1351
-  _globals['_SIMILARRESPONSE']._serialized_end=1454
-  _globals['_POPULARREQUEST']._serialized_start=1456
-  _globals['_POPULARREQUEST']._serialized_end=1565
-  _globals['_POPULARRESPONSE']._serialized_start=1567
-  _globals['_POPULARRESPONSE']._serialized_end=1647
-  _globals['_BATCHRECOMMENDREQUEST']._serialized_start=1649
-  _globals['_BATCHRECOMMENDREQUEST']._serialized_end=1719
-  _globals['_FAILURE']._serialized_start=1721
-  _globals['_FAILURE']._serialized_end=1761
-  _globals['_BATCHRECOMMENDRESULT']._serialized_start=1764
-  _globals['_BATCHRECOMMENDRESULT']._serialized_end=1901
-  _globals['_BATCHRECOMMENDRESPONSE']._serialized_start=1903
-  _globals['_BATCHRECOMMENDRESPONSE']._serialized_end=1997
-  _globals['_RECORDINTERACTIONREQUEST']._serialized_start=1999
-  _globals['_RECORDINTERACTIONREQUEST']._serialized_end=2097
-  _globals['_RECORDINTERACTIONRESPONSE']._serialized_start=2099
-  _globals['_RECORDINTERACTIONRESPONSE']._serialized_end=2188
-  _globals['_DELETEUSERREQUEST']._serialized_start=2190
-  _globals['_DELETEUSERREQUEST']._serialized_end=2226
-  _globals['_DELETEUSERRESPONSE']._serialized_start=2228
-  _globals['_DELETEUSERRESPONSE']._serialized_end=2312
-  _globals['_RECOMMENDER']._serialized_start=2596
-  _globals['_RECOMMENDER']._serialized_end=3071
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1212
+  _globals['_SIMILARREQUEST']._serialized_start=1215
+  _globals['_SIMILARREQUEST']._serialized_end=1366
+  _globals['_SIMILARRESPONSE']._serialized_start=1368
+  _globals['_SIMILARRESPONSE']._serialized_end=1471
+  _globals['_POPULARREQUEST']._serialized_start=1473
+  _globals['_POPULARREQUEST']._serialized_end=1582
+  _globals['_POPULARRESPONSE']._serialized_start=1584
+  _globals['_POPULARRESPONSE']._serialized_end=1664
+  _globals['_BATCHRECOMMENDREQUEST']._serialized_start=1666
+  _globals['_BATCHRECOMMENDREQUEST']._serialized_end=1736
+  _globals['_FAILURE']._serialized_start=1738
+  _globals['_FAILURE']._serialized_end=1778
+  _globals['_BATCHRECOMMENDRESULT']._serialized_start=1781
+  _globals['_BATCHRECOMMENDRESULT']._serialized_end=1918
+  _globals['_BATCHRECOMMENDRESPONSE']._serialized_start=1920
+  _globals['_BATCHRECOMMENDRESPONSE']._serialized_end=2014
+  _globals['_RECORDINTERACTIONREQUEST']._serialized_start=2016
+  _globals['_RECORDINTERACTIONREQUEST']._serialized_end=2114
+  _globals['_RECORDINTERACTIONRESPONSE']._serialized_start=2116
+  _globals['_RECORDINTERACTIONRESPONSE']._serialized_end=2205
+  _globals['_DELETEUSERREQUEST']._serialized_start=2207
+  _globals['_DELETEUSERREQUEST']._serialized_end=2243
+  _globals['_DELETEUSERRESPONSE']._serialized_start=2245
+  _globals['_DELETEUSERRESPONSE']._serialized_end=2329
+  _globals['_RECOMMENDER']._serialized_start=2613
+  _globals['_RECOMMENDER']._serialized_end=3088
 # @@protoc_insertion_point(module_scope)

@@ -108,7 +108,7 @@ class StageTimings(_message.Message):
     def __init__(self, history_ms: _Optional[float] = ..., user_tower_ms: _Optional[float] = ..., retrieval_ms: _Optional[float] = ..., ranking_ms: _Optional[float] = ..., reranking_ms: _Optional[float] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "model_version", "is_fallback", "fallback_reason", "latency_ms", "timings", "ignored_movie_ids", "history_length")
+    __slots__ = ("items", "model_version", "is_fallback", "fallback_reason", "latency_ms", "timings", "ignored_movie_ids", "history_length", "variant")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     IS_FALLBACK_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class RecommendResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     IGNORED_MOVIE_IDS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[RecommendedItem]
     model_version: str
     is_fallback: bool
@@ -125,7 +126,8 @@ class RecommendResponse(_message.Message):
     timings: StageTimings
     ignored_movie_ids: _containers.RepeatedScalarFieldContainer[int]
     history_length: int
-    def __init__(self, items: _Optional[_Iterable[_Union[RecommendedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., is_fallback: _Optional[bool] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., latency_ms: _Optional[float] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., ignored_movie_ids: _Optional[_Iterable[int]] = ..., history_length: _Optional[int] = ...) -> None: ...
+    variant: str
+    def __init__(self, items: _Optional[_Iterable[_Union[RecommendedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., is_fallback: _Optional[bool] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., latency_ms: _Optional[float] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., ignored_movie_ids: _Optional[_Iterable[int]] = ..., history_length: _Optional[int] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class SimilarRequest(_message.Message):
     __slots__ = ("movie_id", "k", "filters", "user_id", "rerank")

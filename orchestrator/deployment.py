@@ -1,0 +1,283 @@
+"""Which model version answers: hot reload to version N+1, and A/B routing between two versions.
+
+A **deployment** is one published version ``V`` of the model repository served as a whole:
+the user tower and the ranker pinned to ``V`` on the backend (:class:`PinnedBackend`), and
+the catalog (item table, vectors, FAISS index) of the artifacts ``V`` was exported from.
+A request picks its deployment once, at its start, and uses only it, so a user tower of
+one version never meets an index of another.
+
+:class:`Router` holds the deployments and looks like a :class:`~orchestrator.pipeline.Recommender`
+to the service:
+
+* **Hot reload.** :class:`ReloadWatcher` polls the repository for a newer complete version
+  (every model has it; ``recsys export`` renames the ensemble's folder into place last).
+  :meth:`Router.reload` then loads that version's catalog next to the served one, asks the
+  backend to load the version (Triton keeps the two newest, ``version_policy: latest 2``,
+  so the old one answers meanwhile), warms it up, and swaps one reference. Requests already
+  running finish on the old deployment; a failed reload leaves the old one serving and is
+  logged.
+* **A/B.** With ``ab_version`` and ``ab_share``, a stable hash of the user id (and
+  ``ab_salt``) sends that share of users to the ``treatment`` deployment, everyone else
+  (and requests without a user id) to ``control``, the newest version. The arm is in the
+  response, the request log and the metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.files import file_sha256
+from orchestrator.backends import LEAF_MODELS, RANKER, USER_TOWER, InferenceBackend, latest_version
+from orchestrator.catalog import Catalog
+from orchestrator.errors import Deadline, ModelUnavailable
+from orchestrator.pipeline import Query, Recommender, Result
+from orchestrator.settings import ServeSettings
+from orchestrator.store import HistoryStore
+
+log = logging.getLogger(__name__)
+
+CONTROL, TREATMENT = "control", "treatment"
+CATALOG_FILES = ("items.parquet", "item_embeddings.npy")
+"""Artifact files whose recorded hashes must match before a version's catalog is served."""
+
+
+class ReloadError(RuntimeError):
+    """A version cannot be served (its artifacts are gone or changed, or the backend refused it)."""
+
+
+def ab_bucket(user_id: int, salt: str) -> float:
+    """A user's stable position in [0, 1): the same user lands in the same arm on every replica."""
+    digest = hashlib.sha256(f"{salt}:{user_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def published_version(repo: Path) -> int | None:
+    """The newest version every served model (the ensemble included) has, or None."""
+    try:
+        return latest_version(repo, (*LEAF_MODELS, RANKER))
+    except FileNotFoundError:
+        return None
+
+
+def artifacts_of(repo: Path, version: int, fallback: Path) -> Path:
+    """The artifacts folder ``version`` was exported from, checked by the hashes its export recorded.
+
+    Args:
+        repo: Model repository.
+        version: Published version.
+        fallback: Also accepted when its files have the recorded hashes (the recorded path
+            may be from another machine, e.g. an image built elsewhere).
+
+    Raises:
+        ReloadError: Neither folder holds the files this version was exported from.
+    """
+    info_path = repo / USER_TOWER / str(version) / "version.json"
+    if not info_path.is_file():
+        raise ReloadError(f"{info_path}: missing; cannot tell which artifacts version {version} serves")
+    recorded = json.loads(info_path.read_text()).get("artifacts", {})
+    hashes = recorded.get("files_sha256", {})
+    candidates = [Path(recorded["path"])] if recorded.get("path") else []
+    candidates.append(Path(fallback))
+    for folder in candidates:
+        if all((folder / n).is_file() and file_sha256(folder / n) == hashes.get(n) for n in CATALOG_FILES):
+            return folder
+    raise ReloadError(
+        f"version {version}: no artifacts folder with the item table it was exported from "
+        f"(tried {', '.join(map(str, candidates))}); re-export it or keep its artifacts"
+    )
+
+
+class PinnedBackend:
+    """A backend whose calls all go to one model version."""
+
+    def __init__(self, backend: InferenceBackend, version: int | None):
+        self.inner = backend
+        self.version = version
+        self.name = backend.name
+
+    @property
+    def model_version(self) -> str:
+        return self.inner.model_version if self.version is None else str(self.version)
+
+    def ready(self, timeout_s: float) -> bool:
+        return self.inner.ready(timeout_s)
+
+    def user_embedding(self, history, ratings, demographics, timeout_s):
+        return self.inner.user_embedding(history, ratings, demographics, timeout_s=timeout_s, version=self.version)
+
+    def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s):
+        return self.inner.rank(items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s=timeout_s, version=self.version)
+
+    def load_version(self, version: int, timeout_s: float) -> None:
+        self.inner.load_version(version, timeout_s)
+
+    def close(self) -> None:
+        """The shared backend is closed by its owner (the router)."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One deployment: a version, its pipeline, and the A/B variant it answers as."""
+
+    version: int | None
+    recommender: Recommender
+    variant: str
+
+
+class Router:
+    """The deployments, and a :class:`Recommender`'s surface over them (see the module docstring).
+
+    Args:
+        settings: Serving settings (``ab_*``, ``reload_*``).
+        catalog: The catalog of ``version``.
+        store: The history store (shared by every version).
+        backend: The inference backend (shared; calls are pinned per arm).
+        version: The version the backend serves now (None: unknown, calls unpinned).
+    """
+
+    def __init__(self, settings: ServeSettings, catalog: Catalog, store: HistoryStore, backend: InferenceBackend, version: int | None):
+        self.settings = settings
+        self.store = store
+        self.backend = backend
+        self._reload_lock = threading.Lock()
+        experiment = settings.ab_version is not None and settings.ab_share > 0
+        self._control = self._arm(version, catalog, CONTROL if experiment else "")
+        self._treatment: Arm | None = None
+        if experiment:
+            self._treatment = self._load_arm(int(settings.ab_version), TREATMENT)
+
+    # ------------------------------------------------------------------ routing
+
+    def _arm(self, version: int | None, catalog: Catalog, variant: str) -> Arm:
+        pinned = PinnedBackend(self.backend, version) if version is not None else self.backend
+        return Arm(version, Recommender(self.settings, catalog, self.store, pinned), variant)
+
+    def _load_arm(self, version: int, variant: str) -> Arm:
+        """Catalog + backend version + warm-up of ``version``; raises :class:`ReloadError`."""
+        folder = artifacts_of(self.settings.model_repository, version, self.settings.artifacts_dir)
+        catalog = Catalog.load(folder, self.settings.mmr_genre_weight)
+        try:
+            self.backend.load_version(version, self.settings.reload_timeout_s)
+        except ModelUnavailable as exc:
+            raise ReloadError(f"version {version}: the backend cannot serve it: {exc}") from exc
+        return self._arm(version, catalog, variant)
+
+    def pick(self, user_id: int | None) -> Arm:
+        """The arm of a request: treatment for ``ab_share`` of the users by stable hash."""
+        treatment = self._treatment
+        if treatment is not None and user_id is not None and ab_bucket(user_id, self.settings.ab_salt) < self.settings.ab_share:
+            return treatment
+        return self._control
+
+    @property
+    def catalog(self) -> Catalog:
+        """The control deployment's catalog (Similar, Popular, validation of movie ids)."""
+        return self._control.recommender.catalog
+
+    @property
+    def versions(self) -> dict[str, int | None]:
+        """``{"control": V}`` (and ``"treatment"`` during an experiment)."""
+        out = {CONTROL: self._control.version}
+        if self._treatment is not None:
+            out[TREATMENT] = self._treatment.version
+        return out
+
+    # ------------------------------------------------------------------ the Recommender surface
+
+    def recommend(self, q: Query, deadline: Deadline) -> Result:
+        arm = self.pick(q.user_id)
+        result = arm.recommender.recommend(q, deadline)
+        result.variant = arm.variant
+        return result
+
+    def similar(self, *args, **kwargs) -> Result:
+        return self._control.recommender.similar(*args, **kwargs)
+
+    def popular(self, *args, **kwargs) -> Result:
+        return self._control.recommender.popular(*args, **kwargs)
+
+    def record(self, *args, **kwargs) -> tuple[bool, int]:
+        return self._control.recommender.record(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        """The rest of the Recommender surface (stages, ``window``...) of the control deployment."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._control.recommender, name)
+
+    def warm_up(self, calls: int) -> float:
+        arms = [self._control] + ([self._treatment] if self._treatment is not None else [])
+        return sum(a.recommender.warm_up(calls) for a in arms)
+
+    # ------------------------------------------------------------------ hot reload
+
+    def reload(self, version: int) -> bool:
+        """Serves ``version`` as control if it is newer than the served one.
+
+        Returns:
+            True when swapped; False when ``version`` is not newer.
+
+        Raises:
+            ReloadError: It cannot be served; the served version is untouched.
+        """
+        with self._reload_lock:
+            current = self._control.version
+            if current is not None and version <= current:
+                return False
+            log.info("reload: loading version %s (serving %s)", version, current)
+            arm = self._load_arm(version, self._control.variant)
+            arm.recommender.warm_up(self.settings.warmup_calls)  # its first calls are cold: not the users'
+            self._control = arm  # one reference: a request sees the old deployment or the new one
+            log.info("reload: now serving version %s", version)
+            return True
+
+
+class ReloadWatcher:
+    """Polls the repository every ``reload_poll_s`` and reloads a newer complete version.
+
+    A version that fails is logged and not retried until a newer one appears.
+    """
+
+    def __init__(self, router: Router, repo: Path, poll_s: float):
+        self.router = router
+        self.repo = Path(repo)
+        self.poll_s = poll_s
+        self.failed: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="recsys-reload", daemon=True)
+
+    def check(self) -> bool:
+        """One poll; True when a new version was swapped in."""
+        version = published_version(self.repo)
+        if version is None or version in self.failed:
+            return False
+        try:
+            return self.router.reload(version)
+        except Exception as exc:  # noqa: BLE001 - the served version keeps serving; say why not the new one
+            self.failed.add(version)
+            log.error("reload to version %s failed, still serving %s: %s", version, self.router.versions, exc)
+            return False
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.check()
+
+    def start(self) -> None:
+        if self.poll_s > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+
+def initial_version(repo: Path) -> int | None:
+    """The version the backend serves at start: the newest complete one in the repository."""
+    return published_version(Path(repo))
+
