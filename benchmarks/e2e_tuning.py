@@ -34,11 +34,14 @@ class Variant:
         name: Label in the table.
         edits: ``{model: [(regex, replacement), ...]}`` applied to ``configs/cpu.pbtxt``.
         env: Orchestrator environment (``RECSYS_*`` settings).
+        fuse_ranker: Serve ``ranker_ensemble`` on the CPU as one Python-backend model running
+            both graphs (``onnx_chain``) instead of an ensemble of two Python-backend models.
     """
 
     name: str
     edits: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    fuse_ranker: bool = False
 
 
 def _delay(us: int) -> tuple[str, str]:
@@ -59,6 +62,7 @@ VARIANTS = (
     Variant("batch delay 0 us (all)", edits={m: [_delay(0)] for m in ("user_tower", *RANKER_MODELS)}),
     Variant("ranker 2 instances", edits={m: [_count(2)] for m in RANKER_MODELS}),
     Variant("ranker 2 ORT threads", edits={m: [_threads(2)] for m in RANKER_MODELS}),
+    Variant("ranker fused (one Python model)", fuse_ranker=True),
     Variant("gRPC workers 16", env={"RECSYS_WORKERS": "16"}),
     Variant("gRPC workers 4", env={"RECSYS_WORKERS": "4"}),
 )
@@ -77,7 +81,24 @@ def variant_repo(repo: Path, variant: Variant, into: Path) -> Path:
                 raise ValueError(f"{cfg}: {pattern!r} not found")
         cfg.unlink()  # a hard link: do not edit the original through it
         cfg.write_text(text)
+    if variant.fuse_ranker:
+        fuse_ranker(out)
     return out
+
+
+def fuse_ranker(repo: Path) -> None:
+    """Rewrites ``ranker_ensemble``'s CPU config as a Python-backend model chaining the two graphs."""
+    model = repo / "ranker_ensemble"
+    cfg = model / "configs" / "cpu.pbtxt"
+    text = cfg.read_text()
+    head, _, _ = text.partition("ensemble_scheduling")
+    leaf = (repo / "ranker" / "configs" / "cpu.pbtxt").read_text()
+    tail = leaf[leaf.index("instance_group") :].replace('parameters {', 'parameters { key: "onnx_chain", value: { string_value: "ranker_features,ranker" } }\nparameters {', 1)
+    cfg.unlink()
+    cfg.write_text(head.replace('platform: "ensemble"', 'backend: "python"') + tail)
+    shim = repo / "ranker" / "model.py"
+    for version in (p for p in model.iterdir() if p.name.isdigit()):
+        shutil.copyfile(shim, version / "model.py")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,9 @@
 """The Triton Python-backend model behind every CPU config: runs a version's model.onnx.
 
+With the ``onnx_chain`` parameter (``"ranker_features,ranker"``) it runs those models' graphs
+of its own version in sequence instead: the ranker ensemble fused into one Python-backend
+execution (``benchmarks/e2e_tuning.py`` measures what that saves on the CPU).
+
 Each model folder's ``model.py`` (checked in, copied into every version folder by
 ``recsys export``) only imports :class:`TritonPythonModel` from here, so the four graph-backed
 models share one implementation instead of four copies. The module is imported by Triton's
@@ -30,8 +34,15 @@ class TritonPythonModel:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        # "onnx_chain": run other models' graphs of the same version one after the other in
+        # this one execution (the ensemble's steps without a Python-backend hop between them)
+        chain = params.get("onnx_chain", {}).get("string_value", "")
+        if chain:
+            parent = os.path.dirname(os.path.normpath(args["model_repository"]))
+            paths = [os.path.join(parent, name.strip(), args["model_version"], "model.onnx") for name in chain.split(",")]
+        else:
+            paths = [os.path.join(args["model_repository"], args["model_version"], "model.onnx")]
+        self.sessions = [ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"]) for p in paths]
         self.inputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
 
@@ -46,7 +57,9 @@ class TritonPythonModel:
                 name: np.ascontiguousarray(np.concatenate([arrays[i] for arrays in per_request]), dtype=dtype)
                 for i, (name, dtype) in enumerate(self.inputs)
             }
-            results = self.session.run(self.outputs, feeds)
+            for session, following in zip(self.sessions, self.sessions[1:]):  # outputs feed the next graph's inputs, in order
+                feeds = {i.name: o for i, o in zip(following.get_inputs(), session.run(None, feeds))}
+            results = self.sessions[-1].run(self.outputs, feeds)
         except Exception as exc:  # one bad batch fails its requests, not the server
             error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]

@@ -1,0 +1,32 @@
+"""`recsys bench e2e` on the tiny deployment: the real served stack and the in-process floor.
+
+Structure only (every level present, no errors, the issue's JSON keys, a PNG written); it
+asserts no timing: speed targets live in the benchmark's own report.
+"""
+
+from __future__ import annotations
+
+import json
+
+from clients.cli import main
+
+
+def test_bench_e2e_writes_the_issue_shape(tiny_artifacts, tiny_repository, tmp_path):
+    out = tmp_path / "e2e.json"
+    code = main(
+        ["bench", "e2e", "--artifacts", str(tiny_artifacts), "--repo", str(tiny_repository), "--requests", "30",
+         "--warmup", "5", "--concurrency", "1,4", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert {"git_sha", "cpu", "gpu", "catalog_items", "candidates", "k", "requests", "warmup"} <= set(report["conditions"])
+    assert set(report["served"]) == {"c1", "c4"}
+    for level in (*report["served"].values(), report["inprocess"]["c1"]):
+        assert {"p50_ms", "p95_ms", "p99_ms", "qps", "errors"} <= set(level)
+        assert level["errors"] == 0 and level["requests"] == 30
+        assert 0 < level["p50_ms"] <= level["p95_ms"] <= level["p99_ms"]
+    stages = report["stages_ms"]
+    assert {"user_tower", "retrieval", "ranking", "reranking", "rpc_overhead"} <= set(stages["served"])
+    assert set(report["targets"]) == {"served_c1_p50_ms", "served_c1_p99_ms", "served_minus_inprocess_p50_ms", "c16_qps", "c16_p99_ms"}
+    assert report["targets"]["c16_qps"]["met"] is None  # no c16 level in this run: not claimed either way
+    assert out.with_suffix(".png").stat().st_size > 10_000
