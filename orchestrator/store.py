@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -186,39 +188,36 @@ class SqliteHistoryStore:
         movie, rating, ts = zip(*rows)
         return UserHistory(np.array(movie, np.int64), np.array(rating, np.float32), np.array(ts, np.int64))
 
-    def record(self, user_id: int, movie_id: int, rating: float, timestamp_s: int) -> tuple[bool, int]:
-        """See :meth:`HistoryStore.record`."""
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` .. ``COMMIT`` (rolled back on any error); SQLite errors are :class:`Unavailable`."""
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO interactions VALUES (?, ?, ?, ?)",
-                    (int(user_id), int(timestamp_s), int(movie_id), float(rating)),
-                )
-                created = cur.rowcount == 1
-                (length,) = conn.execute("SELECT COUNT(*) FROM interactions WHERE user_id = ?", (int(user_id),)).fetchone()
+                yield conn
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise Unavailable(f"history store cannot be written: {exc}") from exc
+
+    def record(self, user_id: int, movie_id: int, rating: float, timestamp_s: int) -> tuple[bool, int]:
+        """See :meth:`HistoryStore.record`."""
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO interactions VALUES (?, ?, ?, ?)",
+                (int(user_id), int(timestamp_s), int(movie_id), float(rating)),
+            )
+            created = cur.rowcount == 1
+            (length,) = conn.execute("SELECT COUNT(*) FROM interactions WHERE user_id = ?", (int(user_id),)).fetchone()
         return created, int(length)
 
     def delete_user(self, user_id: int) -> int:
         """See :meth:`HistoryStore.delete_user`."""
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                deleted = conn.execute("DELETE FROM interactions WHERE user_id = ?", (int(user_id),)).rowcount
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise Unavailable(f"history store cannot be written: {exc}") from exc
+        with self._transaction() as conn:
+            deleted = conn.execute("DELETE FROM interactions WHERE user_id = ?", (int(user_id),)).rowcount
         return int(deleted)
 
     def close(self) -> None:
