@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmarks.e2e import add_arguments as add_e2e_arguments
 
     add_e2e_arguments(bench.add_parser("e2e", help="Recommend served (Triton + gRPC) vs the in-process floor, c1..c32"))
+    from benchmarks.faults import add_arguments as add_faults_arguments
+
+    add_faults_arguments(bench.add_parser("faults", help="load, Triton killed, deadlines, hot reload, durability, fuzz"))
 
     from clients.online_cli import add_online_commands  # serve, demo, recommend, similar, popular, health
 

@@ -357,6 +357,12 @@ class EmbeddedTriton:
                     self._proc.kill()
                     self._proc.wait()
             code = self._proc.returncode
+            # the server's own session: Python-backend stubs left by a server that died (SIGKILL,
+            # OOM) ignore SIGTERM and would live on; nothing else runs in that process group
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             self._proc = None
         if self._log_fh is not None:
             self._log_fh.close()

@@ -511,6 +511,46 @@ class Server:
         self.stop()
 
 
+class Undecodable:
+    """A request body that is not a valid message of its RPC (kept to answer INVALID_ARGUMENT)."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def add_servicer(servicer: RecommenderService, server: grpc.Server) -> None:
+    """Registers ``recsys.v1.Recommender`` like the generated ``add_RecommenderServicer_to_server``,
+    but with deserializers that never raise.
+
+    grpc-python answers a body its deserializer cannot parse with INTERNAL ("Exception
+    deserializing request!"), i.e. blames the server for the caller's bytes. Here such a
+    body reaches the handler as :class:`Undecodable` and is answered INVALID_ARGUMENT.
+    """
+
+    def tolerant(parse: Callable[[bytes], object]) -> Callable[[bytes], object]:
+        def deserialize(data: bytes) -> object:
+            try:
+                return parse(data)
+            except Exception as exc:  # protobuf's DecodeError, and whatever a hostile body triggers
+                return Undecodable(f"{type(exc).__name__}: {exc}")
+
+        return deserialize
+
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Recommender"].methods:
+        request_cls, response_cls = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+
+        def behaviour(request, context, impl=getattr(servicer, method.name), rpc=method.name, kind=method.input_type.full_name):
+            if isinstance(request, Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: the request body is not a valid {kind} ({request.error})")
+            return impl(request, context)
+
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            behaviour, request_deserializer=tolerant(request_cls.FromString), response_serializer=response_cls.SerializeToString
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 def make_store(settings: ServeSettings) -> HistoryStore:
     """The configured history store, seeded from the artifacts' interactions on first start."""
     seed = settings.artifacts_dir / "interactions.parquet"
@@ -573,7 +613,7 @@ def create_server(
         request_log = RequestLog(
             settings.request_log_db(), settings.request_log_queue, on_drop=metrics.request_log_dropped.inc, on_write=metrics.request_log_rows.inc
         )
-    recsys_pb2_grpc.add_RecommenderServicer_to_server(RecommenderService(recommender, metrics, request_log), server)
+    add_servicer(RecommenderService(recommender, metrics, request_log), server)
     # non-blocking: Watch streams must not each hold one of the worker threads
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

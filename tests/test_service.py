@@ -437,3 +437,14 @@ def test_cli_commands_and_exit_codes(api, capsys):
         main(["recommend", "-k", "3", *target])  # neither --user nor --history
     assert usage.value.code == 2
     assert main(["health", "--target", "127.0.0.1:1", "--timeout", "0.5"]) == 1
+
+
+@pytest.mark.parametrize("rpc", ["Recommend", "Similar", "Popular", "BatchRecommend", "RecordInteraction", "DeleteUser"])
+def test_undecodable_request_bodies_are_invalid_argument(api, rpc):
+    """Bytes that are no message of the RPC: the caller's fault (INVALID_ARGUMENT), not INTERNAL."""
+    call = api.client.channel.unary_unary(f"/recsys.v1.Recommender/{rpc}", request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        call(b"\xff\xff\xff\xff\x0f", timeout=5)  # a truncated varint field key
+    assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid recsys.v1." in excinfo.value.details()
+    assert api.client.recommend(api.user, k=3).items  # and the server goes on answering
