@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.files import file_sha256
-from orchestrator.backends import LEAF_MODELS, RANKER, USER_TOWER, InferenceBackend, latest_version
+from orchestrator.backends import KEPT_VERSIONS, LEAF_MODELS, RANKER, USER_TOWER, InferenceBackend, latest_version
 from orchestrator.catalog import Catalog
 from orchestrator.errors import Deadline, ModelUnavailable
 from orchestrator.pipeline import Query, Recommender, Result
@@ -232,6 +232,12 @@ class Router:
             log.info("reload: loading version %s (serving %s)", version, current)
             arm = self._load_arm(version, self._control.variant)
             arm.recommender.warm_up(self.settings.warmup_calls)  # its first calls are cold: not the users'
+            treatment = self._treatment
+            if treatment is not None and treatment.version is not None and treatment.version < version - (KEPT_VERSIONS - 1):
+                # the backend keeps the two newest versions: the treatment's is about to go
+                log.warning("A/B: treatment version %s is no longer among the served versions; experiment ended", treatment.version)
+                self._treatment = None
+                arm = Arm(arm.version, arm.recommender, "")
             self._control = arm  # one reference: a request sees the old deployment or the new one
             log.info("reload: now serving version %s", version)
             return True

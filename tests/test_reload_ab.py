@@ -174,3 +174,18 @@ def test_ab_settings_are_validated():
         ServeSettings(ab_share=0.2)
     with pytest.raises(ValueError, match="ab_share must be in"):
         ServeSettings(ab_version=1, ab_share=1.5)
+
+
+def test_a_version_that_retires_the_treatment_ends_the_experiment(tiny_artifacts, repo_copy, tmp_path):
+    old = int(max(p.name for p in (repo_copy / "user_tower").iterdir() if p.name.isdigit()))
+    new = _publish(tiny_artifacts, repo_copy)
+    server, _ = create_server(_settings(tiny_artifacts, repo_copy, tmp_path, reload_poll_s=0, ab_version=old, ab_share=1.0))
+    users = _users(tiny_artifacts, 5)
+    with server, RecsysClient(server.address) as client:
+        assert {client.recommend(u, k=3).variant for u in users} == {TREATMENT}
+        newest = _publish(tiny_artifacts, repo_copy)  # the backend keeps two versions: `old` goes
+        assert server.recommender.reload(newest)
+        answers = [client.recommend(u, k=3) for u in users]
+    assert server.recommender.versions == {CONTROL: newest}
+    assert {(r.variant, r.model_version, r.is_fallback) for r in answers} == {("", str(newest), False)}
+    assert new < newest
