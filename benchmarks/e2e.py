@@ -186,22 +186,13 @@ class ServedStack:
 
 
 def _wait_serving(address: str, timeout_s: float = 120.0) -> float:
-    """Seconds until the orchestrator's health says SERVING for the Recommender service."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    """Seconds until the orchestrator's health says SERVING (the client's own wait)."""
+    from clients.client import RecsysClient
 
     t0 = time.perf_counter()
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.perf_counter() - t0 < timeout_s:
-            try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service="recsys.v1.Recommender"), timeout=2)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return time.perf_counter() - t0
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError(f"{address} did not become SERVING within {timeout_s:.0f} s")
+    with RecsysClient(address, retries=0) as client:
+        client.wait_until_serving(timeout_s)
+    return time.perf_counter() - t0
 
 
 async def _drive(address: str, users: list[int], concurrency: int, k: int, timeout_s: float) -> dict[str, Any]:

@@ -195,17 +195,9 @@ class Router:
         result.variant = arm.variant
         return result
 
-    def similar(self, *args, **kwargs) -> Result:
-        return self._control.recommender.similar(*args, **kwargs)
-
-    def popular(self, *args, **kwargs) -> Result:
-        return self._control.recommender.popular(*args, **kwargs)
-
-    def record(self, *args, **kwargs) -> tuple[bool, int]:
-        return self._control.recommender.record(*args, **kwargs)
-
     def __getattr__(self, name: str):
-        """The rest of the Recommender surface (stages, ``window``...) of the control deployment."""
+        """The rest of the Recommender surface (``similar``, ``popular``, ``record``, the stages)
+        is the control deployment's."""
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self._control.recommender, name)
@@ -281,9 +273,3 @@ class ReloadWatcher:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-
-
-def initial_version(repo: Path) -> int | None:
-    """The version the backend serves at start: the newest complete one in the repository."""
-    return published_version(Path(repo))
-

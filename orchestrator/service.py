@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from orchestrator.auth import ApiKeyInterceptor, load_keys, server_credentials
 from orchestrator.backends import InferenceBackend, InProcessBackend, TritonBackend
 from orchestrator.catalog import YEAR_RANGE, Catalog, Filters
-from orchestrator.deployment import ReloadWatcher, Router, initial_version
+from orchestrator.deployment import ReloadWatcher, Router, published_version
 from orchestrator.errors import Deadline, InvalidArgument, RecsysError, abort, describe
 from orchestrator.pipeline import HISTORY_UNAVAILABLE, MODEL_TIMEOUT, MODEL_UNAVAILABLE, NO_HISTORY, Query, Recommender, Result
 from orchestrator.metrics import Metrics, MetricsInterceptor
@@ -596,7 +596,7 @@ def create_server(
     catalog = catalog or Catalog.load(settings.artifacts_dir, settings.mmr_genre_weight)
     store = store or make_store(settings)
     backend = backend or make_backend(settings)
-    recommender = Router(settings, catalog, store, backend, initial_version(settings.model_repository))
+    recommender = Router(settings, catalog, store, backend, published_version(settings.model_repository))
     metrics = Metrics()
     # metrics outermost: calls the key check refuses are counted too
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
