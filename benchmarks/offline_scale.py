@@ -11,12 +11,14 @@ movies, 200,948 users.) Stages, each the project's own code (``export/``), timed
    demographics, the validation-time :class:`export.pipeline.Period` (histories, item
    statistics, CF vectors), the validation users, and (full mode) the test-time period too,
    which ``fit_models`` also holds in memory.
-4. ``two_tower``: **bounded, then extrapolated.** A full epoch is ~25M targets (~50,000 steps
-   of 512) and does not fit a benchmark run on 2 cores, so :func:`export.two_tower.train_two_tower`
-   runs one epoch over a random subset of users whose targets make ``steps`` batches, with
-   the full catalog (the item tower's embedding table and AdamW state are full size, so a
-   step costs what it costs in the full run). Throughput (targets/s) x the full epoch's
-   targets = the extrapolated epoch. The per-epoch validation pass of ``fit_models`` (exact
+4. ``two_tower``: **bounded, then extrapolated.** A full epoch is ~25M targets in ~0.7M
+   windows of ``history_len + 1`` items (a step reads ``batch_size`` windows and trains every
+   position of each, :func:`export.two_tower.training_windows`) and does not fit a benchmark
+   run on 2 cores, so :func:`export.two_tower.train_two_tower` runs one epoch over a random
+   subset of users whose windows make ``steps`` batches, with the full catalog (the item
+   tower's embedding table, the sampled negatives and AdamW state are full size, so a step
+   costs what it costs in the full run). Throughput (targets/s) x the full epoch's targets =
+   the extrapolated epoch. The per-epoch validation pass of ``fit_models`` (exact
    top-100 for every validation user) is timed on ``val_users_timed`` users and extrapolated
    the same way; the epoch estimate is the sum.
 5. ``ranker``: **bounded.** LambdaRank on ``ranker_users`` validation users x ``candidates``
@@ -66,7 +68,7 @@ class OfflineScaleSettings:
 
     Attributes:
         steps: Two-tower training steps actually run (the epoch is extrapolated from them).
-        batch_size: Two-tower batch size (the default config's).
+        batch_size: Two-tower windows per step (the default config's).
         val_users_timed: Validation users whose retrieval is timed (extrapolated to all).
         ranker_users: Validation users whose candidates train the ranker.
         candidates: Candidates per ranker user.
@@ -83,8 +85,8 @@ class OfflineScaleSettings:
         seed: User sampling seed.
     """
 
-    steps: int = 300
-    batch_size: int = 512
+    steps: int = 100
+    batch_size: int = 128
     val_users_timed: int = 2000
     ranker_users: int = 5000
     candidates: int = 200
@@ -134,12 +136,15 @@ def sample_users(split: Any, fraction: float, seed: int) -> Any:
     return Split(train=cut(split.train), val=cut(split.val), test=cut(split.test), t_val=split.t_val, t_test=split.t_test)
 
 
-def users_for_targets(histories: Histories, min_rating: float, wanted: int, seed: int) -> np.ndarray:
-    """Random user rows whose training targets add up to at least ``wanted`` (or all users)."""
-    from export.two_tower import training_targets
+def windows_per_user(lengths: np.ndarray, history_len: int) -> np.ndarray:
+    """Training windows of users with ``lengths`` interactions (as :func:`training_windows` cuts)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.where(lengths > 1, -(-(lengths - 1) // history_len), 0)
 
-    targets = training_targets(histories, min_rating)
-    per_user = np.bincount(histories.user_of_position()[targets], minlength=histories.n_users)
+
+def users_for_windows(histories: Histories, history_len: int, wanted: int, seed: int) -> np.ndarray:
+    """Random user rows whose training windows add up to at least ``wanted`` (or all users)."""
+    per_user = windows_per_user(np.diff(histories.offsets), history_len)
     order = np.random.default_rng(seed).permutation(histories.n_users)
     cum = np.cumsum(per_user[order])
     cut = int(np.searchsorted(cum, wanted)) + 1
@@ -170,7 +175,7 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
     from export.pipeline import Period, retrieve, users_with_history
     from export.ranker import RankerConfig, candidate_features, candidate_labels, train_ranker
     from export.split import relevant_items, time_split
-    from export.two_tower import Demographics, TwoTowerConfig, train_two_tower, training_targets
+    from export.two_tower import Demographics, TwoTowerConfig, train_two_tower, training_targets, training_windows
 
     torch.set_num_threads(settings.torch_threads)
     stages = Stages()
@@ -191,6 +196,7 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
             # quick: count the full epoch's targets first (every training interaction but each
             # user's first: training_targets with min_target_rating 0), then keep a user sample
             full_targets = int(len(split.train) - split.train.user_id.nunique())
+            full_windows = int(windows_per_user(split.train.user_id.value_counts().to_numpy(), tt_config.history_len).sum())
             split = sample_users(split, settings.user_fraction, settings.seed)
             # drop the full frame so memory, too, reflects the sample
             ml = replace(ml, ratings=pd.concat([split.train, split.val, split.test], ignore_index=True))
@@ -212,14 +218,16 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
         # -- two-tower: a bounded epoch over a user subset, extrapolated to the full epoch
         if full_targets is None or tt_config.min_target_rating > 0:
             full_targets = len(training_targets(histories, tt_config.min_target_rating))
-        rows = users_for_targets(histories, tt_config.min_target_rating, settings.steps * settings.batch_size, settings.seed)
+            full_windows = len(training_windows(histories, tt_config.history_len)[0])
+        rows = users_for_windows(histories, tt_config.history_len, settings.steps * settings.batch_size, settings.seed)
         sub = subset_histories(histories, rows)
         sub_targets = len(training_targets(sub, tt_config.min_target_rating))
+        sub_windows = len(training_windows(sub, tt_config.history_len)[0])
         result = stages.run(
             "two_tower_bounded", train_two_tower, tt_config, catalog, val_period.stats, sub, demographics, None, progress=False
         )
         train_s = stages.records["two_tower_bounded"]["seconds"]
-        steps_run = -(-sub_targets // settings.batch_size)
+        steps_run = -(-sub_windows // settings.batch_size)
         per_target = train_s / max(1, sub_targets)
         timed_users = np.random.default_rng(settings.seed).choice(val_users, size=min(settings.val_users_timed, len(val_users)), replace=False)
         stages.run("validation_bounded", retrieve, result.model, val_period, demographics, timed_users, 100)
@@ -236,6 +244,7 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
             "measured": {
                 "users": int(len(rows)),
                 "targets": int(sub_targets),
+                "windows": int(sub_windows),
                 "steps": int(steps_run),
                 "seconds": train_s,
                 "targets_per_s": round(sub_targets / max(train_s, 1e-9), 1),
@@ -245,7 +254,8 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
             },
             "full_epoch": {
                 "targets": int(full_targets),
-                "steps": int(-(-full_targets // settings.batch_size)),
+                "windows": int(full_windows),
+                "steps": int(-(-full_windows // settings.batch_size)),
                 "train_seconds_extrapolated": round(epoch_train_s, 1),
                 "validation_users": int(round(val_users_full)),
                 "validation_seconds_extrapolated": round(val_full_s, 1),
@@ -354,7 +364,7 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         markdown_table(("stage", "seconds", "peak RSS GiB after"), stage_rows),
         "",
-        f"two-tower: {tt['measured']['steps']} steps x {tt['config']['batch_size']} ({tt['measured']['targets']:,} targets) "
+        f"two-tower: {tt['measured']['steps']} steps x {tt['config']['batch_size']} windows ({tt['measured']['targets']:,} targets) "
         f"in {tt['measured']['seconds']} s = {tt['measured']['targets_per_s']:,} targets/s, {tt['measured']['ms_per_step']} ms/step "
         f"({tt['torch_threads']} torch threads); full epoch {tt['full_epoch']['targets']:,} targets "
         f"-> EXTRAPOLATED {tt['full_epoch']['train_seconds_extrapolated'] / 60:.1f} min training + "
@@ -380,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="MovieLens-layout folder (e.g. /tmp/ml32m-synth)")
     parser.add_argument("--quick", action="store_true", help="20 steps, 300 ranker users, 2 index kinds")
-    parser.add_argument("--steps", type=int, default=None, help="two-tower steps to run (default 300)")
+    parser.add_argument("--steps", type=int, default=None, help="two-tower steps to run (default 100)")
     parser.add_argument("--ranker-users", type=int, default=None, help="validation users for the ranker (default 5000)")
     parser.add_argument("--torch-threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON report (default: reports/benchmarks/offline_scale[_quick].json)")

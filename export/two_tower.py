@@ -45,12 +45,26 @@ class TwoTowerConfig:
         heads: Attention heads of the user tower's self-attention block.
         dropout: Dropout inside the towers.
         epochs: Maximum epochs.
-        batch_size: Training batch size (= 1 positive + batch_size-1 in-batch negatives).
+        batch_size: Windows of ``history_len + 1`` items per step (every position of each is a
+            target, so a step has up to ``batch_size * history_len`` targets).
         lr: Peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         warmup_frac: Share of the steps spent in linear warm-up.
         temperature: Initial softmax temperature (learned, clamped to [0.01, 1]).
-        logq: Whether to apply the logQ popularity correction.
+        logq: Whether to apply the logQ correction to sampled negatives (catalogs larger than
+            ``negatives``; a full softmax needs none).
+        negatives: Shared negatives per step; a catalog of at most this many items is scored
+            whole (exact softmax) instead.
+        uniform_share: Share of the sampled negatives drawn uniformly from the catalog; the
+            rest are the step's own targets (popularity-distributed), so both popular and
+            long-tail items are pushed against.
+        id_dropout: Probability that an item's id embedding is hidden in training (its genre,
+            year and popularity features remain): regularises ids of rarely seen items.
+        relative_positions: Position enters as attention/pooling biases by distance back from
+            each query (else as absolute window-slot embeddings, as SASRec does).
+        recency_half_life: Targets are weighted ``0.5 ** (a / h)`` where ``a`` is how many
+            training interactions (as a share of all) came after them and ``h`` this value;
+            0 weighs every target alike. The future being evaluated looks like the recent past.
         patience: Epochs without a better validation Recall@100 before stopping.
         rating_dropout: Probability that a history rating is hidden in training, so the tower
             also serves histories given as bare movie ids.
@@ -65,12 +79,17 @@ class TwoTowerConfig:
     heads: int = 2
     dropout: float = 0.1
     epochs: int = 20
-    batch_size: int = 512
+    batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_frac: float = 0.05
     temperature: float = 0.07
     logq: bool = True
+    negatives: int = 4096
+    uniform_share: float = 0.5
+    id_dropout: float = 0.0
+    relative_positions: bool = True
+    recency_half_life: float = 0.0
     patience: int = 3
     rating_dropout: float = 0.3
     demo_dropout: float = 0.3
@@ -126,8 +145,11 @@ class Demographics:
 class ItemEncoder(nn.Module):
     """Encodes item indices (``-1`` = padding, encoded as zeros) from id and side features."""
 
-    def __init__(self, genre_matrix: np.ndarray, year_bucket: np.ndarray, pop_bucket: np.ndarray, width: int):
+    def __init__(
+        self, genre_matrix: np.ndarray, year_bucket: np.ndarray, pop_bucket: np.ndarray, width: int, id_dropout: float = 0.0
+    ):
         super().__init__()
+        self.id_dropout = id_dropout
         n_items, n_genres = genre_matrix.shape
         self.register_buffer("genres", torch.tensor(np.asarray(genre_matrix), dtype=torch.float32))
         self.register_buffer("year_bucket", torch.tensor(np.asarray(year_bucket), dtype=torch.long))
@@ -141,8 +163,13 @@ class ItemEncoder(nn.Module):
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         valid = items >= 0
         idx = torch.where(valid, items, torch.zeros_like(items))
+        ids = self.id_emb(idx)
+        if self.training and self.id_dropout > 0:
+            # hide whole id vectors (not single units): the item must then be told by its features
+            keep = (torch.rand(ids.shape[:-1], device=ids.device) >= self.id_dropout).to(ids.dtype)
+            ids = ids * keep.unsqueeze(-1)
         x = (
-            self.id_emb(idx)
+            ids
             + self.genre_proj(self.genres[idx])
             + self.year_emb(self.year_bucket[idx])
             + self.pop_emb(self.pop_bucket[idx])
@@ -183,12 +210,20 @@ class UserTower(nn.Module):
         heads: int,
         dropout: float,
         demo_cardinalities: tuple[int, int, int],
+        relative_positions: bool = True,
     ):
         super().__init__()
         self.encoder = encoder
         self.heads = heads
         self.rating_emb = nn.Embedding(11, width)  # half stars 0.5..5 -> 1..10, 0 unknown
-        self.pos_emb = nn.Embedding(history_len, width)
+        self.relative = relative_positions
+        if relative_positions:
+            # attention and pooling biases by distance back from the query (0 = itself): the
+            # prefix ending at t then looks like a served window ending at its last item
+            self.rel_attn = nn.Parameter(torch.zeros(heads, history_len))
+            self.rel_pool = nn.Parameter(torch.zeros(history_len))
+        else:
+            self.pos_emb = nn.Embedding(history_len, width)
         self.qkv = nn.Linear(width, 3 * width)
         self.attn_out = nn.Linear(width, width)
         self.norm1 = nn.LayerNorm(width)
@@ -199,29 +234,70 @@ class UserTower(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.mlp = _mlp(2 * width, dim, dropout)
 
-    def forward(self, history: torch.Tensor, history_rating: torch.Tensor, demographics: torch.Tensor) -> torch.Tensor:
+    def _distance(self, length: int, device: torch.device) -> torch.Tensor:
+        """[L, L] steps back from query ``t`` to key ``s`` (``t - s``, 0 where ``s > t``)."""
+        pos = torch.arange(length, device=device)
+        return (pos[:, None] - pos[None, :]).clamp(min=0)
+
+    def _block(self, history: torch.Tensor, history_rating: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal self-attention block: hidden states [B, L, W] and the additive mask [B, L, L].
+
+        Query ``t`` may read key ``s`` only when ``s <= t`` and ``s`` is an item (not padding).
+        """
         batch, length = history.shape
         valid = (history >= 0).to(torch.float32)
         rating_code = torch.clamp(torch.round(history_rating * 2.0), 0, 10).to(torch.long)
-        positions = torch.arange(length, device=history.device)
-        x = self.encoder(history) + self.rating_emb(rating_code) + self.pos_emb(positions).unsqueeze(0)
+        x = self.encoder(history) + self.rating_emb(rating_code)
+        if not self.relative:
+            x = x + self.pos_emb(torch.arange(length, device=history.device)).unsqueeze(0)
         x = x * valid.unsqueeze(-1)
-        # one pre-computed additive mask serves the self-attention and the pooling
-        neg = (1.0 - valid) * -1e4
+        past = torch.tril(torch.ones(length, length, device=history.device))
+        neg = (1.0 - valid[:, None, :] * past[None, :, :]) * -1e4
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         head_dim = q.shape[-1] // self.heads
         q = q.reshape(batch, length, self.heads, head_dim).transpose(1, 2)
         k = k.reshape(batch, length, self.heads, head_dim).transpose(1, 2)
         v = v.reshape(batch, length, self.heads, head_dim).transpose(1, 2)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim) + neg[:, None, None, :]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim) + neg[:, None, :, :]
+        if self.relative:
+            scores = scores + self.rel_attn[:, self._distance(length, history.device)].unsqueeze(0)
         attn = torch.softmax(scores, dim=-1) @ v
         attn = attn.transpose(1, 2).reshape(batch, length, -1)
         x = self.norm1(x + self.drop(self.attn_out(attn)))
         x = self.norm2(x + self.drop(self.ffn(x)))
-        w = torch.softmax(self.pool_score(x).squeeze(-1) + neg, dim=-1) * valid
-        pooled = (w.unsqueeze(-1) * x).sum(1) / (w.sum(1, keepdim=True) + 1e-6)
+        return x, neg
+
+    def _head(self, pooled: torch.Tensor, demographics: torch.Tensor) -> torch.Tensor:
         demo = sum(emb(demographics[:, i]) for i, emb in enumerate(self.demo_embs))
+        if pooled.dim() == 3:
+            demo = demo.unsqueeze(1).expand(-1, pooled.shape[1], -1)
         return F.normalize(self.mlp(torch.cat([pooled, demo], dim=-1)), dim=-1)
+
+    def sequence(self, history: torch.Tensor, history_rating: torch.Tensor, demographics: torch.Tensor) -> torch.Tensor:
+        """Embeddings of every prefix, [B, L, dim]: position ``t`` reads items ``<= t`` only.
+
+        Training calls this (one pass scores every position of a window, as SASRec does);
+        :meth:`forward`, the served graph, computes the same thing for the last position alone.
+        """
+        x, neg = self._block(history, history_rating)
+        allowed = (neg == 0).to(x.dtype)
+        # causal attention pooling: prefix t averages positions <= t, weighted by a learned score
+        score = self.pool_score(x).transpose(1, 2) + neg
+        if self.relative:
+            score = score + self.rel_pool[self._distance(x.shape[1], x.device)].unsqueeze(0)
+        w = torch.softmax(score, dim=-1) * allowed
+        pooled = (w @ x) / (w.sum(-1, keepdim=True) + 1e-6)
+        return self._head(pooled, demographics)
+
+    def forward(self, history: torch.Tensor, history_rating: torch.Tensor, demographics: torch.Tensor) -> torch.Tensor:
+        x, neg = self._block(history, history_rating)
+        last = neg[:, -1, :]  # the last query may read every item of the window
+        score = self.pool_score(x).squeeze(-1) + last
+        if self.relative:
+            score = score + self.rel_pool.flip(0).unsqueeze(0)  # key s is L-1-s steps back
+        w = torch.softmax(score, dim=-1) * (last == 0).to(x.dtype)
+        pooled = (w.unsqueeze(-1) * x).sum(1) / (w.sum(1, keepdim=True) + 1e-6)
+        return self._head(pooled, demographics)
 
 
 class TwoTower(nn.Module):
@@ -236,10 +312,19 @@ class TwoTower(nn.Module):
     ):
         super().__init__()
         self.config = config
-        encoder = ItemEncoder(catalog.genre_matrix, catalog.year_buckets(), stats.pop_buckets(), config.hidden)
+        encoder = ItemEncoder(
+            catalog.genre_matrix, catalog.year_buckets(), stats.pop_buckets(), config.hidden, config.id_dropout
+        )
         self.item_tower = ItemTower(encoder, config.hidden, config.dim, config.dropout)
         self.user_tower = UserTower(
-            encoder, config.hidden, config.dim, config.history_len, config.heads, config.dropout, demo_cardinalities
+            encoder,
+            config.hidden,
+            config.dim,
+            config.history_len,
+            config.heads,
+            config.dropout,
+            demo_cardinalities,
+            config.relative_positions,
         )
         self.log_temperature = nn.Parameter(torch.tensor(math.log(config.temperature)))
 
@@ -313,6 +398,63 @@ def training_targets(histories: Histories, min_rating: float) -> np.ndarray:
     return np.flatnonzero(has_past & (histories.ratings >= min_rating))
 
 
+def training_windows(histories: Histories, history_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows that cover every training target once: ``(ends, user_rows)``.
+
+    A user's interactions ``a..b-1`` are cut from the end into windows of ``history_len + 1``
+    items ending (exclusively) at ``b, b - L, b - 2L, ...``; window ``[e - L - 1, e)`` feeds its
+    first ``L`` items to the user tower and takes the item after each position as that
+    position's target, so the targets of consecutive windows, ``[e - L, e)``, tile the user's
+    sequence and each interaction but the first is a target exactly once per epoch.
+
+    Args:
+        histories: Training interactions grouped by user.
+        history_len: ``L``.
+
+    Returns:
+        ``ends`` int64 [n_windows] exclusive flat end positions and ``user_rows`` int64
+        [n_windows] the user row of each.
+    """
+    lengths = np.diff(histories.offsets)
+    # windows per user: targets (length - 1) split into chunks of L
+    per_user = np.where(lengths > 1, -(-(lengths - 1) // history_len), 0)
+    user_rows = np.repeat(np.arange(histories.n_users), per_user)
+    first = np.cumsum(per_user) - per_user
+    chunk = np.arange(len(user_rows)) - np.repeat(first, per_user)
+    ends = histories.offsets[user_rows + 1] - chunk * history_len
+    return ends.astype(np.int64), user_rows.astype(np.int64)
+
+
+def recency_weights(histories: Histories, half_life: float) -> np.ndarray | None:
+    """float32 [nnz] target weights halving every ``half_life`` share of later interactions.
+
+    Uses only the training interactions' own timestamps (their rank), so nothing after the
+    cut-off is read. ``None`` when ``half_life`` is 0 (uniform weights).
+    """
+    if half_life <= 0 or len(histories.timestamps) == 0:
+        return None
+    rank = np.argsort(np.argsort(histories.timestamps, kind="stable"), kind="stable")
+    after = (len(rank) - 1 - rank) / len(rank)
+    return np.power(0.5, after / half_life).astype(np.float32)
+
+
+def _flat_window(values: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
+    """``values`` at the target positions ``[end - L, end)`` of each window, [n, L] (clipped)."""
+    idx = np.clip(ends[:, None] - length + np.arange(length)[None, :], 0, len(values) - 1)
+    return values[idx]
+
+
+def _sequence_batch(
+    histories: Histories, ends: np.ndarray, user_rows: np.ndarray, length: int, min_rating: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs [n, L] (items, ratings), targets [n, L] and the target mask [n, L] of windows."""
+    items, ratings = histories.window(ends, histories.offsets[user_rows], length + 1)
+    target, target_rating = items[:, 1:], ratings[:, 1:]
+    # padding is on the left, so a valid input implies a valid target after it
+    mask = (items[:, :-1] >= 0) & (target_rating >= min_rating)
+    return items[:, :-1], ratings[:, :-1], target, mask
+
+
 def train_two_tower(
     config: TwoTowerConfig,
     catalog: Catalog,
@@ -323,7 +465,15 @@ def train_two_tower(
     epochs: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Trains the two-tower model on every (history window -> next item) pair of ``histories``.
+    """Trains the two-tower model on every position of every user's training sequence.
+
+    Each step reads ``batch_size`` windows of ``history_len + 1`` items (:func:`training_windows`)
+    and scores all their positions at once with the causal user tower: position ``t`` (history
+    up to ``t``) against the item at ``t + 1``. The softmax runs over the whole catalog when it
+    has at most ``config.negatives`` items (exact, no sampling bias, so popularity is learned as
+    it is); larger catalogs use ``negatives`` shared negatives per step, a mix of the step's own
+    targets (popularity-distributed) and uniform draws, with the logQ correction of their
+    expected counts.
 
     Args:
         config: Hyper-parameters.
@@ -342,16 +492,25 @@ def train_two_tower(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = TwoTower(config, catalog, stats, demographics.cardinalities).to(device)
     n_epochs = epochs if epochs is not None else config.epochs
+    L = config.history_len
+    ends, rows = training_windows(histories, L)
     targets = training_targets(histories, config.min_target_rating)
     if len(targets) == 0:
         raise ValueError("no training pairs: every user has a single interaction")
-    user_pos = histories.user_of_position()
     demo_all = demographics.lookup(histories.user_ids)
-    counts = np.bincount(histories.items[targets], minlength=catalog.n_items).astype(np.float64)
-    log_q = torch.as_tensor(np.log((counts + 1.0) / (counts.sum() + catalog.n_items)), dtype=torch.float32, device=device)
+    n_items = catalog.n_items
+    weights = recency_weights(histories, config.recency_half_life)
+    full_softmax = n_items <= config.negatives
+    n_uniform = int(round(config.negatives * config.uniform_share))
+    n_batch_neg = config.negatives - n_uniform
+    counts = np.bincount(histories.items[targets], minlength=n_items).astype(np.float64)
+    p_target = (counts + 1.0) / (counts.sum() + n_items)
+    # expected count of each item among a step's sampled negatives (the logQ of Yi et al. 2019)
+    log_q = torch.as_tensor(np.log(n_batch_neg * p_target + n_uniform / n_items), dtype=torch.float32, device=device)
+    all_items = torch.arange(n_items, device=device)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(targets) / config.batch_size)
+    steps_per_epoch = math.ceil(len(ends) / config.batch_size)
     total = max(1, steps_per_epoch * n_epochs)
     warmup = max(1, int(config.warmup_frac * total))
 
@@ -364,35 +523,57 @@ def train_two_tower(
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     rng = np.random.default_rng(config.seed)
+    gen = torch.Generator(device=device).manual_seed(config.seed)
     best_state, best_score, best_epoch, stale = None, -1.0, 0, 0
     log: list[dict] = []
     bar = tqdm(total=n_epochs * steps_per_epoch, desc="two-tower", unit="step", disable=not progress, leave=False)
     for epoch in range(1, n_epochs + 1):
         model.train()
-        order = rng.permutation(targets)
+        order = rng.permutation(len(ends))
         losses = []
         for s in range(0, len(order), config.batch_size):
-            pos = order[s : s + config.batch_size]
-            users = user_pos[pos]
-            hist, hist_r = histories.window(pos, histories.offsets[users], config.history_len)
+            pick = order[s : s + config.batch_size]
+            hist, hist_r, tgt, mask = _sequence_batch(histories, ends[pick], rows[pick], L, config.min_target_rating)
+            if not mask.any():
+                bar.update(1)
+                continue
             hist_r = np.where(rng.random(hist_r.shape) < config.rating_dropout, 0.0, hist_r).astype(np.float32)
-            demo = demo_all[users] * (rng.random((len(pos), 1)) >= config.demo_dropout)
-            target = torch.as_tensor(histories.items[pos], device=device)
+            demo = demo_all[rows[pick]] * (rng.random((len(pick), 1)) >= config.demo_dropout)
+            mask_t = torch.as_tensor(mask, device=device)
+            target = torch.as_tensor(tgt, device=device)[mask_t]
             with torch.autocast(device_type=device.type, enabled=use_amp):
-                u = model.user_tower(
+                u = model.user_tower.sequence(
                     torch.as_tensor(hist, device=device),
                     torch.as_tensor(hist_r, device=device),
                     torch.as_tensor(demo, device=device),
-                )
-                v = model.item_tower(target)
-                logits = (u @ v.T).float() / model.temperature()
-            if config.logq:
-                logits = logits - log_q[target][None, :]
-            # the same movie twice in a batch is not a negative of itself
-            same = target[:, None] == target[None, :]
-            same.fill_diagonal_(False)
-            logits = logits.masked_fill(same, -1e4)
-            loss = F.cross_entropy(logits, torch.arange(len(pos), device=device))
+                )[mask_t]
+                if full_softmax:
+                    logits = (u @ model.item_tower(all_items).T).float() / model.temperature()
+                    labels = target
+                else:
+                    sampled = torch.cat(
+                        [
+                            target[torch.randint(len(target), (n_batch_neg,), generator=gen, device=device)],
+                            torch.randint(n_items, (n_uniform,), generator=gen, device=device),
+                        ]
+                    )
+                    uniq, inv = torch.unique(torch.cat([target, sampled]), return_inverse=True)
+                    v = model.item_tower(uniq)
+                    v_pos, v_neg = v[inv[: len(target)]], v[inv[len(target) :]]
+                    pos = (u * v_pos).sum(-1, keepdim=True)
+                    logits = torch.cat([pos, u @ v_neg.T], dim=1).float() / model.temperature()
+                    if config.logq:
+                        logits = logits - torch.cat([log_q[target][:, None], log_q[sampled][None, :].expand(len(target), -1)], 1)
+                    # a sampled negative that is the target itself is not a negative
+                    hit = sampled[None, :] == target[:, None]
+                    logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hit, -1e4)], dim=1)
+                    labels = torch.zeros(len(target), dtype=torch.long, device=device)
+            if weights is None:
+                loss = F.cross_entropy(logits, labels)
+            else:
+                w_flat = _flat_window(weights, ends[pick], L)[mask]
+                w_t = torch.as_tensor(w_flat, dtype=torch.float32, device=device)
+                loss = (F.cross_entropy(logits, labels, reduction="none") * w_t).sum() / w_t.sum()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
