@@ -86,7 +86,7 @@ class OfflineScaleSettings:
     """
 
     steps: int = 100
-    batch_size: int = 128
+    batch_size: int = 32
     val_users_timed: int = 2000
     ranker_users: int = 5000
     candidates: int = 200

@@ -3,15 +3,24 @@
 * Item tower: item id embedding + genres + release-year bucket + popularity bucket -> MLP ->
   64-d, L2-normalised.
 * User tower: the user's last ``L`` items (each encoded by the *same* item encoder, plus an
-  embedding of the rating given and of the recency position) -> one self-attention block ->
-  attention pooling, + demographics where known -> MLP -> 64-d, L2-normalised. There is no
-  user-id embedding: a user the model never saw is served from a handful of ratings.
+  embedding of the rating given) -> one *causal* self-attention block -> causal attention
+  pooling, + demographics where known -> MLP -> 64-d, L2-normalised. Position enters as a
+  learned bias by distance back from the reading position. There is no user-id embedding: a
+  user the model never saw is served from a handful of ratings.
 
-Training: InfoNCE over in-batch negatives (Oord et al. 2018; Yi et al. 2019 "Sampling-bias
-corrected neural modeling") with a learnable temperature and the logQ correction, which
-subtracts ``log q(item)`` from every logit so that popular items are not over-punished for
-appearing often as negatives. Warm-up then cosine learning rate; early stopping on
-validation Recall@100; automatic mixed precision when CUDA is present; seeded.
+Training (SASRec-style, Kang & McAuley 2018): a user's sequence is cut into windows of
+``L + 1`` items and one pass of the causal tower scores every position of a window against
+the item that follows it, so an epoch trains every interaction as a target while running the
+tower once per window instead of once per target (about ``L`` times less compute than one
+window per target). Because position ``t`` sees items ``<= t`` only and positions are
+relative, the prefix ending at ``t`` is embedded exactly as a served window ending there.
+The loss is a softmax over the whole catalog when it is small (exact: popularity, which
+dominates what MovieLens users rate next, is learned as it is), else over shared sampled
+negatives (the step's own targets plus uniform draws) with the logQ correction of their
+expected counts (Yi et al. 2019). Learned temperature; id-embedding dropout and weight
+decay; optional recency weighting of targets; warm-up then cosine learning rate; the epoch
+count is chosen on validation Recall@100; automatic mixed precision when CUDA is present;
+seeded.
 """
 
 from __future__ import annotations
@@ -53,8 +62,10 @@ class TwoTowerConfig:
         temperature: Initial softmax temperature (learned, clamped to [0.01, 1]).
         logq: Whether to apply the logQ correction to sampled negatives (catalogs larger than
             ``negatives``; a full softmax needs none).
-        negatives: Shared negatives per step; a catalog of at most this many items is scored
-            whole (exact softmax) instead.
+        full_softmax_items: A catalog of at most this many items is scored whole at every
+            step (exact softmax: nothing sampled, popularity learned as it is).
+        negatives: Shared negatives per step on larger catalogs (their cost per target is
+            ``negatives x dim``; the epoch-time budget of ML-32M sets it).
         uniform_share: Share of the sampled negatives drawn uniformly from the catalog; the
             rest are the step's own targets (popularity-distributed), so both popular and
             long-tail items are pushed against.
@@ -79,17 +90,18 @@ class TwoTowerConfig:
     heads: int = 2
     dropout: float = 0.1
     epochs: int = 20
-    batch_size: int = 128
+    batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_frac: float = 0.05
     temperature: float = 0.07
     logq: bool = True
-    negatives: int = 4096
+    full_softmax_items: int = 20000
+    negatives: int = 1024
     uniform_share: float = 0.5
     id_dropout: float = 0.0
     relative_positions: bool = True
-    recency_half_life: float = 0.0
+    recency_half_life: float = 0.1
     patience: int = 3
     rating_dropout: float = 0.3
     demo_dropout: float = 0.3
@@ -470,8 +482,8 @@ def train_two_tower(
     Each step reads ``batch_size`` windows of ``history_len + 1`` items (:func:`training_windows`)
     and scores all their positions at once with the causal user tower: position ``t`` (history
     up to ``t``) against the item at ``t + 1``. The softmax runs over the whole catalog when it
-    has at most ``config.negatives`` items (exact, no sampling bias, so popularity is learned as
-    it is); larger catalogs use ``negatives`` shared negatives per step, a mix of the step's own
+    has at most ``config.full_softmax_items`` items (exact, no sampling bias, so popularity is
+    learned as it is); larger catalogs use ``negatives`` shared negatives per step, a mix of the step's own
     targets (popularity-distributed) and uniform draws, with the logQ correction of their
     expected counts.
 
@@ -500,7 +512,7 @@ def train_two_tower(
     demo_all = demographics.lookup(histories.user_ids)
     n_items = catalog.n_items
     weights = recency_weights(histories, config.recency_half_life)
-    full_softmax = n_items <= config.negatives
+    full_softmax = n_items <= config.full_softmax_items
     n_uniform = int(round(config.negatives * config.uniform_share))
     n_batch_neg = config.negatives - n_uniform
     counts = np.bincount(histories.items[targets], minlength=n_items).astype(np.float64)

@@ -132,11 +132,11 @@ def test_training_reads_nothing_after_the_cut(ml, catalog):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("negatives", [4096, 32])  # the whole catalog (120 items), then sampled + logQ
-def test_both_softmaxes_learn(ml, catalog, negatives):
+@pytest.mark.parametrize("full_softmax_items", [4096, 0])  # the whole catalog (120 items), then 32 sampled + logQ
+def test_both_softmaxes_learn(ml, catalog, full_softmax_items):
     cutoff = int(np.quantile(ml.ratings.timestamp, 0.8))
     period = Period.at(ml.ratings, catalog, cutoff)
-    config = replace(TINY, epochs=4, negatives=negatives, id_dropout=0.2)
+    config = replace(TINY, epochs=4, full_softmax_items=full_softmax_items, negatives=32, id_dropout=0.2)
     result = train_two_tower(config, catalog, period.stats, period.histories, Demographics.from_users(ml.users), progress=False)
     losses = [e["loss"] for e in result.history]
     assert np.isfinite(losses).all()
