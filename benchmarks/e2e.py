@@ -129,7 +129,7 @@ def build_deployment(case: Case, work: Path) -> tuple[Path, Path]:
 
 def demo_deployment() -> tuple[Path, Path] | None:
     """``(artifacts, model_repository)`` of ``make demo`` when its latest export is of those artifacts."""
-    from orchestrator.serve import exported_from
+    from orchestrator.artifacts import exported_from
 
     artifacts, repo = Path("artifacts"), Path("model_repository")
     if (artifacts / "manifest.json").is_file() and (artifacts / "faiss" / "index.json").is_file() and exported_from(artifacts, repo):

@@ -1,7 +1,7 @@
 """The online subcommands of ``recsys``: serve, demo, recommend, similar, popular, health,
 delete-user and replay.
 
-Thin shells over :mod:`clients.client` and :mod:`orchestrator.serve`; :func:`add_online_commands`
+Thin shells over :mod:`clients.client` and :mod:`orchestrator.stack`; :func:`add_online_commands`
 registers them on the ``recsys`` parser (``clients/cli.py``). Exit codes: 0 ok, 1 a failed
 call (the status code and the server's message on stderr), 2 usage.
 """
@@ -196,7 +196,7 @@ def _settings(args: argparse.Namespace):
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     """``recsys serve``: foreground until SIGINT/SIGTERM."""
-    from orchestrator.serve import serve
+    from orchestrator.stack import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded is noise here
@@ -209,7 +209,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     def announce(info: dict) -> None:
         print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k:<14}{v}" for k, v in info.items()), flush=True)
 
-    from export.triton import TritonError
+    from orchestrator.tritonserver import TritonError
 
     try:
         # an external Triton (docker-compose) or --in-process: nothing to start here
@@ -221,10 +221,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """``recsys demo [--json]``."""
-    from orchestrator.serve import demo, demo_table
+    from export.demo import demo, demo_table
 
     from clients.errors import RecsysRpcError
-    from export.triton import TritonError
+    from orchestrator.tritonserver import TritonError
 
     logging.basicConfig(level=logging.WARNING)  # the demo's output is the answers, not the logs
     try:
