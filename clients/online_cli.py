@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any
 
+from export.files import DEFAULT_DATA_DIR
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
@@ -294,7 +296,7 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     dem = sub.add_parser("demo", help="train/export if needed, start Triton + orchestrator, show three answers, stop")
     dem.add_argument("--artifacts", default="artifacts")
     dem.add_argument("--repo", default="model_repository")
-    dem.add_argument("--data", default="data/ml-100k", help="trained on when the artifacts have no manifest")
+    dem.add_argument("--data", default=DEFAULT_DATA_DIR, help="trained on when the artifacts have no manifest (default: %(default)s)")
     dem.add_argument("-k", type=int, default=10)
     dem.add_argument("--json", action="store_true", help='print {"recommend", "recommend_by_history", "similar"} as JSON')
     dem.add_argument("--quiet", action="store_true", help="no progress bars")

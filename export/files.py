@@ -13,3 +13,8 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+DEFAULT_DATA_DIR = "data/ml-latest-small"
+"""The MovieLens folder every command defaults to: ml-latest-small, the one data set the
+project may ship (its licence allows redistribution; see data/README.md)."""

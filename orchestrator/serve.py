@@ -5,7 +5,7 @@ unless ``--triton-url`` names an external one (docker-compose) or ``--in-process
 models with onnxruntime, then the orchestrator; it logs where both listen and stops both,
 orchestrator first, on SIGINT or SIGTERM.
 
-``recsys demo`` is the whole online path in one command: train on ``data/ml-100k`` when
+``recsys demo`` is the whole online path in one command: train on ``data/ml-latest-small`` when
 the artifacts have no manifest, export when the repository's latest version was not made
 from these artifacts, start Triton and the orchestrator, ask through the real client, print,
 stop everything.
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.settings import ServeSettings
-from export.files import file_sha256 as _sha256
+from export.files import DEFAULT_DATA_DIR, file_sha256 as _sha256
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _as_dict(response: Any) -> dict:
 def demo(
     artifacts: str | Path = "artifacts",
     repo: str | Path = "model_repository",
-    data: str | Path = "data/ml-100k",
+    data: str | Path = DEFAULT_DATA_DIR,
     k: int = 10,
     progress: bool = True,
 ) -> dict[str, Any]:
