@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
@@ -221,6 +222,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """``recsys demo [--json]``."""
+    from export import DEFAULT_DATA_DIR
     from export.demo import demo, demo_table
 
     from clients.errors import RecsysRpcError
@@ -228,7 +230,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING)  # the demo's output is the answers, not the logs
     try:
-        result = demo(args.artifacts, args.repo, args.data, k=args.k, progress=not args.quiet)
+        result = demo(args.artifacts, args.repo, args.data or DEFAULT_DATA_DIR, k=args.k, progress=not args.quiet)
     except (TritonError, RecsysRpcError) as exc:
         print(f"recsys: error: {exc}", file=sys.stderr)
         return 1
@@ -294,7 +296,7 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     dem = sub.add_parser("demo", help="train/export if needed, start Triton + orchestrator, show three answers, stop")
     dem.add_argument("--artifacts", default="artifacts")
     dem.add_argument("--repo", default="model_repository")
-    dem.add_argument("--data", default="data/ml-100k", help="trained on when the artifacts have no manifest")
+    dem.add_argument("--data", default=None, help="trained on when the artifacts have no manifest (default: the bundled data/ml-latest-small)")
     dem.add_argument("-k", type=int, default=10)
     dem.add_argument("--json", action="store_true", help='print {"recommend", "recommend_by_history", "similar"} as JSON')
     dem.add_argument("--quiet", action="store_true", help="no progress bars")
