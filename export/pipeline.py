@@ -131,13 +131,15 @@ def users_with_history(relevant: dict[int, np.ndarray], period: Period) -> np.nd
     return users[period.histories.positions(users) >= 0]
 
 
-def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True) -> Fitted:
+def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True, split: Split | None = None) -> Fitted:
     """Trains the two-tower and the ranker on a time split of ``ml``.
 
     Args:
         ml: Loaded MovieLens data.
         settings: Hyper-parameters.
         progress: Show progress bars.
+        split: The split to train on (a rolling-origin window); default: the single time
+            split of ``settings``' fractions. Only ``split``'s rows are read.
 
     Returns:
         The :class:`Fitted` models.
@@ -145,7 +147,8 @@ def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True) ->
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     catalog = Catalog.from_movies(ml.movies, ml.genres, ml.genre_matrix)
-    split = time_split(ml.ratings, settings.val_fraction, settings.test_fraction)
+    if split is None:
+        split = time_split(ml.ratings, settings.val_fraction, settings.test_fraction)
     demographics = Demographics.from_users(ml.users)
     val_period = Period.at(split.train, catalog, split.t_val)
     test_period = Period.at(split.train_val, catalog, split.t_test)
