@@ -25,12 +25,12 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar, Unpack
+from typing import Any, NamedTuple, TypedDict, TypeVar, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.errors import DeadlineExceeded, from_rpc_error
+from clients.errors import DeadlineExceeded, from_rpc_error, request_id_of
 from protos.recsys.v1 import recsys_pb2 as pb
 from protos.recsys.v1 import recsys_pb2_grpc
 
@@ -113,6 +113,22 @@ def popular_request(*, k: int = 10, recent: bool = False, **filters: Unpack[Filt
     flt, _ = _split(dict(filters))
     window = pb.POPULARITY_WINDOW_RECENT if recent else pb.POPULARITY_WINDOW_ALL_TIME
     return pb.PopularRequest(k=k, window=window, filters=flt)
+
+
+ReadRequest = pb.RecommendRequest | pb.SimilarRequest | pb.PopularRequest
+"""The requests :meth:`RecsysClient.answer` sends (the read-only RPCs)."""
+
+
+class Answer(NamedTuple):
+    """A response with the id the server logged the call under.
+
+    Attributes:
+        response: The RPC's response message.
+        request_id: The call's ``x-request-id`` (32 hex digits), or None when the server sent none.
+    """
+
+    response: Any
+    request_id: str | None
 
 
 def channel_credentials(tls: bool = False, tls_ca: str | Path | bytes | None = None) -> grpc.ChannelCredentials | None:
@@ -235,6 +251,22 @@ class RecsysClient(_Base):
     def batch_recommend(self, requests: Sequence[pb.RecommendRequest], *, timeout_s: float | None = None) -> pb.BatchRecommendResponse:
         """Many Recommends in one call (build them with :func:`recommend_request`)."""
         return self._call(self._stub.BatchRecommend, pb.BatchRecommendRequest(requests=list(requests)), timeout_s)
+
+    def answer(self, request: ReadRequest, *, timeout_s: float | None = None) -> Answer:
+        """Recommend, Similar or Popular (by the request's type) with the call's request id.
+
+        For tools that show a person where to find the call in the request log (build the
+        request with :func:`recommend_request`, :func:`similar_request`, :func:`popular_request`).
+        Failures raise like the other methods; their ``request_id`` is on the exception.
+        """
+        rpc = {pb.RecommendRequest: self._stub.Recommend, pb.SimilarRequest: self._stub.Similar, pb.PopularRequest: self._stub.Popular}
+        try:
+            method = rpc[type(request)]
+        except KeyError:
+            raise TypeError(f"answer() sends Recommend, Similar or Popular requests, not {type(request).__name__}") from None
+        # with_call: the same call, plus the Call object whose trailing metadata carries the id
+        response, call = self._call(method.with_call, request, timeout_s)
+        return Answer(response, request_id_of(call.trailing_metadata()))
 
     def record_interaction(
         self, user_id: int, movie_id: int, rating: float = 0.0, timestamp_s: int = 0, *, timeout_s: float | None = None
