@@ -8,6 +8,7 @@ either is missing (``make test`` installs them when it runs as root).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -26,11 +27,12 @@ from test_service import make_api
 
 from clients import errors as E
 from clients.client import RecsysClient
-from clients.explore.catalog import MovieTable
+from clients.explore.catalog import Movie, MovieTable
 from clients.explore.queries import Explorer
 from clients.explore.server import create_server
 from orchestrator.service import create_server as create_orchestrator
 from orchestrator.settings import ServeSettings
+from protos.recsys.v1 import recsys_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +76,26 @@ def get(url: str, headers: dict | None = None, method: str = "GET") -> tuple[int
     except urllib.error.HTTPError as exc:
         status, body, ctype = exc.code, exc.read(), exc.headers.get("Content-Type", "")
     return status, json.loads(body) if ctype.startswith("application/json") else body.decode()
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_title_search_prefers_prefixes_then_popularity():
+    table = MovieTable(
+        [Movie(1, "Toy Story", ("Animation",), 1995, 450), Movie(2, "The Story of Us", ("Drama",), 1999, 900),
+         Movie(3, "Story of a Fox", (), 0, 10), Movie(4, "Heat", ("Action",), 1995, 300)],
+        "test",
+    )
+    assert [m.movie_id for m in table.search("story")] == [3, 2, 1]  # prefix first, then most rated
+    assert [m.movie_id for m in table.search("STORY", limit=2)] == [3, 2]
+    assert [m.movie_id for m in table.search("4")] == [4] and table.search("  ") == []
+    assert table.genres == ["Action", "Animation", "Drama"] and table.get(9) is None and len(table) == 4
+
+
+def test_answer_sends_only_the_read_rpcs(api):
+    with pytest.raises(TypeError, match="Recommend, Similar or Popular"):
+        api.client.answer(pb.DeleteUserRequest(user_id=api.user))
 
 
 # ----------------------------------------------------------------------------- JSON endpoints
@@ -243,30 +265,22 @@ def test_recsys_explore_command_serves_until_sigterm(explorer, target, tiny_arti
 
 # ----------------------------------------------------------------------------- the page in Chromium
 
-CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--window-size=1440,1000",
-)
+def _screenshot_script():
+    """scripts/explore_screenshot.py, the one home of how Chromium is started here."""
+    spec = importlib.util.spec_from_file_location("explore_screenshot", ROOT / "scripts" / "explore_screenshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """Debian's headless Chromium through its chromedriver (selenium), or a skip that says what is missing."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if chromium is None or driver_path is None:
-        pytest.skip("no chromium + chromedriver (Debian: apt-get install chromium chromium-driver; `make test` does it as root)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    # an explicit driver path: selenium must not try to download one (no internet here)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
-    driver.set_page_load_timeout(60)
+    script = _screenshot_script()
+    why = script.missing_browser()
+    if why:
+        pytest.skip(why)
+    driver = script.start_chromium(tmp_path_factory.mktemp("chromium-profile"))
     yield driver
     driver.quit()
 
@@ -341,16 +355,12 @@ def test_page_for_a_user_in_chromium(browser, api, explorer, tmp_path):
         "return [...document.querySelectorAll('#popular li[data-movie-id]')].map(li => li.dataset.movieId)")]
     assert popular == [i.movie_id for i in api.client.popular(k=6, recent=True).items]
 
-    # the screenshot: the user's page as it opened, the whole page tall
-    browser.get(f"{explorer.url}?user={api.user}&similar={first[0]['id']}")
-    wait_for(browser, lambda d: all(
-        d.find_element("id", p).get_attribute("data-state") == "ready" for p in ("recs-panel", "similar-panel", "popular-panel")))
-    browser.set_window_size(1440, browser.execute_script("return document.documentElement.scrollHeight") + 140)
-    shot = tmp_path / "explore.png"
-    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 20_000
-    browser.set_window_size(1440, 1000)
-    if os.environ.get("RECSYS_EXPLORE_SCREENSHOT"):  # how docs/explore.png is refreshed
+    # the screenshot: the user's page as it opens, the whole page tall
+    shot = _screenshot_script().screenshot(browser, f"{explorer.url}?user={api.user}&similar={first[0]['id']}", tmp_path / "explore.png")
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("RECSYS_EXPLORE_SCREENSHOT"):  # to look at it
         shutil.copy(shot, os.environ["RECSYS_EXPLORE_SCREENSHOT"])
+    browser.set_window_size(1440, 1000)
 
     # bad input shows the API's message, not a blank page
     with pytest.raises(E.InvalidArgument) as direct_error:
