@@ -159,6 +159,15 @@ class _Base:
         self.max_backoff_s = max_backoff_s
         self._metadata = ((API_KEY_HEADER, api_key),) if api_key else None
 
+    def _read_rpc(self, request: ReadRequest) -> Any:
+        """The stub method of a Recommend, Similar or Popular request (for ``answer``)."""
+        stub = self._stub  # type: ignore[attr-defined]  # set by each subclass
+        rpc = {pb.RecommendRequest: stub.Recommend, pb.SimilarRequest: stub.Similar, pb.PopularRequest: stub.Popular}
+        try:
+            return rpc[type(request)]
+        except KeyError:
+            raise TypeError(f"answer() sends Recommend, Similar or Popular requests, not {type(request).__name__}") from None
+
     def _next_wait(self, exc: grpc.RpcError, attempt: int, expires: float) -> float | None:
         """Seconds to wait before retrying, or None when the error is final."""
         # UNAVAILABLE means the call did not run; any other status may have had effects
@@ -259,13 +268,8 @@ class RecsysClient(_Base):
         request with :func:`recommend_request`, :func:`similar_request`, :func:`popular_request`).
         Failures raise like the other methods; their ``request_id`` is on the exception.
         """
-        rpc = {pb.RecommendRequest: self._stub.Recommend, pb.SimilarRequest: self._stub.Similar, pb.PopularRequest: self._stub.Popular}
-        try:
-            method = rpc[type(request)]
-        except KeyError:
-            raise TypeError(f"answer() sends Recommend, Similar or Popular requests, not {type(request).__name__}") from None
         # with_call: the same call, plus the Call object whose trailing metadata carries the id
-        response, call = self._call(method.with_call, request, timeout_s)
+        response, call = self._call(self._read_rpc(request).with_call, request, timeout_s)
         return Answer(response, request_id_of(call.trailing_metadata()))
 
     def record_interaction(
@@ -383,6 +387,17 @@ class AsyncRecsysClient(_Base):
     async def batch_recommend(self, requests: Sequence[pb.RecommendRequest], *, timeout_s: float | None = None) -> pb.BatchRecommendResponse:
         """See :meth:`RecsysClient.batch_recommend`."""
         return await self._call(self._stub.BatchRecommend, pb.BatchRecommendRequest(requests=list(requests)), timeout_s)
+
+    async def answer(self, request: ReadRequest, *, timeout_s: float | None = None) -> Answer:
+        """See :meth:`RecsysClient.answer`."""
+        method = self._read_rpc(request)
+
+        async def with_call(req: Any, timeout: float, metadata: Any) -> tuple[Any, Any]:
+            call = method(req, timeout=timeout, metadata=metadata)
+            return await call, await call.trailing_metadata()
+
+        response, trailing = await self._call(with_call, request, timeout_s)
+        return Answer(response, request_id_of(trailing))
 
     async def record_interaction(
         self, user_id: int, movie_id: int, rating: float = 0.0, timestamp_s: int = 0, *, timeout_s: float | None = None

@@ -13,6 +13,7 @@ selenium (the ``dev`` extra).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import sys
 import tempfile
@@ -28,9 +29,7 @@ CHROMIUM_FLAGS = (
 
 def missing_browser() -> str | None:
     """Why no browser can be started here, or None when chromium and chromedriver are installed."""
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         return "selenium is not installed (pip install -e '.[dev]')"
     if (shutil.which("chromium") or shutil.which("chromium-browser")) is None or shutil.which("chromedriver") is None:
         return "no chromium + chromedriver (Debian: apt-get install chromium chromium-driver; `make test` does it as root)"

@@ -8,6 +8,7 @@ either is missing (``make test`` installs them when it runs as root).
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -26,7 +27,7 @@ import pytest
 from test_service import make_api
 
 from clients import errors as E
-from clients.client import RecsysClient
+from clients.client import AsyncRecsysClient, RecsysClient, popular_request, similar_request
 from clients.explore.catalog import Movie, MovieTable
 from clients.explore.queries import Explorer
 from clients.explore.server import create_server
@@ -93,9 +94,22 @@ def test_title_search_prefers_prefixes_then_popularity():
     assert table.genres == ["Action", "Animation", "Drama"] and table.get(9) is None and len(table) == 4
 
 
-def test_answer_sends_only_the_read_rpcs(api):
+def test_answer_returns_the_request_id_sync_and_async(api, target):
+    sync = api.client.answer(similar_request(int(api.catalog.movie_ids[0]), k=3))
+    assert len(sync.response.items) == 3 and re.fullmatch(r"[0-9a-f]{32}", sync.request_id)
     with pytest.raises(TypeError, match="Recommend, Similar or Popular"):
         api.client.answer(pb.DeleteUserRequest(user_id=api.user))
+
+    async def ask() -> list:
+        async with AsyncRecsysClient(target) as client:
+            answers = [await client.answer(popular_request(k=2)) for _ in range(2)]
+            with pytest.raises(E.InvalidArgument) as bad:
+                await client.answer(popular_request(k=0))
+            return [*answers, bad.value]
+
+    first, second, bad = asyncio.run(ask())
+    assert [i.movie_id for i in first.response.items] == [i.movie_id for i in api.client.popular(k=2).items]
+    assert first.request_id != second.request_id and re.fullmatch(r"[0-9a-f]{32}", bad.request_id)
 
 
 # ----------------------------------------------------------------------------- JSON endpoints

@@ -186,6 +186,10 @@ async function askRecommend() {
     panel.dataset.state = "ready";
   } catch (err) {
     if (seq !== state.seq.recs) return;
+    // no stale list under the message: it would read as the answer to the new question
+    for (const id of ["recs-badges", "recs-meta", "recs-timings"]) $(id).replaceChildren();
+    $("recs").tBodies[0].replaceChildren();
+    $("recs-empty").hidden = true;
     showError($("recs-error"), err);
     panel.dataset.state = "error";
   }
