@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     from clients.online_cli import add_online_commands  # serve, demo, recommend, similar, popular, health
 
     add_online_commands(sub)
+    from clients.explore.cli import add_explore_command  # explore: the page in the browser
+
+    add_explore_command(sub)
     return parser
 
 
