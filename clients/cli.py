@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hummingbird tree strategy; auto measures them and keeps the fastest correct one",
     )
     exp.add_argument(
-        "--write-configs", action="store_true", help="regenerate config.pbtxt, configs/cpu.pbtxt and model.py from the artifacts' shapes"
+        "--write-configs", action="store_true", help="regenerate config.pbtxt, configs/cpu.pbtxt, configs/onnx_cpu.pbtxt and model.py from the artifacts' shapes"
     )
     exp.add_argument("--skip-index", action="store_true", help="do not (re)build the FAISS indexes under ARTIFACTS/faiss")
     exp.add_argument("--quiet", action="store_true", help="no progress bars")
