@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmarks.faults import add_arguments as add_faults_arguments
 
     add_faults_arguments(bench.add_parser("faults", help="load, Triton killed, deadlines, hot reload, durability, fuzz"))
+    from benchmarks.scaleout import add_arguments as add_scaleout_arguments
+
+    add_scaleout_arguments(bench.add_parser("scaleout", help="2 orchestrators + 2 Tritons, Redis, HAProxy; SIGKILLs under load"))
 
     from clients.online_cli import add_online_commands  # serve, demo, recommend, similar, popular, health
 
