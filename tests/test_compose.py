@@ -458,7 +458,7 @@ def test_orchestrator_dockerfile_installs_the_project():
     text = DOCKERFILE.read_text()
     instructions = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert instructions[0] == "FROM python:3.11-slim"
-    assert re.search(r"pip install\s+\"?\.\[gpu\]\"?", text), "installs the project with the gpu extra"
+    assert re.search(r"pip install\s+\"?\.\[gpu,redis\]\"?", text), "installs the project with the gpu and redis extras"
     assert "COPY pyproject.toml" in text
     packages = re.search(r"packages\s*=\s*\[(.*?)\]", (ROOT / "pyproject.toml").read_text()).group(1)
     for package in re.findall(r'"(\w+)"', packages):
