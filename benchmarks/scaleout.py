@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPORTS, conditions, conditions_line, log, write_json
+from export import DEFAULT_DATA_DIR
 
 PHASES = ("steady", "orchestrator_killed", "triton_killed", "recovered")
 REPORT_KEYS = ("orchestrators", "tritons", "balancer", "requests", "failed", "killed", "history_consistent", "qps")
@@ -129,7 +130,7 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float = 
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
     """A ``redis-server`` on a free loopback port, append-only with fsync per write (no lost acks)."""
-    from export.triton import free_port
+    from orchestrator.tritonserver import free_port
 
     port = free_port()
     proc = subprocess.Popen(
@@ -183,7 +184,7 @@ def haproxy_version() -> str:
 
 def start_haproxy(workdir: Path, backends: list[str]) -> tuple[subprocess.Popen, int]:
     """HAProxy in the foreground (``-db``) on a free loopback port, in front of ``backends``."""
-    from export.triton import free_port
+    from orchestrator.tritonserver import free_port
 
     port = free_port()
     cfg = workdir / "haproxy.cfg"
@@ -355,7 +356,7 @@ def check_history(redis_url: str, acked: list[tuple[int, int, int]], targets: li
 # ---------------------------------------------------------------------------- the run
 
 
-def run_benchmark(s: ScaleoutSettings, artifacts: str | None = None, repo: str | None = None, data: str = "data/ml-100k",
+def run_benchmark(s: ScaleoutSettings, artifacts: str | None = None, repo: str | None = None, data: str = DEFAULT_DATA_DIR,
                   keep: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Runs the scale-out; returns ``(report, details)`` (details: conditions, errors, counts)."""
     import pandas as pd
@@ -466,7 +467,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``recsys bench scaleout`` (``python -m benchmarks.scaleout`` takes the same)."""
     p.add_argument("--artifacts", default=None, help="artifacts folder (served in place); default: train a tiny model on --data")
     p.add_argument("--repo", default=None, help="model repository (served in place); give it with --artifacts")
-    p.add_argument("--data", default="data/ml-100k", help="data for the tiny model (default: %(default)s)")
+    p.add_argument("--data", default=DEFAULT_DATA_DIR, help="data for the tiny model (default: %(default)s)")
     p.add_argument("--out", default=str(REPORTS / "scaleout.json"), help="JSON report (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=16, help="calls in flight through the balancer (default: %(default)s)")
     p.add_argument("--phase-s", type=float, default=20.0, help="seconds of the steady and recovered phases (default: %(default)s)")

@@ -177,7 +177,7 @@ def health_server():
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from export.triton import free_port
+    from orchestrator.tritonserver import free_port
 
     server = grpc.server(futures.ThreadPoolExecutor(2))
     servicer = health.HealthServicer()
@@ -206,7 +206,7 @@ def test_healthcheck_probe_follows_the_server_status(health_server):
 
 
 def test_healthcheck_probe_fails_when_nothing_listens():
-    from export.triton import free_port
+    from orchestrator.tritonserver import free_port
 
     result = _probe(free_port())
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
