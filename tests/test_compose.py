@@ -378,7 +378,8 @@ def test_orchestrator_state_lives_on_a_named_volume(compose, services, name):
     """History DB and request log: set by the image under /state, /state a named volume."""
     from orchestrator.settings import ENV_PREFIX, ServeSettings
 
-    env = dict(re.findall(r"(RECSYS_\w+)=(\S+)", DOCKERFILE.read_text()))
+    instructions = "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#"))
+    env = dict(re.findall(r"(RECSYS_\w+)=(\S+)", instructions))
     settings = ServeSettings.from_env({k: v for k, v in env.items() if k != "RECSYS_HOST"})
     mounts = _mounts(services[name])
     state_source, mode = mounts["/state"]
