@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -161,7 +160,7 @@ class ServedStack:
         self.address = ""
         self.info: dict[str, Any] = {}
 
-    def __enter__(self) -> "ServedStack":
+    def __enter__(self) -> ServedStack:
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=None, text=True, start_new_session=True)
         text = ""  # the (indented) JSON announcement, printed once both listen
         while True:

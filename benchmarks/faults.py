@@ -176,7 +176,7 @@ class FaultSettings:
             raise ValueError("invalid fault settings: " + "; ".join(problems))
 
     @classmethod
-    def quick(cls) -> "FaultSettings":
+    def quick(cls) -> FaultSettings:
         """Smaller counts: a few minutes on the development machine."""
         return cls(load_requests=2_000, fuzz_requests=1_000, deadline_calls=100, durability_n=100, undecodable=20, reload_timeout_s=60.0)
 
@@ -436,7 +436,7 @@ class Workload:
     k: int
 
     @classmethod
-    def from_artifacts(cls, artifacts: Path, history_share: float, k: int) -> "Workload":
+    def from_artifacts(cls, artifacts: Path, history_share: float, k: int) -> Workload:
         import pandas as pd
 
         users = pd.read_parquet(artifacts / "interactions.parquet", columns=["user_id"]).user_id.unique()
@@ -509,7 +509,7 @@ class LoadRunner:
         async with AsyncRecsysClient(self.target, timeout_s=self.timeout_s, retries=0) as client:
             await asyncio.gather(*(self._worker(client) for _ in range(self.concurrency)))
 
-    def start(self) -> "LoadRunner":
+    def start(self) -> LoadRunner:
         self._thread.start()
         return self
 

@@ -1,4 +1,4 @@
-"""The online subcommands of ``recsys``: serve, demo, recommend, similar, popular, health,
+"""The online subcommands of ``recsys``: serve, recommend, similar, popular, health,
 delete-user and replay.
 
 Thin shells over :mod:`clients.client` and :mod:`orchestrator.stack`; :func:`add_online_commands`
@@ -219,23 +219,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    """``recsys demo [--json]``."""
-    from export.demo import demo, demo_table
-
-    from clients.errors import RecsysRpcError
-    from orchestrator.tritonserver import TritonError
-
-    logging.basicConfig(level=logging.WARNING)  # the demo's output is the answers, not the logs
-    try:
-        result = demo(args.artifacts, args.repo, args.data, k=args.k, progress=not args.quiet)
-    except (TritonError, RecsysRpcError) as exc:
-        print(f"recsys: error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps({k: result[k] for k in ("recommend", "recommend_by_history", "similar")}, indent=2) if args.json else demo_table(result))
-    return 0
-
-
 def _target_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help="orchestrator host:port (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default: %(default)s)")
@@ -265,7 +248,7 @@ def _rerank_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_online_commands(sub: argparse._SubParsersAction) -> None:
-    """Registers serve, demo, recommend, similar, popular, health, delete-user and replay on the ``recsys`` parser."""
+    """Registers serve, recommend, similar, popular, health, delete-user and replay on the ``recsys`` parser."""
     srv = sub.add_parser("serve", help="run the gRPC orchestrator (and the embedded Triton unless --triton-url)")
     srv.add_argument("--artifacts", default=None, help="folder written by `recsys train` (default: artifacts)")
     srv.add_argument("--repo", default=None, help="Triton model repository (default: model_repository)")
@@ -290,15 +273,6 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     srv.add_argument("--json", action="store_true", help="print the addresses as JSON")
     srv.set_defaults(func=_cmd_serve)
-
-    dem = sub.add_parser("demo", help="train/export if needed, start Triton + orchestrator, show three answers, stop")
-    dem.add_argument("--artifacts", default="artifacts")
-    dem.add_argument("--repo", default="model_repository")
-    dem.add_argument("--data", default="data/ml-100k", help="trained on when the artifacts have no manifest")
-    dem.add_argument("-k", type=int, default=10)
-    dem.add_argument("--json", action="store_true", help='print {"recommend", "recommend_by_history", "similar"} as JSON')
-    dem.add_argument("--quiet", action="store_true", help="no progress bars")
-    dem.set_defaults(func=_cmd_demo)
 
     rec = sub.add_parser("recommend", help="top-k movies for a user or a history")
     who = rec.add_mutually_exclusive_group(required=True)

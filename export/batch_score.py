@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from export.history import Histories
 from export.items import Catalog
 from orchestrator.artifacts import Demographics, DemographicsMismatch
+from orchestrator.artifacts import load_demographics as _load_demographics
 from orchestrator.contract import (
     HISTORY,
     HISTORY_RATING,
@@ -65,7 +66,6 @@ from orchestrator.contract import (
     candidate_feeds,
     user_tower_feeds,
 )
-from orchestrator.artifacts import load_demographics as _load_demographics
 
 log = logging.getLogger(__name__)
 

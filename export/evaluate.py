@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 from export import baselines
 from export.data import MovieLens
 from export.history import Histories
-from export.ranking_metrics import evaluate_rankings, ndcg_at_k
 from export.pipeline import Fitted, Period, TrainSettings, retrieve, run, users_with_history
 from export.ranker import candidate_features, rerank
+from export.ranking_metrics import evaluate_rankings, ndcg_at_k
 from export.retrieval import top_k_scores
 from export.split import relevant_items
 from orchestrator.mmr import blend_vectors, mmr_rerank

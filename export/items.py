@@ -53,7 +53,7 @@ class Catalog:
         return len(self.movie_ids)
 
     @classmethod
-    def from_movies(cls, movies: pd.DataFrame, genres: list[str], genre_matrix: np.ndarray) -> "Catalog":
+    def from_movies(cls, movies: pd.DataFrame, genres: list[str], genre_matrix: np.ndarray) -> Catalog:
         """Builds the catalog from the loader's ``movies`` frame (sorted by movie id)."""
         return cls(
             movie_ids=movies.movie_id.to_numpy(dtype=np.int64),

@@ -202,7 +202,7 @@ class Shapes:
     candidates: int = 200
 
     @classmethod
-    def defaults(cls) -> "Shapes":
+    def defaults(cls) -> Shapes:
         """The shapes of a model trained with the default settings (the checked-in configs)."""
         from export.ranker import RankerConfig
 

@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.ann import IndexBundle, ItemFilter, load_index_bundle, to_device
-from orchestrator.mmr import blend_vectors
 from orchestrator.artifacts import Demographics
 from orchestrator.artifacts import load_demographics as read_demographics
 from orchestrator.errors import InvalidArgument, NotFound
+from orchestrator.mmr import blend_vectors
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Catalog:
         self._by_recent = np.lexsort((np.arange(self.n_items), -self.recent_popularity))
 
     @classmethod
-    def load(cls, artifacts_dir: str | Path, mmr_genre_weight: float = 0.8, use_gpu: bool | None = None) -> "Catalog":
+    def load(cls, artifacts_dir: str | Path, mmr_genre_weight: float = 0.8, use_gpu: bool | None = None) -> Catalog:
         """Reads ``items.parquet``, ``item_embeddings.npy``, ``manifest.json`` and the FAISS bundle.
 
         Without ``faiss/index.json`` (``recsys train`` alone does not build one) an exact

@@ -32,8 +32,8 @@ from pathlib import Path
 
 from orchestrator.artifacts import file_sha256
 from orchestrator.backends import InferenceBackend
-from orchestrator.contract import KEPT_VERSIONS, SERVED_MODELS, latest_version, read_version_info
 from orchestrator.catalog import Catalog
+from orchestrator.contract import KEPT_VERSIONS, SERVED_MODELS, latest_version, read_version_info
 from orchestrator.errors import Deadline, ModelUnavailable
 from orchestrator.pipeline import Query, Recommender, Result
 from orchestrator.settings import ServeSettings

@@ -35,8 +35,8 @@ from orchestrator.backends import InferenceBackend, InProcessBackend, TritonBack
 from orchestrator.catalog import YEAR_RANGE, Catalog, Filters
 from orchestrator.deployment import ReloadWatcher, Router, published_version
 from orchestrator.errors import Deadline, InvalidArgument, RecsysError, abort, describe
-from orchestrator.pipeline import HISTORY_UNAVAILABLE, MODEL_TIMEOUT, MODEL_UNAVAILABLE, NO_HISTORY, Query, Recommender, Result
 from orchestrator.metrics import Metrics, MetricsInterceptor
+from orchestrator.pipeline import HISTORY_UNAVAILABLE, MODEL_TIMEOUT, MODEL_UNAVAILABLE, NO_HISTORY, Query, Recommender, Result
 from orchestrator.requestlog import LogRow, RequestLog
 from orchestrator.rerank import RerankOptions
 from orchestrator.settings import ServeSettings
@@ -472,7 +472,7 @@ class Server:
         host = self.recommender.settings.host
         return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '[::]') else host}:{self.port}"
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         """Starts the metrics page (when ``metrics_port`` is set), serving and the health polling.
 
         Raises:
@@ -504,7 +504,7 @@ class Server:
         """Blocks until the server stops (True) or ``timeout_s`` passes (False)."""
         return self.grpc_server.wait_for_termination(timeout_s)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

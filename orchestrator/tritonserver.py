@@ -266,7 +266,7 @@ class EmbeddedTriton:
         env.pop("PYTHONPATH", None)
         return env
 
-    def start(self, require_ready: bool = True) -> "EmbeddedTriton":
+    def start(self, require_ready: bool = True) -> EmbeddedTriton:
         """Starts the server and waits until it is live (and ready).
 
         Args:
@@ -381,7 +381,7 @@ class EmbeddedTriton:
         except subprocess.TimeoutExpired:
             return None
 
-    def __enter__(self) -> "EmbeddedTriton":
+    def __enter__(self) -> EmbeddedTriton:
         return self.start()
 
     def __exit__(self, *exc) -> None:

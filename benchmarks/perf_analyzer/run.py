@@ -43,8 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.perf_analyzer.make_inputs import CPU_CONFIG, DEFAULT_OUT as DEFAULT_INPUTS, MODELS, input_specs, read_config
 from benchmarks.common import cpu_model
+from benchmarks.perf_analyzer.make_inputs import CPU_CONFIG, MODELS, input_specs, read_config
+from benchmarks.perf_analyzer.make_inputs import DEFAULT_OUT as DEFAULT_INPUTS
 
 PERF_ANALYZER_VERSION = "2.60.0"
 WHEEL_PLATFORM = "manylinux_2_38_x86_64"
