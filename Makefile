@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/recsys evaluate --data data/ml-100k --out reports/eval.json --artifacts artifacts --quiet
+	$(BIN)/recsys evaluate --data data/ml-latest-small --out reports/eval.json --artifacts artifacts --quiet
 	$(BIN)/recsys demo
 
 # the Redis history store is tested against a real redis-server (Debian's); without one

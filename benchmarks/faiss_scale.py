@@ -5,7 +5,7 @@
 Cases, each measured with :func:`export.faiss_index.measure` (one query per call, one
 OpenMP thread, recall@k against the exact ``flat`` index on the same queries):
 
-* ``trained``: the two-tower's ``artifacts/item_embeddings.npy`` (1,682 items for ml-100k:
+* ``trained``: the two-tower's ``artifacts/item_embeddings.npy`` (9,742 items for ml-latest-small:
   the only real embeddings there are, so the only size they can speak for).
 * ``synthetic``: unit vectors from a Zipf-weighted Gaussian mixture, the shape of trained
   embeddings (clustered, unbalanced) without training a model per size

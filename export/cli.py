@@ -14,6 +14,8 @@ import json
 import logging
 import sys
 
+from export import DEFAULT_DATA_DIR
+
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from dataclasses import replace
@@ -25,6 +27,19 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         spec = replace(spec, span_days=args.span_days)
     summary = synthesize(spec, args.out, progress=not args.quiet)
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from export.download import DownloadError, download
+
+    try:
+        record = download(args.name, args.out, url=args.base_url, archive=args.archive, force=args.force,
+                          keep_archive=args.keep_archive, progress=not args.quiet)
+    except DownloadError as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(record, indent=2))
     return 0
 
 
@@ -170,7 +185,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING)  # the demo's output is the answers, not the logs
     try:
-        result = demo(args.artifacts, args.repo, args.data, k=args.k, progress=not args.quiet)
+        result = demo(args.artifacts, args.repo, args.data or DEFAULT_DATA_DIR, k=args.k, progress=not args.quiet)
     except (TritonError, RecsysRpcError) as exc:
         print(f"recsys: error: {exc}", file=sys.stderr)
         return 1
@@ -191,8 +206,20 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--quiet", action="store_true", help="no progress bars")
     synth.set_defaults(func=_cmd_synth)
 
+    from export.download import BASE_URL_ENV, DATASETS  # no heavy imports: stdlib and tqdm
+
+    dl = data.add_parser("download", help="fetch a MovieLens release from GroupLens, verify it, convert it to the CSV layout")
+    dl.add_argument("name", choices=tuple(DATASETS), help="the release")
+    dl.add_argument("--out", default=None, help="the data set's folder (default: data/NAME)")
+    dl.add_argument("--base-url", default=None, help=f"mirror of GroupLens's movielens folder (default: ${BASE_URL_ENV} or GroupLens)")
+    dl.add_argument("--archive", default=None, help="use this NAME.zip instead of downloading (default: NAME.zip beside --out if there)")
+    dl.add_argument("--force", action="store_true", help="replace an existing --out")
+    dl.add_argument("--keep-archive", action="store_true", help="keep the verified archive as .NAME.zip beside --out")
+    dl.add_argument("--quiet", action="store_true", help="no progress bars")
+    dl.set_defaults(func=_cmd_download)
+
     def training_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data", default="data/ml-100k", help="MovieLens CSV folder (default: %(default)s)")
+        p.add_argument("--data", default=DEFAULT_DATA_DIR, help="MovieLens CSV folder (default: %(default)s)")
         p.add_argument("--epochs", type=int, default=None, help="max two-tower epochs (early stopping may end sooner)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -257,7 +284,7 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
     dem = sub.add_parser("demo", help="train/export if needed, start Triton + orchestrator, show three answers, stop")
     dem.add_argument("--artifacts", default="artifacts")
     dem.add_argument("--repo", default="model_repository")
-    dem.add_argument("--data", default="data/ml-100k", help="trained on when the artifacts have no manifest")
+    dem.add_argument("--data", default=None, help="trained on when the artifacts have no manifest (default: the bundled data/ml-latest-small)")
     dem.add_argument("-k", type=int, default=10)
     dem.add_argument("--json", action="store_true", help='print {"recommend", "recommend_by_history", "similar"} as JSON')
     dem.add_argument("--quiet", action="store_true", help="no progress bars")

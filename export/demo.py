@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.client import RecsysClient
+from export import DEFAULT_DATA_DIR
 from export.pipeline import prepare_serving
 from orchestrator.settings import ServeSettings
 from orchestrator.stack import running_stack
@@ -51,7 +52,7 @@ def _as_dict(response: Any) -> dict:
 def demo(
     artifacts: str | Path = "artifacts",
     repo: str | Path = "model_repository",
-    data: str | Path = "data/ml-100k",
+    data: str | Path = DEFAULT_DATA_DIR,
     k: int = 10,
     progress: bool = True,
 ) -> dict[str, Any]:
