@@ -344,7 +344,7 @@ class TritonHTTP:
                 raise BatchScoreError(f"{info.name} v{info.version}: inference failed on {self.url}: {exc}") from exc
             if out is None or len(out) != bounds[i][1] - bounds[i][0]:
                 # a failing Python-backend model can answer with an empty output instead of
-                # an error (FIELD-NOTES, numpy 2): never let that pass as scores
+                # an error (docs/platform.md, numpy 2): never let that pass as scores
                 got = None if out is None else out.shape
                 raise BatchScoreError(f"{info.name}: output {output} has shape {got} for {bounds[i][1] - bounds[i][0]} rows")
             results[i] = out

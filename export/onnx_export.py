@@ -186,7 +186,7 @@ def _export_graph(
     """Traces ``module`` to ONNX with the legacy exporter and a dynamic batch axis.
 
     ``dynamo=False`` because the dynamo exporter names outputs after internal nodes, which
-    onnxruntime rejects as duplicate definitions (FIELD-NOTES).
+    onnxruntime rejects as duplicate definitions (docs/platform.md).
     """
     axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
     with torch.no_grad(), warnings.catch_warnings():
@@ -280,7 +280,7 @@ def export_ranker(booster: lgb.Booster, tree_implementation: str, path: Path) ->
     """Writes ``ranker`` ONNX via Hummingbird: features [B, F] -> score [B, 1].
 
     ``convert(..., "onnx")`` fails with torch 2.13 (it uses the dynamo exporter), so the
-    torch translation is exported here with the legacy exporter (FIELD-NOTES). Thresholds
+    torch translation is exported here with the legacy exporter (docs/platform.md). Thresholds
     are made float32-exact first (:func:`float32_exact_booster`).
 
     Returns:

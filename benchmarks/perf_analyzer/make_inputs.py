@@ -1,7 +1,7 @@
 """Real-data input files for perf_analyzer (``--input-data inputs/<model>.json``).
 
 perf_analyzer fills inputs it has no data for with random values; for INT64 item ids and
-demographic codes those index far out of range and the model fails (FIELD-NOTES). These
+demographic codes those index far out of range and the model fails (docs/platform.md). These
 files hold real requests instead, cut from the artifacts:
 
 * ``user_tower``: real users' history windows (the ``Histories.last`` rule, length ``L`` from
