@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     from clients.online_cli import add_online_commands  # serve, recommend, similar, popular, health, ...
 
     add_online_commands(sub)
+    from clients.explore.cli import add_explore_command  # explore: the page in the browser
+
+    add_explore_command(sub)
     try:
         from export.cli import add_offline_commands  # data, train, evaluate, export, batch-score, demo, bench
     except ModuleNotFoundError as exc:

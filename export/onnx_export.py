@@ -2,18 +2,19 @@
 
 What is published, per model folder of ``model_repository/``::
 
-    user_tower/         config.pbtxt (onnxruntime, GPU) + configs/cpu.pbtxt (python, CPU) + model.py
+    user_tower/         config.pbtxt (onnxruntime, GPU) + configs/cpu.pbtxt (python, CPU)
+                        + configs/onnx_cpu.pbtxt (onnxruntime, CPU) + model.py
     item_tower/         same layout
     ranker_features/    same layout; the feature module of export/features.py as a graph
     ranker/             same layout; the LightGBM booster translated by Hummingbird
-    ranker_ensemble/    ranker_features -> ranker, for both config names
+    ranker_ensemble/    ranker_features -> ranker, for every config name
     <model>/<N>/        model.onnx + model.py (copied) + version.json, written by the export
 
 Configs and ``model.py`` are checked in; the export writes only numbered version folders
 (git-ignored). A re-export publishes version ``N+1`` beside ``N`` (all five models get the
 same number, so a version names one consistent set of graphs), each version folder staged
 under a dot-name Triton ignores and renamed into place. Before anything is renamed, every
-graph's inputs and outputs are checked against *both* configs of its model and the
+graph's inputs and outputs are checked against *every* config of its model and the
 ensemble's wiring is checked; a mismatch refuses the whole publish with a message naming
 the model, the tensor and the difference.
 
@@ -72,7 +73,6 @@ OPSET = 17
 
 ENSEMBLE = RANKER_ENSEMBLE
 LEAF_MODELS = GRAPH_MODELS
-
 TREE_IMPLEMENTATIONS = ("gemm", "tree_trav", "perf_tree_trav")
 TIMING_ROWS = (200, 500)
 """Batch sizes the tree strategies are timed at: one to two users' worth of candidates."""
@@ -583,7 +583,7 @@ def export_repository(
 
     Steps: load artifacts -> export the four graphs into a staging folder -> pick the tree
     strategy by measurement (unless forced) -> parity against PyTorch / LightGBM -> write
-    missing configs -> validate graphs against both configs and the ensemble wiring -> rename
+    missing configs -> validate graphs against every config and the ensemble wiring -> rename
     each staged version folder into place (leaf models first, the ensemble last) -> record
     the export in the artifacts' ``manifest.json``.
 
