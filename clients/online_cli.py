@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -67,7 +68,7 @@ def _options(args: argparse.Namespace, rerank: bool = True) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _call(args: argparse.Namespace, fn) -> int:
+def _call(args: argparse.Namespace, fn: Callable[[Any], int]) -> int:
     """Runs ``fn(client)``; a failed call prints its status and message and exits 1."""
     from clients.client import RecsysClient
     from clients.errors import RecsysRpcError
@@ -88,7 +89,7 @@ def _call(args: argparse.Namespace, fn) -> int:
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
     """``recsys recommend``: by ``--user`` or ``--history``."""
-    def run(client) -> int:
+    def run(client: Any) -> int:
         if args.user is not None:
             resp = client.recommend(args.user, k=args.k, **_options(args))
             who = f"user {args.user}"
@@ -106,7 +107,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
 def _cmd_similar(args: argparse.Namespace) -> int:
     """``recsys similar --movie ID``."""
-    def run(client) -> int:
+    def run(client: Any) -> int:
         resp = client.similar(args.movie, k=args.k, user_id=args.user, **_options(args))
         _emit(resp, args.json, f"# similar to movie {args.movie}: model {resp.model_version}, {resp.latency_ms:.1f} ms")
         return 0
@@ -116,7 +117,7 @@ def _cmd_similar(args: argparse.Namespace) -> int:
 
 def _cmd_popular(args: argparse.Namespace) -> int:
     """``recsys popular [--genre G] [--recent]``."""
-    def run(client) -> int:
+    def run(client: Any) -> int:
         resp = client.popular(k=args.k, recent=args.recent, **_options(args, rerank=False))
         _emit(resp, args.json, f"# popular ({'last 30 days' if args.recent else 'all time'}): {resp.latency_ms:.1f} ms")
         return 0
@@ -126,7 +127,7 @@ def _cmd_popular(args: argparse.Namespace) -> int:
 
 def _cmd_health(args: argparse.Namespace) -> int:
     """``recsys health``: prints the status; exit 0 only when SERVING."""
-    def run(client) -> int:
+    def run(client: Any) -> int:
         status = client.health(args.service)
         print(json.dumps({"service": args.service, "status": status}) if args.json else status)
         return 0 if status == "SERVING" else 1
@@ -136,7 +137,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
 def _cmd_delete_user(args: argparse.Namespace) -> int:
     """``recsys delete-user --user ID``: erases the user's history and request-log rows."""
-    def run(client) -> int:
+    def run(client: Any) -> int:
         resp = client.delete_user(args.user)
         body = {"user_id": args.user, "interactions_deleted": resp.interactions_deleted, "request_log_rows_deleted": resp.request_log_rows_deleted}
         if args.json:
@@ -167,7 +168,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace):
+def _settings(args: argparse.Namespace) -> Any:
     """ServeSettings from ``RECSYS_*`` variables, overridden by the flags that were given."""
     from orchestrator.settings import ServeSettings
 
