@@ -209,7 +209,7 @@ def download(
         if archive is None:
             zip_path.unlink(missing_ok=True)  # a corrupt part must not be resumed
         raise
-    files = convert(zip_path, ds, out, force=force, progress=progress, extra={
+    convert(zip_path, ds, out, force=force, progress=progress, extra={
         "dataset": name, "source": source, "bytes": size, "checks": checks,
         "downloaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "redistributable": ds.redistributable,
@@ -219,7 +219,7 @@ def download(
             zip_path.replace(out.parent / f".{ds.archive}")
         else:
             zip_path.unlink(missing_ok=True)
-    return json.loads((out / RECORD).read_text()) | {"files": files}
+    return json.loads((out / RECORD).read_text())
 
 
 # ---------------------------------------------------------------------------- network
