@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import REPORTS, LoadWatch, conditions, conditions_line, log, markdown_table, write_json
-from export.files import DEFAULT_DATA_DIR
+from export import DEFAULT_DATA_DIR
 
 DEFAULT_OUT = REPORTS / "e2e.json"
 DEFAULT_WORK = REPORTS / "e2e-work"
@@ -136,7 +136,7 @@ def build_deployment(case: Case, work: Path) -> tuple[Path, Path]:
 
 def demo_deployment() -> tuple[Path, Path] | None:
     """``(artifacts, model_repository)`` of ``make demo`` when its latest export is of those artifacts."""
-    from orchestrator.serve import exported_from
+    from orchestrator.artifacts import exported_from
 
     artifacts, repo = Path("artifacts"), Path("model_repository")
     if (artifacts / "manifest.json").is_file() and (artifacts / "faiss" / "index.json").is_file() and exported_from(artifacts, repo):

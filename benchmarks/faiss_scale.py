@@ -58,7 +58,6 @@ from benchmarks.common import (
     write_json,
 )
 from export.faiss_index import (
-    KINDS,
     IndexSet,
     _new_index,  # the served index construction; reused so the benchmark builds what is served
     _tune,  # the served nprobe / efSearch tuning rule
@@ -68,6 +67,7 @@ from export.faiss_index import (
     measure,
     synthetic_vectors,
 )
+from orchestrator.ann import KINDS
 
 SIZES = (87_585, 1_000_000, 10_000_000)
 """ML-32M's catalog, then 10x and 100x that."""

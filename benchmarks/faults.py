@@ -3,7 +3,7 @@ reloaded, the orchestrator killed, and hostile requests.
 
     recsys bench faults [--artifacts DIR --repo DIR] [--out FILE] [--quick] [--skip PHASE ...]
 
-Everything runs as real processes on loopback: the embedded Triton (``export/triton.py``) runs
+Everything runs as real processes on loopback: the embedded Triton (``orchestrator/tritonserver.py``) runs
 under a ``recsys triton`` subprocess on fixed ports, so that its ``tritonserver`` pid can be
 SIGKILLed, SIGSTOPped and restarted on the same ports; the orchestrator is a ``recsys serve
 --triton-url ...`` subprocess on a fixed port and history file, so that it can be SIGKILLed
@@ -81,7 +81,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import REPORTS, LoadWatch, conditions, conditions_line, latency_summary, log, markdown_table, write_json
-from export.files import DEFAULT_DATA_DIR
+from export import DEFAULT_DATA_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("load", "triton_killed", "deadline", "reload", "durability", "fuzz")
@@ -261,7 +261,7 @@ class Stack:
     """
 
     def __init__(self, artifacts: Path, repo: Path, workdir: Path, env: dict[str, str], serve_flags: tuple[str, ...] = ()):
-        from export.triton import free_port
+        from orchestrator.tritonserver import free_port
 
         self.artifacts = artifacts
         self.repo = repo

@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from export.files import DEFAULT_DATA_DIR
+from export import DEFAULT_DATA_DIR
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -90,18 +90,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from export.onnx_export import export_repository
+    from export.pipeline import publish
 
-    summary = export_repository(
-        args.artifacts, args.repo, tree_implementation=args.tree_implementation, write_configs=args.write_configs
+    published = publish(
+        args.artifacts,
+        args.repo,
+        tree_implementation=args.tree_implementation,
+        write_configs=args.write_configs,
+        index=not args.skip_index,
+        progress=not args.quiet,
     )
+    summary, index_report = published["repository"], published["faiss"]
     faiss_summary = None
-    if not args.skip_index:
-        from export.faiss_index import build_from_artifacts
-
-        # the index lives under artifacts/, outside the Triton repository (Triton would take
-        # every folder of its repository for a model)
-        index_report = build_from_artifacts(args.artifacts, progress=not args.quiet, threads=1)
+    if index_report is not None:
         faiss_summary = {
             "default": index_report["default"],
             "bundle": index_report["bundle"]["dir"],
@@ -133,7 +134,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_triton(args: argparse.Namespace) -> int:
-    from export.triton import EmbeddedTriton, TritonError, check, serve_forever
+    from orchestrator.tritonserver import EmbeddedTriton, TritonError, check, serve_forever
 
     server = EmbeddedTriton(
         args.repo,
@@ -169,7 +170,7 @@ def _cmd_triton(args: argparse.Namespace) -> int:
 
 def _cmd_batch_score(args: argparse.Namespace) -> int:
     from export.batch_score import BatchScoreError, StopRequested, batch_score
-    from export.triton import TritonError
+    from orchestrator.tritonserver import TritonError
 
     on_chunk = None
     if args.stop_after_chunks is not None:

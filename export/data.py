@@ -108,6 +108,7 @@ _LINE_COL = "_line"
 _SCAN_CHUNK_BYTES = 1 << 24
 
 
+
 class DataError(ValueError):
     """A MovieLens input file is unusable or (in strict mode) contains a bad row.
 
