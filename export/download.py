@@ -63,7 +63,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from tqdm.auto import tqdm
 
 __all__ = ["BASE_URL_ENV", "DATASETS", "DEFAULT_BASE_URL", "Dataset", "DownloadError", "download"]
 
@@ -285,6 +284,8 @@ def fetch(url: str, part: Path, drop: Path | None = None, *, progress: bool = Tr
         DownloadError: No network, an HTTP error, or the transfer stopped short (the part
             file is kept: run again to resume).
     """
+    from tqdm.auto import tqdm  # imported here: the CLI lists the data sets without it
+
     meta_path = part.with_name(part.name + ".json")
     have = part.stat().st_size if part.is_file() else 0
     meta = json.loads(meta_path.read_text()) if have and meta_path.is_file() else {}
@@ -414,6 +415,8 @@ def convert(zip_path: Path, ds: Dataset, out: Path, *, force: bool = False, prog
     Returns:
         The file names written, ``download.json`` last.
     """
+    from tqdm.auto import tqdm
+
     writers: dict[str, Callable[[zipfile.ZipFile, Path], list[str]]] = {
         "100k": _convert_100k, "1m": _convert_1m, "csv": _convert_csv,
     }
