@@ -3,7 +3,7 @@
 perf_analyzer sends exactly what these files hold (``-b B`` takes ``B`` consecutive entries
 as the rows of one request), so every entry must name every config input with the config's
 element count and type, and every id must index inside its table. Checked for the
-checked-in ml-latest-small set against the checked-in configs, and for files generated from the
+checked-in set against the checked-in configs, and for files generated from the
 tiny model against its repository. No network and no perf_analyzer binary needed.
 """
 

@@ -21,8 +21,8 @@ the realistic ranker request. ``meta.json`` records each model's batch size for 
     python -m benchmarks.perf_analyzer.make_inputs --artifacts artifacts --repo model_repository \\
         --out benchmarks/perf_analyzer/inputs
 
-The checked-in ``inputs/`` were generated this way from the bundled ml-latest-small model
-(``make demo``'s artifacts and repository).
+The checked-in ``inputs/`` were generated this way from the ml-100k model that was bundled
+before ml-latest-small (to be regenerated from ``make demo``'s artifacts and repository).
 """
 
 from __future__ import annotations
