@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +35,14 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from export import baselines
-from export.data import MovieLens, load_movielens
+from export.data import MovieLens
 from export.history import Histories
-from export.metrics import evaluate_rankings, ndcg_at_k
-from export.mmr import blend_vectors, mmr_rerank
-from export.pipeline import Fitted, Period, TrainSettings, fit_models, retrieve, save_artifacts, users_with_history
+from export.ranking_metrics import evaluate_rankings, ndcg_at_k
+from export.pipeline import Fitted, Period, TrainSettings, fit_models, retrieve, run, users_with_history
 from export.ranker import candidate_features, rerank
 from export.retrieval import top_k_scores
-from export.split import Split, relevant_items, rolling_splits
+from export.split import relevant_items, rolling_splits
+from orchestrator.mmr import blend_vectors, mmr_rerank
 
 MODEL_NAMES = ("popularity", "item_knn", "ease", "als", "two_tower", "two_tower_ranker", "two_tower_ranker_mmr")
 """Every model in the report, in this order."""
@@ -63,7 +63,7 @@ class EvalSettings:
         mmr_lambda: MMR trade-off (1 = pure relevance, 0 = pure diversity).
         mmr_pool: Candidates (best by ranker score) that MMR chooses from.
         mmr_genre_weight: Share of genre cosine (vs two-tower embedding cosine) in MMR's
-            item similarity (:func:`export.mmr.blend_vectors`).
+            item similarity (:func:`orchestrator.mmr.blend_vectors`).
         mmr_sweep: Extra lambdas reported as a diversity/accuracy curve.
         baselines: Baselines to run (names from :data:`export.baselines.GRIDS`).
         bootstrap_samples: Resamples of the paired bootstrap.
@@ -324,28 +324,46 @@ def evaluate(
     """
     settings = settings or EvalSettings()
     started = time.perf_counter()
-    ml = load_movielens(data_dir, progress=progress)
+    reports: list[dict] = []
+
+    def inspect(ml: MovieLens, fitted: Fitted) -> None:
+        reports.append(evaluate_windows(ml, fitted, data_dir, settings, progress))
+
+    # the latest window is the split run() trains, saves and publishes; the earlier ones are
+    # fitted inside `inspect`, before the artifacts are saved
+    run(data_dir, artifacts_dir, None, settings.train, progress, inspect)
+    report = reports[0]
+    report["seconds"] = {"total": round(time.perf_counter() - started, 2)}
+    return write_report(report, out_path)
+
+
+def evaluate_windows(
+    ml: MovieLens, latest: Fitted, data_dir: str | Path, settings: EvalSettings, progress: bool
+) -> dict:
+    """Evaluates every rolling-origin window; ``latest`` are the models :func:`export.pipeline.run`
+    fitted on the latest window (the single time split), the earlier windows are fitted here."""
     train = settings.train
     splits = rolling_splits(ml.ratings, settings.windows, train.val_fraction, train.test_fraction)
+    if (splits[-1].t_val, splits[-1].t_test) != (latest.split.t_val, latest.split.t_test):
+        raise AssertionError("the latest rolling window must be the split the published models were trained on")
     results: list[WindowResult] = []
-    fitted: Fitted | None = None
     for k, split in enumerate(tqdm(splits, desc="windows", unit="window", disable=not progress or len(splits) == 1)):
-        fitted = fit_models(ml, settings.train, progress=progress, split=split)
+        fitted = latest if k == len(splits) - 1 else fit_models(ml, train, progress=progress, split=split)
         results.append(evaluate_window(fitted, settings, progress))
-        if k < len(splits) - 1:
-            fitted = None  # only the latest window's models may be published; free the others
-    assert fitted is not None
-    report = build_report(results, settings, ml, fitted, data_dir)
-    report["seconds"] = {"total": round(time.perf_counter() - started, 2)}
+        del fitted  # one window's models in memory at a time (besides the latest's)
+    return build_report(results, settings, ml, latest, data_dir)
+
+
+def write_report(report: dict, out_path: str | Path) -> dict:
+    """Writes the report JSON, the pooled chart beside it and, with several windows, one chart per
+    window (``<stem>.window<k>.png``). Returns the report."""
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     plot_report(report, out.with_suffix(".png"))
-    if len(splits) > 1:
-        for k, window in enumerate(report["windows"]):
+    if len(report["windows"]) > 1:
+        for k in range(len(report["windows"])):
             plot_window(report, k, out.with_name(f"{out.stem}.window{k + 1}.png"))
-    if artifacts_dir is not None:
-        save_artifacts(fitted, ml, data_dir, artifacts_dir, settings.train)
     return report
 
 

@@ -19,7 +19,7 @@ from export.evaluate import (
     evaluate_window,
     pool_metrics,
 )
-from export.metrics import evaluate_rankings
+from export.ranking_metrics import evaluate_rankings
 from export.pipeline import TrainSettings, fit_models
 from export.ranker import RankerConfig
 from export.split import rolling_splits, time_split
