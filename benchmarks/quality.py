@@ -116,9 +116,14 @@ def write_tables(out: Path, command: str) -> dict:
             if spec
             else ""
         )
+        ran = (
+            f"`{run_info['command']}` (wall {load.get('wall_s', 0) / 60:.1f} min; {conditions_line(cond)})."
+            if run_info
+            else "(a report written outside this command: no run conditions)."
+        )
         sections.append(
             f"### {name}: {proto['windows']} windows, pooled\n\n"
-            f"`{run_info.get('command', '')}` (wall {load.get('wall_s', 0) / 60:.1f} min; {conditions_line(cond)}).{shape} "
+            f"{ran}{shape} "
             f"{proto['test_users']} (user, window) pairs ({proto['distinct_test_users']} distinct users), "
             f"{proto['items']} items, test windows from {proto['test_starts'][:10]}; per-window test users "
             f"{[w['test_users'] for w in report['windows']]}; ranker / best baseline NDCG@10 per window "
