@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hummingbird tree strategy; auto measures them and keeps the fastest correct one",
     )
     exp.add_argument(
-        "--write-configs", action="store_true", help="regenerate config.pbtxt, configs/cpu.pbtxt and model.py from the artifacts' shapes"
+        "--write-configs", action="store_true", help="regenerate config.pbtxt, configs/cpu.pbtxt, configs/onnx_cpu.pbtxt and model.py from the artifacts' shapes"
     )
     exp.add_argument("--skip-index", action="store_true", help="do not (re)build the FAISS indexes under ARTIFACTS/faiss")
     exp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -351,10 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmarks.faults import add_arguments as add_faults_arguments
 
     add_faults_arguments(bench.add_parser("faults", help="load, Triton killed, deadlines, hot reload, durability, fuzz"))
+    from benchmarks.scaleout import add_arguments as add_scaleout_arguments
+
+    add_scaleout_arguments(bench.add_parser("scaleout", help="2 orchestrators + 2 Tritons, Redis, HAProxy; SIGKILLs under load"))
 
     from clients.online_cli import add_online_commands  # serve, demo, recommend, similar, popular, health
 
     add_online_commands(sub)
+    from clients.explore.cli import add_explore_command  # explore: the page in the browser
+
+    add_explore_command(sub)
     return parser
 
 

@@ -37,11 +37,11 @@ from tqdm.auto import tqdm
 from export import baselines
 from export.data import MovieLens
 from export.history import Histories
-from export.ranking_metrics import evaluate_rankings, ndcg_at_k
-from export.pipeline import Fitted, Period, TrainSettings, fit_models, retrieve, run, users_with_history
+from export.pipeline import Fitted, Period, TrainSettings, retrieve, run, users_with_history
 from export.ranker import candidate_features, rerank
 from export.retrieval import top_k_scores
-from export.split import relevant_items, rolling_splits
+from export.ranking_metrics import evaluate_rankings, ndcg_at_k
+from export.split import relevant_items
 from orchestrator.mmr import blend_vectors, mmr_rerank
 
 MODEL_NAMES = ("popularity", "item_knn", "ease", "als", "two_tower", "two_tower_ranker", "two_tower_ranker_mmr")
@@ -324,45 +324,24 @@ def evaluate(
     """
     settings = settings or EvalSettings()
     started = time.perf_counter()
-    reports: list[dict] = []
+    results: list[WindowResult] = []
+    last: list[tuple[MovieLens, Fitted]] = []
 
     def inspect(ml: MovieLens, fitted: Fitted) -> None:
-        reports.append(evaluate_windows(ml, fitted, data_dir, settings, progress))
-
-    # the latest window is the split run() trains, saves and publishes; the earlier ones are
-    # fitted inside `inspect`, before the artifacts are saved
-    run(data_dir, artifacts_dir, None, settings.train, progress, inspect)
-    report = reports[0]
-    report["seconds"] = {"total": round(time.perf_counter() - started, 2)}
-    return write_report(report, out_path)
-
-
-def evaluate_windows(
-    ml: MovieLens, latest: Fitted, data_dir: str | Path, settings: EvalSettings, progress: bool
-) -> dict:
-    """Evaluates every rolling-origin window; ``latest`` are the models :func:`export.pipeline.run`
-    fitted on the latest window (the single time split), the earlier windows are fitted here."""
-    train = settings.train
-    splits = rolling_splits(ml.ratings, settings.windows, train.val_fraction, train.test_fraction)
-    if (splits[-1].t_val, splits[-1].t_test) != (latest.split.t_val, latest.split.t_test):
-        raise AssertionError("the latest rolling window must be the split the published models were trained on")
-    results: list[WindowResult] = []
-    for k, split in enumerate(tqdm(splits, desc="windows", unit="window", disable=not progress or len(splits) == 1)):
-        fitted = latest if k == len(splits) - 1 else fit_models(ml, train, progress=progress, split=split)
         results.append(evaluate_window(fitted, settings, progress))
-        del fitted  # one window's models in memory at a time (besides the latest's)
-    return build_report(results, settings, ml, latest, data_dir)
+        last[:] = [(ml, fitted)]
 
-
-def write_report(report: dict, out_path: str | Path) -> dict:
-    """Writes the report JSON, the pooled chart beside it and, with several windows, one chart per
-    window (``<stem>.window<k>.png``). Returns the report."""
+    # the one offline composition: fit per window, evaluate each, save the latest window's models
+    run(data_dir, artifacts_dir, None, settings.train, progress, inspect, windows=settings.windows)
+    ml, fitted = last[0]
+    report = build_report(results, settings, ml, fitted, data_dir)
+    report["seconds"] = {"total": round(time.perf_counter() - started, 2)}
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     plot_report(report, out.with_suffix(".png"))
-    if len(report["windows"]) > 1:
-        for k in range(len(report["windows"])):
+    if len(results) > 1:
+        for k, window in enumerate(report["windows"]):
             plot_window(report, k, out.with_name(f"{out.stem}.window{k + 1}.png"))
     return report
 

@@ -32,6 +32,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from export.data import MovieLens, load_movielens
 from export.features import FEATURE_NAMES, RankerFeatures, cf_item_vectors
@@ -39,7 +40,7 @@ from export.history import Histories
 from export.items import Catalog, ItemStats, item_stats
 from export.ranker import RankerConfig, candidate_features, candidate_labels, train_ranker
 from export.retrieval import top_k
-from export.split import Split, relevant_items, time_split
+from export.split import Split, relevant_items, rolling_splits, time_split
 from export.two_tower import Demographics, TrainResult, TwoTower, TwoTowerConfig, train_two_tower
 from orchestrator.artifacts import FAISS_DIR, ITEM_EMBEDDINGS, MANIFEST, exported_from, file_sha256
 
@@ -330,6 +331,7 @@ def run(
     settings: TrainSettings | None = None,
     progress: bool = True,
     inspect: Callable[[MovieLens, Fitted], None] | None = None,
+    windows: int = 1,
 ) -> dict[str, Any]:
     """The offline path, in the order of the diagram: load -> split -> fit -> save -> publish.
 
@@ -343,16 +345,24 @@ def run(
         repo: Model repository to publish into (None: stop after saving).
         settings: Training settings.
         progress: Show progress bars.
-        inspect: Called with the data and the fitted models before saving (evaluation).
+        inspect: Called with the data and each window's fitted models before saving (evaluation).
+        windows: Rolling-origin windows (:func:`export.split.rolling_splits`), oldest first;
+            models are fitted per window and only the latest window's are saved and published
+            (with one window, the single time split of ``recsys train``).
 
     Returns:
         ``{"manifest": ... or None, "published": ... or None}``.
     """
     settings = settings or TrainSettings()
     ml = load_movielens(data_dir, progress=progress)
-    fitted = fit_models(ml, settings, progress=progress)  # split, two-tower, ranker, refit
-    if inspect is not None:
-        inspect(ml, fitted)
+    splits = rolling_splits(ml.ratings, windows, settings.val_fraction, settings.test_fraction)
+    fitted: Fitted | None = None
+    for split in tqdm(splits, desc="windows", unit="window", disable=not progress or len(splits) == 1):
+        fitted = None  # only the latest window's models are kept: free the previous ones first
+        fitted = fit_models(ml, settings, progress=progress, split=split)  # two-tower, ranker, refit
+        if inspect is not None:
+            inspect(ml, fitted)
+    assert fitted is not None
     manifest = save_artifacts(fitted, ml, data_dir, artifacts_dir, settings) if artifacts_dir is not None else None
     published = publish(artifacts_dir, repo, progress=progress) if artifacts_dir is not None and repo is not None else None
     return {"manifest": manifest, "published": published}
