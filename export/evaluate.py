@@ -471,8 +471,8 @@ def _bars(ax, models: dict[str, dict[str, float]], metric: str, reference: float
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{v:.3f}", ha="center", va="bottom", fontsize=7)
     if reference is not None:
-        ax.axhline(reference, color="#d62728", linestyle="--", linewidth=1)
-        ax.text(len(names) - 0.5, reference, f"candidates {reference:.3f}", color="#d62728", ha="right", va="bottom", fontsize=7)
+        ax.axhline(reference, color="#d62728", linestyle="--", linewidth=1, label=f"ranker's candidates {reference:.3f}")
+        ax.legend(loc="lower left", fontsize=7)
 
 
 def plot_report(report: dict, path: str | Path) -> None:
