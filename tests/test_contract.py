@@ -18,11 +18,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export.onnx_export import (
     CONFIG_NAMES,
     CONFIG_VARIANTS,
-    ONNX_CPU_INTER_OP_THREADS,
-    ONNX_CPU_INTRA_OP_THREADS,
     ENSEMBLE,
     LEAF_MODELS,
     MODEL_NAMES,
+    ONNX_CPU_INTER_OP_THREADS,
+    ONNX_CPU_INTRA_OP_THREADS,
     PYTHON_MODEL,
     Shapes,
     check_ensemble,
