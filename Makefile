@@ -4,18 +4,18 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test clean redis browser
+.PHONY: install demo test clean redis browser scaleout-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[offline,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: install
-	$(BIN)/recsys evaluate --data data/ml-100k --out reports/eval.json --artifacts artifacts --quiet
+	$(BIN)/recsys evaluate --data data/ml-latest-small --out reports/eval.json --artifacts artifacts --quiet
 	$(BIN)/recsys demo
 
 # the Redis history store is tested against a real redis-server (Debian's); without one
@@ -32,7 +32,14 @@ browser:
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
 		|| echo "chromium/chromedriver not installed: the explorer's browser tests will be skipped"
 
-test: install redis browser
+# `recsys bench scaleout` and its test also need a packaged load balancer: Debian's HAProxy
+# (and redis-server, above); without them that test is skipped and says so
+scaleout-deps: redis
+	@command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; } \
+		|| echo "haproxy not installed: the scale-out test will be skipped"
+
+test: install redis browser scaleout-deps
 	$(BIN)/python -m pytest -q
 
 clean:

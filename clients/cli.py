@@ -11,6 +11,30 @@ import json
 import sys
 from collections.abc import Sequence
 
+from export import DEFAULT_DATA_DIR
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a usage error, exit 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a share strictly between 0 and 1 (a usage error, exit 2, otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from dataclasses import replace
@@ -22,6 +46,19 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         spec = replace(spec, span_days=args.span_days)
     summary = synthesize(spec, args.out, progress=not args.quiet)
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from export.download import DownloadError, download
+
+    try:
+        record = download(args.name, args.out, url=args.base_url, archive=args.archive, force=args.force,
+                          keep_archive=args.keep_archive, progress=not args.quiet)
+    except DownloadError as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(record, indent=2))
     return 0
 
 
@@ -63,9 +100,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         settings = replace(settings, mmr_lambda=args.mmr_lambda)
     if args.mmr_pool is not None:
         settings = replace(settings, mmr_pool=args.mmr_pool)
+    settings = replace(
+        settings,
+        windows=args.windows,
+        train=replace(settings.train, test_fraction=args.window_fraction, val_fraction=args.window_fraction),
+    )
     report = evaluate(args.data, args.out, settings, artifacts_dir=args.artifacts, progress=not args.quiet)
     if args.json:
-        print(json.dumps({"protocol": report["protocol"], "models": report["models"], "targets": report["targets"]}, indent=2))
+        keys = ("protocol", "models", "significance", "candidates", "targets")
+        print(json.dumps({key: report[key] for key in keys}, indent=2))
     else:
         print(comparison_table(report))
         print()
@@ -75,18 +118,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from export.onnx_export import export_repository
+    from export.pipeline import publish
 
-    summary = export_repository(
-        args.artifacts, args.repo, tree_implementation=args.tree_implementation, write_configs=args.write_configs
+    published = publish(
+        args.artifacts,
+        args.repo,
+        tree_implementation=args.tree_implementation,
+        write_configs=args.write_configs,
+        index=not args.skip_index,
+        progress=not args.quiet,
     )
+    summary, index_report = published["repository"], published["faiss"]
     faiss_summary = None
-    if not args.skip_index:
-        from export.faiss_index import build_from_artifacts
-
-        # the index lives under artifacts/, outside the Triton repository (Triton would take
-        # every folder of its repository for a model)
-        index_report = build_from_artifacts(args.artifacts, progress=not args.quiet, threads=1)
+    if index_report is not None:
         faiss_summary = {
             "default": index_report["default"],
             "bundle": index_report["bundle"]["dir"],
@@ -118,7 +162,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_triton(args: argparse.Namespace) -> int:
-    from export.triton import EmbeddedTriton, TritonError, check, serve_forever
+    from orchestrator.tritonserver import EmbeddedTriton, TritonError, check, serve_forever
 
     server = EmbeddedTriton(
         args.repo,
@@ -154,7 +198,7 @@ def _cmd_triton(args: argparse.Namespace) -> int:
 
 def _cmd_batch_score(args: argparse.Namespace) -> int:
     from export.batch_score import BatchScoreError, StopRequested, batch_score
-    from export.triton import TritonError
+    from orchestrator.tritonserver import TritonError
 
     on_chunk = None
     if args.stop_after_chunks is not None:
@@ -209,8 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--quiet", action="store_true", help="no progress bars")
     synth.set_defaults(func=_cmd_synth)
 
+    from export.download import BASE_URL_ENV, DATASETS  # no heavy imports: stdlib and tqdm
+
+    dl = data.add_parser("download", help="fetch a MovieLens release from GroupLens, verify it, convert it to the CSV layout")
+    dl.add_argument("name", choices=tuple(DATASETS), help="the release")
+    dl.add_argument("--out", default=None, help="the data set's folder (default: data/NAME)")
+    dl.add_argument("--base-url", default=None, help=f"mirror of GroupLens's movielens folder (default: ${BASE_URL_ENV} or GroupLens)")
+    dl.add_argument("--archive", default=None, help="use this NAME.zip instead of downloading (default: NAME.zip beside --out if there)")
+    dl.add_argument("--force", action="store_true", help="replace an existing --out")
+    dl.add_argument("--keep-archive", action="store_true", help="keep the verified archive as .NAME.zip beside --out")
+    dl.add_argument("--quiet", action="store_true", help="no progress bars")
+    dl.set_defaults(func=_cmd_download)
+
     def training_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data", default="data/ml-100k", help="MovieLens CSV folder (default: %(default)s)")
+        p.add_argument("--data", default=DEFAULT_DATA_DIR, help="MovieLens CSV folder (default: %(default)s)")
         p.add_argument("--epochs", type=int, default=None, help="max two-tower epochs (early stopping may end sooner)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -224,6 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     training_flags(ev)
     ev.add_argument("--out", default="reports/eval.json", help="report JSON; the PNG chart goes beside it")
     ev.add_argument("--artifacts", default=None, help="also publish the trained models into this folder")
+    ev.add_argument(
+        "--windows",
+        type=_positive_int,
+        default=1,
+        help="rolling-origin test windows, the latest last (default: %(default)s = one time split)",
+    )
+    ev.add_argument(
+        "--window-fraction",
+        type=_fraction,
+        default=0.1,
+        help="share of the interactions in each test window and in its validation period (default: %(default)s)",
+    )
     ev.add_argument("--mmr-lambda", type=float, default=None)
     ev.add_argument("--mmr-pool", type=int, default=None)
     ev.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -239,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hummingbird tree strategy; auto measures them and keeps the fastest correct one",
     )
     exp.add_argument(
-        "--write-configs", action="store_true", help="regenerate config.pbtxt, configs/cpu.pbtxt and model.py from the artifacts' shapes"
+        "--write-configs", action="store_true", help="regenerate config.pbtxt, configs/cpu.pbtxt, configs/onnx_cpu.pbtxt and model.py from the artifacts' shapes"
     )
     exp.add_argument("--skip-index", action="store_true", help="do not (re)build the FAISS indexes under ARTIFACTS/faiss")
     exp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -283,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmarks.faults import add_arguments as add_faults_arguments
 
     add_faults_arguments(bench.add_parser("faults", help="load, Triton killed, deadlines, hot reload, durability, fuzz"))
+    from benchmarks.scaleout import add_arguments as add_scaleout_arguments
+
+    add_scaleout_arguments(bench.add_parser("scaleout", help="2 orchestrators + 2 Tritons, Redis, HAProxy; SIGKILLs under load"))
 
     from clients.online_cli import add_online_commands  # serve, demo, recommend, similar, popular, health
 

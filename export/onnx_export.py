@@ -2,18 +2,19 @@
 
 What is published, per model folder of ``model_repository/``::
 
-    user_tower/         config.pbtxt (onnxruntime, GPU) + configs/cpu.pbtxt (python, CPU) + model.py
+    user_tower/         config.pbtxt (onnxruntime, GPU) + configs/cpu.pbtxt (python, CPU)
+                        + configs/onnx_cpu.pbtxt (onnxruntime, CPU) + model.py
     item_tower/         same layout
     ranker_features/    same layout; the feature module of export/features.py as a graph
     ranker/             same layout; the LightGBM booster translated by Hummingbird
-    ranker_ensemble/    ranker_features -> ranker, for both config names
+    ranker_ensemble/    ranker_features -> ranker, for every config name
     <model>/<N>/        model.onnx + model.py (copied) + version.json, written by the export
 
 Configs and ``model.py`` are checked in; the export writes only numbered version folders
 (git-ignored). A re-export publishes version ``N+1`` beside ``N`` (all five models get the
 same number, so a version names one consistent set of graphs), each version folder staged
 under a dot-name Triton ignores and renamed into place. Before anything is renamed, every
-graph's inputs and outputs are checked against *both* configs of its model and the
+graph's inputs and outputs are checked against *every* config of its model and the
 ensemble's wiring is checked; a mismatch refuses the whole publish with a message naming
 the model, the tensor and the difference.
 
@@ -50,16 +51,43 @@ from export.features import FEATURE_NAMES, RankerFeatures
 from export.items import Catalog, ItemStats
 from export.pipeline import git_sha
 from export.two_tower import TwoTower, TwoTowerConfig
-from export.files import file_sha256
+from orchestrator.artifacts import EXPORTED_FILES, file_sha256
+from orchestrator.contract import (  # noqa: F401 - MODEL_NAMES, Tensor, ENSEMBLE_FEATURES: re-exported for the tests
+    ENSEMBLE_FEATURES,
+    GRAPH_MODELS,
+    ITEM_TOWER,
+    MODEL_NAMES,
+    RANKER_ENSEMBLE,
+    RANKER_FEATURES,
+    RANKER_TREES,
+    USER_TOWER,
+    VERSION_INFO,
+    Tensor,
+    model_tensors,
+    published_versions,
+)
 
 OPSET = 17
 """ONNX opset of every graph: supported by onnxruntime 1.32 and by Triton 2.51's onnxruntime backend."""
 
-ENSEMBLE = "ranker_ensemble"
-LEAF_MODELS = ("user_tower", "item_tower", "ranker_features", "ranker")
-MODEL_NAMES = (*LEAF_MODELS, ENSEMBLE)
-CONFIG_NAMES = ("config.pbtxt", "configs/cpu.pbtxt")
-"""Both configurations every model carries: native (default name) and ``--model-config-name=cpu``."""
+ENSEMBLE = RANKER_ENSEMBLE
+LEAF_MODELS = GRAPH_MODELS
+CONFIG_NAMES = ("config.pbtxt", "configs/cpu.pbtxt", "configs/onnx_cpu.pbtxt")
+"""The configurations every model carries: native GPU (default name), ``--model-config-name=cpu``
+(Python backend, the embedded Triton) and ``--model-config-name=onnx_cpu`` (NGC image, no GPU)."""
+CONFIG_VARIANTS = {
+    "config.pbtxt": {"cpu": False},
+    "configs/cpu.pbtxt": {"cpu": True},
+    "configs/onnx_cpu.pbtxt": {"cpu": True, "python_backend": False},
+}
+""":func:`render_config` keyword arguments of each name of :data:`CONFIG_NAMES`."""
+ONNX_CPU_INTRA_OP_THREADS = 2
+"""onnxruntime intra-op threads of one ``onnx_cpu`` instance. With one instance per model and
+four leaf models, a busy server asks for about 4 x 2 threads: sized for an 8-core host. The
+backend's default (0) gives every instance all cores, which oversubscribes a small host as
+soon as two models run at once; raise it on a big host where one model dominates."""
+ONNX_CPU_INTER_OP_THREADS = 1
+"""Graphs are a chain of small ops: parallel branches buy nothing, extra threads only contend."""
 
 TREE_IMPLEMENTATIONS = ("gemm", "tree_trav", "perf_tree_trav")
 TIMING_ROWS = (200, 500)
@@ -520,15 +548,6 @@ def choose_tree_implementation(
 
 
 @dataclass(frozen=True)
-class Tensor:
-    """A tensor as Triton's config describes it: name, Triton data type, dims without the batch axis."""
-
-    name: str
-    data_type: str
-    dims: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class ModelSpec:
     """What a model's two configs say.
 
@@ -551,48 +570,31 @@ class ModelSpec:
 
 def model_specs(shapes: Shapes) -> dict[str, ModelSpec]:
     """The four graph-backed models' tensors and batching, for ``shapes``."""
-    L, D, F = shapes.history_len, shapes.dim, shapes.n_features
+    tensors = model_tensors(shapes.history_len, shapes.dim, shapes.n_features)
     c = max(1, shapes.candidates)
     ranker_max = 4096
     # one request carries one user's candidates; preferring multiples of it lets the batcher
     # send a lone request at once and merge 2, 4, 8 users' worth under load
     ranker_pref = tuple(sorted({min(c * k, ranker_max) for k in (1, 2, 4, 8)}))
-    cand_inputs = (
-        Tensor("item", "TYPE_INT64", (1,)),
-        Tensor("retrieval_score", "TYPE_FP32", (1,)),
-        Tensor("retrieval_rank", "TYPE_FP32", (1,)),
-        Tensor("history", "TYPE_INT64", (L,)),
-        Tensor("history_rating", "TYPE_FP32", (L,)),
-    )
     return {
-        "user_tower": ModelSpec(
-            "user_tower",
-            (Tensor("history", "TYPE_INT64", (L,)), Tensor("history_rating", "TYPE_FP32", (L,)), Tensor("demographics", "TYPE_INT64", (3,))),
-            (Tensor("user_embedding", "TYPE_FP32", (D,)),),
+        USER_TOWER: ModelSpec(
+            USER_TOWER,
+            *tensors[USER_TOWER],
             max_batch_size=64,
             preferred_batch_sizes=(8, 16, 32),
             # one user per request: a lone request waits at most this long for company
             max_queue_delay_us=200,
         ),
-        "item_tower": ModelSpec(
-            "item_tower",
-            (Tensor("item", "TYPE_INT64", (1,)),),
-            (Tensor("item_embedding", "TYPE_FP32", (D,)),),
+        ITEM_TOWER: ModelSpec(
+            ITEM_TOWER,
+            *tensors[ITEM_TOWER],
             max_batch_size=4096,
             preferred_batch_sizes=(256, 1024, 4096),
             max_queue_delay_us=500,
         ),
-        "ranker_features": ModelSpec(
-            "ranker_features", cand_inputs, (Tensor("features", "TYPE_FP32", (F,)),), ranker_max, ranker_pref, 500
-        ),
-        "ranker": ModelSpec(
-            "ranker", (Tensor("features", "TYPE_FP32", (F,)),), (Tensor("score", "TYPE_FP32", (1,)),), ranker_max, ranker_pref, 500
-        ),
+        RANKER_FEATURES: ModelSpec(RANKER_FEATURES, *tensors[RANKER_FEATURES], ranker_max, ranker_pref, 500),
+        RANKER_TREES: ModelSpec(RANKER_TREES, *tensors[RANKER_TREES], ranker_max, ranker_pref, 500),
     }
-
-
-ENSEMBLE_FEATURES = "candidate_features"
-"""The ensemble's intermediate tensor between ``ranker_features`` and ``ranker``."""
 
 
 def _tensor_block(kind: str, tensors: Sequence[Tensor]) -> str:
@@ -603,9 +605,36 @@ def _tensor_block(kind: str, tensors: Sequence[Tensor]) -> str:
     return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
 
 
-def render_config(spec: ModelSpec, cpu: bool) -> str:
-    """The text of ``config.pbtxt`` (native onnxruntime, GPU) or ``configs/cpu.pbtxt`` (Python backend, CPU)."""
-    if cpu:
+def render_config(spec: ModelSpec, cpu: bool, python_backend: bool | None = None) -> str:
+    """The text of one of a leaf model's configs.
+
+    Args:
+        spec: The model.
+        cpu: ``KIND_CPU`` instances (else ``KIND_GPU``).
+        python_backend: Run the graph with onnxruntime inside Triton's Python backend
+            (``configs/cpu.pbtxt``, for the embedded Triton that has no onnxruntime backend);
+            False: Triton's native onnxruntime backend. None: the Python backend on the CPU,
+            the native backend on the GPU (the two original configs).
+
+    Returns:
+        ``config.pbtxt`` (native, GPU), ``configs/cpu.pbtxt`` (Python backend, CPU) or
+        ``configs/onnx_cpu.pbtxt`` (native, CPU) as text.
+    """
+    if python_backend is None:
+        python_backend = cpu
+    if cpu and not python_backend:
+        head = (
+            "# CPU config for Triton's onnxruntime backend (NGC image on a host without a GPU:\n"
+            "# tritonserver --model-config-name=onnx_cpu), <version>/model.onnx.\n"
+            "# Generated by recsys export; checked in.\n"
+            f'name: "{spec.name}"\nbackend: "onnxruntime"\n'
+        )
+        group = "instance_group [ { kind: KIND_CPU, count: 1 } ]\n"
+        params = (
+            f'parameters {{ key: "intra_op_thread_count", value: {{ string_value: "{ONNX_CPU_INTRA_OP_THREADS}" }} }}\n'
+            f'parameters {{ key: "inter_op_thread_count", value: {{ string_value: "{ONNX_CPU_INTER_OP_THREADS}" }} }}\n'
+        )
+    elif python_backend:
         head = (
             "# CPU config (tritonserver --model-config-name=cpu): the Python backend runs the same\n"
             "# <version>/model.onnx with onnxruntime (see model.py). Generated by recsys export; checked in.\n"
@@ -644,12 +673,12 @@ def render_config(spec: ModelSpec, cpu: bool) -> str:
 
 
 def render_ensemble_config(specs: dict[str, ModelSpec]) -> str:
-    """The text of ``ranker_ensemble``'s config (identical under both config names)."""
+    """The text of ``ranker_ensemble``'s config (identical under every config name)."""
     feats, ranker = specs["ranker_features"], specs["ranker"]
     in_map = "\n".join(f'      input_map {{ key: "{t.name}", value: "{t.name}" }}' for t in feats.inputs)
     return (
         "# ranker_features -> ranker in one call; candidates are the batch dimension.\n"
-        "# Generated by recsys export; checked in (the same text serves both config names).\n"
+        "# Generated by recsys export; checked in (the same text serves every config name).\n"
         f'name: "{ENSEMBLE}"\nplatform: "ensemble"\n'
         f"max_batch_size: {min(feats.max_batch_size, ranker.max_batch_size)}\n"
         + _tensor_block("input", feats.inputs)
@@ -682,7 +711,7 @@ from export.triton_onnx_model import TritonPythonModel  # noqa: F401
 
 
 def write_repository_files(repo: str | Path, shapes: Shapes, overwrite: bool = False) -> list[Path]:
-    """Writes the configs (both names) and ``model.py`` of every model into ``repo``.
+    """Writes the configs (every name of :data:`CONFIG_NAMES`) and ``model.py`` of every model into ``repo``.
 
     Args:
         repo: Model repository folder.
@@ -697,12 +726,12 @@ def write_repository_files(repo: str | Path, shapes: Shapes, overwrite: bool = F
     specs = model_specs(shapes)
     files: dict[Path, str] = {}
     for name, spec in specs.items():
-        files[repo / name / "config.pbtxt"] = render_config(spec, cpu=False)
-        files[repo / name / "configs" / "cpu.pbtxt"] = render_config(spec, cpu=True)
+        for config_name, variant in CONFIG_VARIANTS.items():
+            files[repo / name / config_name] = render_config(spec, **variant)
         files[repo / name / "model.py"] = PYTHON_MODEL
     ensemble = render_ensemble_config(specs)
-    files[repo / ENSEMBLE / "config.pbtxt"] = ensemble
-    files[repo / ENSEMBLE / "configs" / "cpu.pbtxt"] = ensemble
+    for config_name in CONFIG_NAMES:
+        files[repo / ENSEMBLE / config_name] = ensemble
     written = []
     for path, text in files.items():
         if path.exists() and not overwrite:
@@ -859,7 +888,7 @@ def check_ensemble(name: str, config, leaf_configs: dict) -> list[str]:
 
 
 def check_repository(repo: str | Path, graphs: dict[str, Path]) -> list[str]:
-    """Every contract problem of a repository: graphs vs both configs, and ensemble wiring.
+    """Every contract problem of a repository: graphs vs every config, and ensemble wiring.
 
     Args:
         repo: Model repository.
@@ -889,13 +918,6 @@ def check_repository(repo: str | Path, graphs: dict[str, Path]) -> list[str]:
 # --------------------------------------------------------------------------- publishing
 
 
-def published_versions(model_dir: Path) -> list[int]:
-    """Numeric version folders of a model, ascending."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 @contextlib.contextmanager
 def repository_lock(repo: Path) -> Iterator[None]:
     """Exclusive lock on the repository folder so two exports cannot claim the same version."""
@@ -911,8 +933,7 @@ def repository_lock(repo: Path) -> Iterator[None]:
 
 
 
-ARTIFACT_FILES = ("two_tower.pt", "ranker_features.pt", "ranker.lgb", "item_embeddings.npy", "items.parquet")
-"""Artifact files whose hashes are recorded with each version (the orchestrator serves the last two)."""
+ARTIFACT_FILES = EXPORTED_FILES
 
 
 def _artifacts_record(artifacts: Path, manifest: dict) -> dict:
@@ -982,7 +1003,7 @@ def export_repository(
 
     Steps: load artifacts -> export the four graphs into a staging folder -> pick the tree
     strategy by measurement (unless forced) -> parity against PyTorch / LightGBM -> write
-    missing configs -> validate graphs against both configs and the ensemble wiring -> rename
+    missing configs -> validate graphs against every config and the ensemble wiring -> rename
     each staged version folder into place (leaf models first, the ensemble last) -> record
     the export in the artifacts' ``manifest.json``.
 
@@ -1080,7 +1101,7 @@ def export_repository(
                     info["tree_implementation"] = chosen
                 if m == ENSEMBLE:
                     info["steps"] = {"ranker_features": version, "ranker": version}
-                (staging[m] / "version.json").write_text(json.dumps(info, indent=2))
+                (staging[m] / VERSION_INFO).write_text(json.dumps(info, indent=2))
             # leaf models first: a poller that sees the new ensemble version finds its steps in place
             for m in MODEL_NAMES:
                 target = repo / m / str(version)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from export.onnx_export import MODEL_NAMES, sample_candidate_inputs, sample_user_inputs, session
-from export.triton import EmbeddedTriton, check
+from orchestrator.tritonserver import EmbeddedTriton, check
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
