@@ -20,7 +20,6 @@ from export.triton_config import (
     CONFIG_VARIANTS,
     ENSEMBLE,
     LEAF_MODELS,
-    MODEL_NAMES,
     ONNX_CPU_INTER_OP_THREADS,
     ONNX_CPU_INTRA_OP_THREADS,
     PYTHON_MODEL,
