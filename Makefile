@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test clean redis browser scaleout-deps
+.PHONY: install demo test clean redis browser scaleout-deps lint quality
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,14 @@ install: $(STAMP)
 demo: install
 	$(BIN)/recsys evaluate --data data/ml-latest-small --out reports/eval.json --artifacts artifacts --quiet
 	$(BIN)/recsys demo
+
+# the model-quality tables of README.md / BENCHMARKS.md: rolling-origin evaluation (5 windows) of
+# ml-100k (not shipped: give its folder), the bundled ml-latest-small and an ML-32M-shaped
+# synthetic sample -> reports/quality/quality.md (see benchmarks/quality.py)
+ML100K ?=
+quality: install
+	@[ -n "$(ML100K)" ] || { echo "usage: make quality ML100K=/path/to/ml-100k  (CSV layout; recsys data download ml-100k)"; exit 2; }
+	$(BIN)/python -m benchmarks.quality --ml-100k $(ML100K) --windows 5 --out reports/quality
 
 # the Redis history store is tested against a real redis-server (Debian's); without one
 # (no root, no apt) that test is skipped and says so
@@ -44,3 +52,9 @@ test: install redis browser scaleout-deps
 
 clean:
 	rm -rf $(VENV) artifacts reports
+
+# ruff (lint + format check) and mypy (strict for orchestrator/ and clients/), configured in pyproject.toml
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy

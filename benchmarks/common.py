@@ -147,7 +147,7 @@ class LoadWatch:
         self.seconds = 0.0
         self._t0 = 0.0
 
-    def __enter__(self) -> "LoadWatch":
+    def __enter__(self) -> LoadWatch:
         self.before = load_average()
         self._t0 = time.perf_counter()
         return self

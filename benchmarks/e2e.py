@@ -13,8 +13,8 @@ What one run does, per case:
    the synthetic generator, models trained for one epoch (latency does not care how good
    they are, only how big the catalog and the graphs are), exported. ``ml-latest-small``:
    the bundled data, the same way. ``ml-100k`` (not run by default) reads ``data/ml-100k``,
-   which users download themselves (``recsys data download ml-100k``). Each is built once into ``--work`` and reused; ``--artifacts``
-   and ``--repo`` take an existing one instead.
+   which users download themselves (``recsys data download ml-100k``). Each is built once
+   into ``--work`` and reused; ``--artifacts`` and ``--repo`` take an existing one instead.
 2. **Served.** ``recsys serve`` in its own process (it starts the embedded Triton), the
    asyncio client in this one, ``--warmup`` calls, then ``--requests`` ``Recommend`` calls at
    each concurrency: p50/p95/p99, QPS, errors by status. Known users drawn with a fixed seed,
@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -168,7 +167,7 @@ class ServedStack:
         self.address = ""
         self.info: dict[str, Any] = {}
 
-    def __enter__(self) -> "ServedStack":
+    def __enter__(self) -> ServedStack:
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=None, text=True, start_new_session=True)
         text = ""  # the (indented) JSON announcement, printed once both listen
         while True:

@@ -120,7 +120,7 @@ class FaissScaleSettings:
     seed: int = 0
 
     @classmethod
-    def quick(cls) -> "FaissScaleSettings":
+    def quick(cls) -> FaissScaleSettings:
         """Under a minute on 2 cores: the trained embeddings and a 50,000-item synthetic catalog."""
         return cls(sizes=(50_000,), queries=200)
 

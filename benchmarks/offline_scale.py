@@ -99,7 +99,7 @@ class OfflineScaleSettings:
     seed: int = 0
 
     @classmethod
-    def quick(cls) -> "OfflineScaleSettings":
+    def quick(cls) -> OfflineScaleSettings:
         """Under a minute on 32M ratings: the full load, then 10 % of the users, 5 steps, 30 trees."""
         return cls(
             steps=5,

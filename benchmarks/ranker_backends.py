@@ -79,7 +79,7 @@ class RankerBenchSettings:
     seed: int = 0
 
     @classmethod
-    def quick(cls) -> "RankerBenchSettings":
+    def quick(cls) -> RankerBenchSettings:
         """Under a minute on 2 cores: two counts, few rounds (figures are indicative only)."""
         return cls(counts=(1, 200), repeats=40, warmup=5, users=4)
 

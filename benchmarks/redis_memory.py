@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"redis_memory: {exc}", file=sys.stderr)
         return 2
-    report = {"conditions": conditions(), "rows": rows}
-    out = write_json(args.out, report)
+    cond = conditions(users_per_length=args.users)
+    out = write_json(args.out, {"conditions": cond, "rows": rows})
     print(json.dumps(rows, indent=2))
-    print(conditions_line(report["conditions"]))
+    print(conditions_line(cond))
     print(f"wrote {out}")
     return 0
 

@@ -56,7 +56,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPORTS, conditions, conditions_line, log, write_json
+from benchmarks.common import (
+    REPORTS,
+    LoadWatch,
+    conditions,
+    conditions_line,
+    log,
+    write_json,
+)
 from export import DEFAULT_DATA_DIR
 
 PHASES = ("steady", "orchestrator_killed", "triton_killed", "recovered")
@@ -133,11 +140,12 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
     from orchestrator.tritonserver import free_port
 
     port = free_port()
-    proc = subprocess.Popen(
-        [require("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
-         "--appendonly", "yes", "--appendfsync", "always"],
-        stdout=open(workdir / "redis.log", "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
+    with open(workdir / "redis.log", "wb") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [require("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
     _wait_port(port, proc, "redis-server")
     return proc, f"redis://127.0.0.1:{port}/0"
 
@@ -177,7 +185,7 @@ backend orchestrators
 
 
 def haproxy_version() -> str:
-    out = subprocess.run([require("haproxy"), "-v"], capture_output=True, text=True).stdout
+    out = subprocess.run([require("haproxy"), "-v"], capture_output=True, text=True, check=False).stdout
     match = re.search(r"version (\S+)", out)
     return match.group(1) if match else out.strip()[:40]
 
@@ -189,11 +197,11 @@ def start_haproxy(workdir: Path, backends: list[str]) -> tuple[subprocess.Popen,
     port = free_port()
     cfg = workdir / "haproxy.cfg"
     cfg.write_text(haproxy_config(port, backends))
-    check = subprocess.run([require("haproxy"), "-c", "-f", str(cfg)], capture_output=True, text=True)
+    check = subprocess.run([require("haproxy"), "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
     if check.returncode != 0:
         raise RuntimeError(f"haproxy rejected its configuration:\n{check.stdout}{check.stderr}")
-    proc = subprocess.Popen([require("haproxy"), "-db", "-f", str(cfg)], stdout=open(workdir / "haproxy.log", "wb"),
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with open(workdir / "haproxy.log", "wb") as out:
+        proc = subprocess.Popen([require("haproxy"), "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     _wait_port(port, proc, "haproxy")
     return proc, port
 
@@ -274,7 +282,7 @@ class MixedLoad:
                 self.outcomes.append((t0, time.monotonic(), rpc, exc.code.name))
                 if len(self.errors) < 20:
                     self.errors.append(f"{rpc}: {exc.code.name} {exc}")
-            except Exception as exc:  # a defect of the benchmark: counted as a failure, reported
+            except Exception as exc:  # noqa: BLE001 - a defect of the benchmark: counted as a failure, reported
                 self.outcomes.append((t0, time.monotonic(), "client", type(exc).__name__))
                 self.errors.append(repr(exc))
 
@@ -290,7 +298,7 @@ class MixedLoad:
             await asyncio.gather(*(self._worker(client) for _ in range(self.s.concurrency)))
         await channel.close()
 
-    def start(self) -> "MixedLoad":
+    def start(self) -> MixedLoad:
         self._thread.start()
         return self
 
@@ -361,14 +369,16 @@ def run_benchmark(s: ScaleoutSettings, artifacts: str | None = None, repo: str |
     """Runs the scale-out; returns ``(report, details)`` (details: conditions, errors, counts)."""
     import pandas as pd
 
-    from benchmarks.faults import Stack, prepare_deployment
+    from benchmarks.faults.run import prepare_deployment
+    from benchmarks.faults.stack import Stack
 
     workdir = Path(tempfile.mkdtemp(prefix="recsys-scaleout-"))
     redis_proc = haproxy = None
     stacks: list[Stack] = []
     details: dict[str, Any] = {"workdir": str(workdir)}
     try:
-        require("redis-server"), require("haproxy")
+        for binary in ("redis-server", "haproxy"):
+            require(binary)  # fail before any training or start-up
         art, rep, deployment = prepare_deployment(artifacts, repo, data, workdir, in_place=artifacts is not None)
         details["deployment"] = deployment
         redis_proc, redis_url = start_redis(workdir)
@@ -392,6 +402,7 @@ def run_benchmark(s: ScaleoutSettings, artifacts: str | None = None, repo: str |
         users = sorted(int(u) for u in inter.unique())
         movies = [int(m) for m in pd.read_parquet(art / "items.parquet", columns=["movie_id"]).movie_id]
         fresh = max(users) + 1_000
+        watch = LoadWatch().__enter__()  # the machine's load over the measured part
         load = MixedLoad(f"127.0.0.1:{port}", users, movies, fresh, s).start()
         windows: dict[str, tuple[float, float]] = {}
         killed: list[dict[str, Any]] = []
@@ -428,6 +439,7 @@ def run_benchmark(s: ScaleoutSettings, artifacts: str | None = None, repo: str |
         time.sleep(s.phase_s)
         windows["recovered"] = (t0, time.monotonic())
         load.stop()
+        watch.__exit__()
 
         outcomes = load.outcomes
         failed = [o for o in outcomes if o[3] != "OK"]
@@ -449,7 +461,7 @@ def run_benchmark(s: ScaleoutSettings, artifacts: str | None = None, repo: str |
             failed_by_status=dict(Counter(f"{o[2]} {o[3]}" for o in failed)),
             errors=load.errors,
             consistency=consistency,
-            conditions=conditions(),
+            conditions={**conditions(), "load_average": watch.record()},
             settings=s.__dict__,
         )
         return report, details

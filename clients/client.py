@@ -310,7 +310,7 @@ class RecsysClient(_Base):
         if self._own:
             self.channel.close()
 
-    def __enter__(self) -> "RecsysClient":
+    def __enter__(self) -> RecsysClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -419,7 +419,7 @@ class AsyncRecsysClient(_Base):
         if self._own:
             await self.channel.close()
 
-    async def __aenter__(self) -> "AsyncRecsysClient":
+    async def __aenter__(self) -> AsyncRecsysClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

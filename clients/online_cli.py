@@ -1,4 +1,4 @@
-"""The online subcommands of ``recsys``: serve, demo, recommend, similar, popular, health,
+"""The online subcommands of ``recsys``: serve, recommend, similar, popular, health,
 delete-user and replay.
 
 Thin shells over :mod:`clients.client` and :mod:`orchestrator.stack`; :func:`add_online_commands`
@@ -13,8 +13,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
-
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -68,7 +68,7 @@ def _options(args: argparse.Namespace, rerank: bool = True) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _call(args: argparse.Namespace, fn) -> int:
+def _call(args: argparse.Namespace, fn: Callable[[Any], int]) -> int:
     """Runs ``fn(client)``; a failed call prints its status and message and exits 1."""
     from clients.client import RecsysClient
     from clients.errors import RecsysRpcError
@@ -89,7 +89,7 @@ def _call(args: argparse.Namespace, fn) -> int:
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
     """``recsys recommend``: by ``--user`` or ``--history``."""
-    def run(client) -> int:
+    def run(client: Any) -> int:
         if args.user is not None:
             resp = client.recommend(args.user, k=args.k, **_options(args))
             who = f"user {args.user}"
@@ -107,7 +107,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
 def _cmd_similar(args: argparse.Namespace) -> int:
     """``recsys similar --movie ID``."""
-    def run(client) -> int:
+    def run(client: Any) -> int:
         resp = client.similar(args.movie, k=args.k, user_id=args.user, **_options(args))
         _emit(resp, args.json, f"# similar to movie {args.movie}: model {resp.model_version}, {resp.latency_ms:.1f} ms")
         return 0
@@ -117,7 +117,7 @@ def _cmd_similar(args: argparse.Namespace) -> int:
 
 def _cmd_popular(args: argparse.Namespace) -> int:
     """``recsys popular [--genre G] [--recent]``."""
-    def run(client) -> int:
+    def run(client: Any) -> int:
         resp = client.popular(k=args.k, recent=args.recent, **_options(args, rerank=False))
         _emit(resp, args.json, f"# popular ({'last 30 days' if args.recent else 'all time'}): {resp.latency_ms:.1f} ms")
         return 0
@@ -127,7 +127,7 @@ def _cmd_popular(args: argparse.Namespace) -> int:
 
 def _cmd_health(args: argparse.Namespace) -> int:
     """``recsys health``: prints the status; exit 0 only when SERVING."""
-    def run(client) -> int:
+    def run(client: Any) -> int:
         status = client.health(args.service)
         print(json.dumps({"service": args.service, "status": status}) if args.json else status)
         return 0 if status == "SERVING" else 1
@@ -137,7 +137,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
 def _cmd_delete_user(args: argparse.Namespace) -> int:
     """``recsys delete-user --user ID``: erases the user's history and request-log rows."""
-    def run(client) -> int:
+    def run(client: Any) -> int:
         resp = client.delete_user(args.user)
         body = {"user_id": args.user, "interactions_deleted": resp.interactions_deleted, "request_log_rows_deleted": resp.request_log_rows_deleted}
         if args.json:
@@ -168,7 +168,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace):
+def _settings(args: argparse.Namespace) -> Any:
     """ServeSettings from ``RECSYS_*`` variables, overridden by the flags that were given."""
     from orchestrator.settings import ServeSettings
 
@@ -220,24 +220,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    """``recsys demo [--json]``."""
-    from export import DEFAULT_DATA_DIR
-    from export.demo import demo, demo_table
-
-    from clients.errors import RecsysRpcError
-    from orchestrator.tritonserver import TritonError
-
-    logging.basicConfig(level=logging.WARNING)  # the demo's output is the answers, not the logs
-    try:
-        result = demo(args.artifacts, args.repo, args.data or DEFAULT_DATA_DIR, k=args.k, progress=not args.quiet)
-    except (TritonError, RecsysRpcError) as exc:
-        print(f"recsys: error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps({k: result[k] for k in ("recommend", "recommend_by_history", "similar")}, indent=2) if args.json else demo_table(result))
-    return 0
-
-
 def _target_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help="orchestrator host:port (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default: %(default)s)")
@@ -267,7 +249,7 @@ def _rerank_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_online_commands(sub: argparse._SubParsersAction) -> None:
-    """Registers serve, demo, recommend, similar, popular, health, delete-user and replay on the ``recsys`` parser."""
+    """Registers serve, recommend, similar, popular, health, delete-user and replay on the ``recsys`` parser."""
     srv = sub.add_parser("serve", help="run the gRPC orchestrator (and the embedded Triton unless --triton-url)")
     srv.add_argument("--artifacts", default=None, help="folder written by `recsys train` (default: artifacts)")
     srv.add_argument("--repo", default=None, help="Triton model repository (default: model_repository)")
@@ -292,15 +274,6 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     srv.add_argument("--json", action="store_true", help="print the addresses as JSON")
     srv.set_defaults(func=_cmd_serve)
-
-    dem = sub.add_parser("demo", help="train/export if needed, start Triton + orchestrator, show three answers, stop")
-    dem.add_argument("--artifacts", default="artifacts")
-    dem.add_argument("--repo", default="model_repository")
-    dem.add_argument("--data", default=None, help="trained on when the artifacts have no manifest (default: the bundled data/ml-latest-small)")
-    dem.add_argument("-k", type=int, default=10)
-    dem.add_argument("--json", action="store_true", help='print {"recommend", "recommend_by_history", "similar"} as JSON')
-    dem.add_argument("--quiet", action="store_true", help="no progress bars")
-    dem.set_defaults(func=_cmd_demo)
 
     rec = sub.add_parser("recommend", help="top-k movies for a user or a history")
     who = rec.add_mutually_exclusive_group(required=True)

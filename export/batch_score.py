@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from export.history import Histories
 from export.items import Catalog
 from orchestrator.artifacts import Demographics, DemographicsMismatch
+from orchestrator.artifacts import load_demographics as _load_demographics
 from orchestrator.contract import (
     HISTORY,
     HISTORY_RATING,
@@ -65,7 +66,6 @@ from orchestrator.contract import (
     candidate_feeds,
     user_tower_feeds,
 )
-from orchestrator.artifacts import load_demographics as _load_demographics
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ class TritonHTTP:
                 raise BatchScoreError(f"{info.name} v{info.version}: inference failed on {self.url}: {exc}") from exc
             if out is None or len(out) != bounds[i][1] - bounds[i][0]:
                 # a failing Python-backend model can answer with an empty output instead of
-                # an error (FIELD-NOTES, numpy 2): never let that pass as scores
+                # an error (docs/platform.md, numpy 2): never let that pass as scores
                 got = None if out is None else out.shape
                 raise BatchScoreError(f"{info.name}: output {output} has shape {got} for {bounds[i][1] - bounds[i][0]} rows")
             results[i] = out

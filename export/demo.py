@@ -19,6 +19,7 @@ from export.pipeline import prepare_serving
 from orchestrator.settings import ServeSettings
 from orchestrator.stack import running_stack
 
+
 def _pick_examples(server: Any) -> dict[str, Any]:
     """A known active user, a history-only user and a movie for Similar, from the data."""
     import numpy as np

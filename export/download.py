@@ -51,7 +51,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -63,7 +62,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from tqdm.auto import tqdm
 
 __all__ = ["BASE_URL_ENV", "DATASETS", "DEFAULT_BASE_URL", "Dataset", "DownloadError", "download"]
 
@@ -209,7 +207,7 @@ def download(
         if archive is None:
             zip_path.unlink(missing_ok=True)  # a corrupt part must not be resumed
         raise
-    files = convert(zip_path, ds, out, force=force, progress=progress, extra={
+    convert(zip_path, ds, out, force=force, progress=progress, extra={
         "dataset": name, "source": source, "bytes": size, "checks": checks,
         "downloaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "redistributable": ds.redistributable,
@@ -219,7 +217,7 @@ def download(
             zip_path.replace(out.parent / f".{ds.archive}")
         else:
             zip_path.unlink(missing_ok=True)
-    return json.loads((out / RECORD).read_text()) | {"files": files}
+    return json.loads((out / RECORD).read_text())
 
 
 # ---------------------------------------------------------------------------- network
@@ -249,7 +247,7 @@ def _open(url: str, headers: dict[str, str] | None = None, drop: Path | None = N
         return urllib.request.urlopen(request, timeout=_TIMEOUT_S)  # noqa: S310 - http(s) URLs only
     except urllib.error.HTTPError:
         raise  # the server answered: the caller decides what a status means
-    except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as exc:
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         raise _offline_hint(url, drop, getattr(exc, "reason", exc)) from exc
 
 
@@ -285,6 +283,8 @@ def fetch(url: str, part: Path, drop: Path | None = None, *, progress: bool = Tr
         DownloadError: No network, an HTTP error, or the transfer stopped short (the part
             file is kept: run again to resume).
     """
+    from tqdm.auto import tqdm  # imported here: the CLI lists the data sets without it
+
     meta_path = part.with_name(part.name + ".json")
     have = part.stat().st_size if part.is_file() else 0
     meta = json.loads(meta_path.read_text()) if have and meta_path.is_file() else {}
@@ -334,7 +334,7 @@ def _read(resp: IO[bytes], url: str) -> bytes:
     """One block of the body; a dropped connection keeps what arrived (for the resume)."""
     try:
         return resp.read(_CHUNK)
-    except (TimeoutError, socket.timeout, ConnectionError, OSError) as exc:
+    except (TimeoutError, ConnectionError, OSError) as exc:
         raise DownloadError(f"{url}: the connection dropped ({exc}); run the same command again to resume") from exc
     except Exception as exc:  # http.client.IncompleteRead and friends
         raise DownloadError(f"{url}: the transfer broke off ({type(exc).__name__}); "
@@ -414,6 +414,8 @@ def convert(zip_path: Path, ds: Dataset, out: Path, *, force: bool = False, prog
     Returns:
         The file names written, ``download.json`` last.
     """
+    from tqdm.auto import tqdm
+
     writers: dict[str, Callable[[zipfile.ZipFile, Path], list[str]]] = {
         "100k": _convert_100k, "1m": _convert_1m, "csv": _convert_csv,
     }

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +39,8 @@ from export.data import MovieLens
 from export.history import Histories
 from export.pipeline import Fitted, Period, TrainSettings, retrieve, run, users_with_history
 from export.ranker import candidate_features, rerank
-from export.retrieval import top_k_scores
 from export.ranking_metrics import evaluate_rankings, ndcg_at_k
+from export.retrieval import top_k_scores
 from export.split import relevant_items
 from orchestrator.mmr import blend_vectors, mmr_rerank
 
@@ -471,8 +471,8 @@ def _bars(ax, models: dict[str, dict[str, float]], metric: str, reference: float
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{v:.3f}", ha="center", va="bottom", fontsize=7)
     if reference is not None:
-        ax.axhline(reference, color="#d62728", linestyle="--", linewidth=1)
-        ax.text(len(names) - 0.5, reference, f"candidates {reference:.3f}", color="#d62728", ha="right", va="bottom", fontsize=7)
+        ax.axhline(reference, color="#d62728", linestyle="--", linewidth=1, label=f"ranker's candidates {reference:.3f}")
+        ax.legend(loc="lower left", fontsize=7)
 
 
 def plot_report(report: dict, path: str | Path) -> None:

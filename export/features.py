@@ -111,7 +111,7 @@ class RankerFeatures(nn.Module):
         self.register_buffer("cf_vectors", torch.tensor(np.asarray(cf_vectors), dtype=torch.float32))
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "RankerFeatures":
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> RankerFeatures:
         """Rebuilds the module from a saved ``state_dict`` (all of its state is buffers)."""
         module = cls.__new__(cls)
         nn.Module.__init__(module)

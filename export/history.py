@@ -36,7 +36,7 @@ class Histories:
     timestamps: np.ndarray
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, catalog: Catalog) -> "Histories":
+    def from_frame(cls, frame: pd.DataFrame, catalog: Catalog) -> Histories:
         """Groups ``frame`` (user_id, movie_id, rating, timestamp) by user, time-ordered.
 
         Rows whose movie is not in the catalog are skipped. Ties in time are broken by movie id

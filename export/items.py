@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from orchestrator.artifacts import items_of
+
 YEAR_BUCKETS = (0, 1930, 1950, 1960, 1970, 1980, 1985, 1990, 1993, 1995, 1997, 2000, 2005, 2010, 2015, 2020)
 """Lower edges of release-year buckets; bucket 0 is "unknown year"."""
 
@@ -53,7 +55,7 @@ class Catalog:
         return len(self.movie_ids)
 
     @classmethod
-    def from_movies(cls, movies: pd.DataFrame, genres: list[str], genre_matrix: np.ndarray) -> "Catalog":
+    def from_movies(cls, movies: pd.DataFrame, genres: list[str], genre_matrix: np.ndarray) -> Catalog:
         """Builds the catalog from the loader's ``movies`` frame (sorted by movie id)."""
         return cls(
             movie_ids=movies.movie_id.to_numpy(dtype=np.int64),
@@ -70,10 +72,7 @@ class Catalog:
 
     def to_items(self, movie_ids: np.ndarray | pd.Series) -> np.ndarray:
         """Maps movie ids to item indices; unknown ids map to -1."""
-        pos = np.searchsorted(self.movie_ids, np.asarray(movie_ids, dtype=np.int64))
-        pos = np.clip(pos, 0, self.n_items - 1)
-        ok = self.movie_ids[pos] == np.asarray(movie_ids, dtype=np.int64)
-        return np.where(ok, pos, -1).astype(np.int64)
+        return items_of(self.movie_ids, movie_ids)  # the item order is movie-id order
 
     def year_buckets(self) -> np.ndarray:
         """int64 [n_items] year bucket ids; 0 = unknown year."""

@@ -23,10 +23,11 @@ import json
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightgbm as lgb
 import numpy as np
@@ -78,7 +79,7 @@ class Period:
     cf_vectors: np.ndarray
 
     @classmethod
-    def at(cls, past: pd.DataFrame, catalog: Catalog, cutoff: int) -> "Period":
+    def at(cls, past: pd.DataFrame, catalog: Catalog, cutoff: int) -> Period:
         past = past[past.timestamp < cutoff]
         histories = Histories.from_frame(past, catalog)
         stats = item_stats(past, catalog, cutoff)

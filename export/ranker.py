@@ -6,7 +6,7 @@ validation period (2 = rated >= 4, 1 = rated below 4, 0 = not rated). Features c
 :class:`export.features.RankerFeatures`, the same module that is exported to Triton.
 
 Trees are kept Hummingbird-friendly (``max_depth <= 8``, a few hundred trees at most): the
-ONNX translation of deep trees is slow on the CPU and can need tens of GiB (FIELD-NOTES).
+ONNX translation of deep trees is slow on the CPU and can need tens of GiB (docs/platform.md).
 """
 
 from __future__ import annotations

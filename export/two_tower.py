@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from export.history import Histories
 from export.items import POP_BUCKETS, YEAR_BUCKETS, Catalog, ItemStats
 from orchestrator.artifacts import AGE_BUCKETS, Demographics  # noqa: F401 - the codes the tower embeds; re-exported
+
 
 @dataclass(frozen=True)
 class TwoTowerConfig:

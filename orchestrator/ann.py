@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
+import faiss  # its bundled stubs miss several index classes and attributes: "# faiss stubs" ignores below
 import numpy as np
 import pandas as pd
 
@@ -95,7 +95,7 @@ def index_params(index: faiss.Index) -> dict[str, int]:
     if isinstance(index, faiss.IndexHNSW):
         hnsw = index.hnsw
         # FAISS stores M implicitly: levels above 0 have M neighbours, level 0 has 2 M.
-        return {"M": int(hnsw.nb_neighbors(1)), "efConstruction": int(hnsw.efConstruction), "efSearch": int(hnsw.efSearch)}
+        return {"M": int(hnsw.nb_neighbors(1)), "efConstruction": int(hnsw.efConstruction), "efSearch": int(hnsw.efSearch)}  # type: ignore[attr-defined]  # faiss stubs
     return {}
 
 
@@ -281,7 +281,7 @@ def _selector(allowed: np.ndarray | None, excluded: np.ndarray) -> Any:
     if allowed is not None:
         bits = allowed.copy()
         bits[excluded] = False
-        return faiss.IDSelectorBitmap(np.packbits(bits, bitorder="little"))
+        return faiss.IDSelectorBitmap(np.packbits(bits, bitorder="little"))  # type: ignore[call-arg, arg-type]  # faiss stubs
     if excluded.size:
         return faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded))
     return None
@@ -304,9 +304,9 @@ def _search_params(index: faiss.Index, sel: Any, effort: int | None) -> Any:
     """
     kwargs = {} if sel is None else {"sel": sel}
     if _is_ivf(index):
-        return faiss.SearchParametersIVF(nprobe=effort or index.nprobe, **kwargs)
+        return faiss.SearchParametersIVF(nprobe=effort or index.nprobe, **kwargs)  # type: ignore[call-arg, attr-defined]  # faiss stubs
     if isinstance(index, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(efSearch=effort or index.hnsw.efSearch, **kwargs)
+        return faiss.SearchParametersHNSW(efSearch=effort or index.hnsw.efSearch, **kwargs)  # type: ignore[attr-defined]  # faiss stubs
     return faiss.SearchParameters(**kwargs) if kwargs else None
 
 
@@ -329,7 +329,7 @@ def _effort_ladder(index: faiss.Index, rounds: int, share: float, on_gpu: bool) 
     Each further round multiplies by 4.
     """
     if _is_ivf(index):
-        start, top = index.nprobe, min(index.nlist, GPU_MAX_K) if on_gpu else index.nlist
+        start, top = index.nprobe, min(index.nlist, GPU_MAX_K) if on_gpu else index.nlist  # type: ignore[attr-defined]  # faiss stubs
         first = math.ceil(start / max(share, 1e-9))
     elif isinstance(index, faiss.IndexHNSW) and not on_gpu:
         start = index.hnsw.efSearch
@@ -351,9 +351,9 @@ def _take_admissible(
     ok = labels >= 0
     if allowed is not None:
         ok &= allowed[np.where(ok, labels, 0)]
-    for r, e in enumerate(excluded):
+    for row, e in enumerate(excluded):
         if e.size:
-            ok[r] &= ~np.isin(labels[r], e)
+            ok[row] &= ~np.isin(labels[row], e)
     pos = np.cumsum(ok, axis=1) - 1
     keep = ok & (pos < k)
     items = np.full((len(labels), k), -1, dtype=np.int64)

@@ -163,3 +163,24 @@ def exported_from(artifacts: Path, repo: Path) -> bool:
     except FileNotFoundError:
         return False
     return all(recorded.get(n) == file_sha256(artifacts / n) for n in EXPORTED_FILES if (artifacts / n).exists())
+
+
+def items_of(sorted_movie_ids: np.ndarray, movie_ids: Any, order: np.ndarray | None = None) -> np.ndarray:
+    """Item index of each movie id, -1 for ids not in the item table: the one id mapping of both sides.
+
+    Args:
+        sorted_movie_ids: int64 [n] the table's movie ids, ascending.
+        movie_ids: Ids to map (any int sequence or array).
+        order: int64 [n] item index of each entry of ``sorted_movie_ids`` (None: the identity,
+            as in a table whose item order is movie-id order).
+
+    Returns:
+        int64 [len(movie_ids)].
+    """
+    ids = np.asarray(movie_ids, dtype=np.int64).reshape(-1)
+    n = len(sorted_movie_ids)
+    if n == 0 or ids.size == 0:
+        return np.full(ids.size, -1, dtype=np.int64)
+    pos = np.clip(np.searchsorted(sorted_movie_ids, ids), 0, n - 1)
+    found = sorted_movie_ids[pos] == ids
+    return np.where(found, pos if order is None else order[pos], -1).astype(np.int64)

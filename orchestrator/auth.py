@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -184,7 +185,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
                     f" retry in {wait_s:.2f} s"
                 )
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         service = handler_call_details.method.lstrip("/").split("/", 1)[0]
         if handler is None or service in OPEN_SERVICES:
@@ -199,7 +200,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
 def _refusal(handler: grpc.RpcMethodHandler, exc: RecsysError) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that ends the call with ``exc``'s status."""
 
-    def refuse(request, context):
+    def refuse(request: Any, context: grpc.ServicerContext) -> None:
         abort(context, exc)
 
     kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}

@@ -160,11 +160,22 @@ class InProcessBackend:
             raise ModelTimeout(f"{model}: answered after the {timeout_s:.3f} s timeout")
         return out
 
-    def user_embedding(self, history, ratings, demographics, timeout_s, version=None):
+    def user_embedding(
+        self, history: np.ndarray, ratings: np.ndarray, demographics: np.ndarray, timeout_s: float, version: int | None = None
+    ) -> np.ndarray:
         feeds = user_tower_feeds(history, ratings, demographics)
         return self._run(USER_TOWER, USER_EMBEDDING, feeds, timeout_s, version)
 
-    def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s, version=None):
+    def rank(
+        self,
+        items: np.ndarray,
+        retrieval_scores: np.ndarray,
+        retrieval_ranks: np.ndarray,
+        history: np.ndarray,
+        ratings: np.ndarray,
+        timeout_s: float,
+        version: int | None = None,
+    ) -> np.ndarray:
         t0 = time.monotonic()
         feeds = candidate_feeds(items, retrieval_scores, retrieval_ranks, history, ratings)
         features = self._run(RANKER_FEATURES, FEATURES, feeds, timeout_s, version)
@@ -293,11 +304,22 @@ class TritonBackend:
             raise ModelError(f"{model}: Triton returned no '{output}' tensor")
         return out
 
-    def user_embedding(self, history, ratings, demographics, timeout_s, version=None):
+    def user_embedding(
+        self, history: np.ndarray, ratings: np.ndarray, demographics: np.ndarray, timeout_s: float, version: int | None = None
+    ) -> np.ndarray:
         feeds = user_tower_feeds(history, ratings, demographics)
         return self._infer(USER_TOWER, feeds, USER_EMBEDDING, timeout_s, version)
 
-    def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s, version=None):
+    def rank(
+        self,
+        items: np.ndarray,
+        retrieval_scores: np.ndarray,
+        retrieval_ranks: np.ndarray,
+        history: np.ndarray,
+        ratings: np.ndarray,
+        timeout_s: float,
+        version: int | None = None,
+    ) -> np.ndarray:
         """The ensemble when it runs ``version`` (one call), else its two steps pinned to ``version``.
 
         The ensemble's steps call the *latest* ranker_features and ranker, so a request

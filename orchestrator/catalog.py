@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.ann import IndexBundle, ItemFilter, load_index_bundle, to_device
-from orchestrator.mmr import blend_vectors
-from orchestrator.artifacts import Demographics
+from orchestrator.artifacts import Demographics, items_of
 from orchestrator.artifacts import load_demographics as read_demographics
 from orchestrator.errors import InvalidArgument, NotFound
+from orchestrator.mmr import blend_vectors
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Catalog:
         self._by_recent = np.lexsort((np.arange(self.n_items), -self.recent_popularity))
 
     @classmethod
-    def load(cls, artifacts_dir: str | Path, mmr_genre_weight: float = 0.8, use_gpu: bool | None = None) -> "Catalog":
+    def load(cls, artifacts_dir: str | Path, mmr_genre_weight: float = 0.8, use_gpu: bool | None = None) -> Catalog:
         """Reads ``items.parquet``, ``item_embeddings.npy``, ``manifest.json`` and the FAISS bundle.
 
         Without ``faiss/index.json`` (``recsys train`` alone does not build one) an exact
@@ -173,11 +173,7 @@ class Catalog:
 
     def to_items(self, movie_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Item index of each movie id; -1 for ids not in the catalog."""
-        ids = np.asarray(movie_ids, dtype=np.int64).reshape(-1)
-        if self.n_items == 0 or ids.size == 0:
-            return np.full(ids.size, -1, dtype=np.int64)
-        pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, self.n_items - 1)
-        return np.where(self._sorted_ids[pos] == ids, self._order[pos], -1).astype(np.int64)
+        return items_of(self._sorted_ids, movie_ids, self._order)
 
     def item_of(self, movie_id: int) -> int:
         """The item index of one movie id.

@@ -29,11 +29,14 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from orchestrator.artifacts import file_sha256
 from orchestrator.backends import InferenceBackend
-from orchestrator.contract import KEPT_VERSIONS, SERVED_MODELS, latest_version, read_version_info
 from orchestrator.catalog import Catalog
+from orchestrator.contract import KEPT_VERSIONS, SERVED_MODELS, latest_version, read_version_info
 from orchestrator.errors import Deadline, ModelUnavailable
 from orchestrator.pipeline import Query, Recommender, Result
 from orchestrator.settings import ServeSettings
@@ -107,10 +110,22 @@ class PinnedBackend:
     def ready(self, timeout_s: float) -> bool:
         return self.inner.ready(timeout_s)
 
-    def user_embedding(self, history, ratings, demographics, timeout_s):
+    def user_embedding(
+        self, history: np.ndarray, ratings: np.ndarray, demographics: np.ndarray, timeout_s: float, version: int | None = None
+    ) -> np.ndarray:
+        # ``version`` is accepted so that this is an InferenceBackend; a pinned backend answers with its own
         return self.inner.user_embedding(history, ratings, demographics, timeout_s=timeout_s, version=self.version)
 
-    def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s):
+    def rank(
+        self,
+        items: np.ndarray,
+        retrieval_scores: np.ndarray,
+        retrieval_ranks: np.ndarray,
+        history: np.ndarray,
+        ratings: np.ndarray,
+        timeout_s: float,
+        version: int | None = None,
+    ) -> np.ndarray:
         return self.inner.rank(items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s=timeout_s, version=self.version)
 
     def load_version(self, version: int, timeout_s: float) -> None:
@@ -148,7 +163,7 @@ class Router:
         experiment = settings.ab_version is not None and settings.ab_share > 0
         self._control = self._arm(version, catalog, CONTROL if experiment else "")
         self._treatment: Arm | None = None
-        if experiment:
+        if experiment and settings.ab_version is not None:
             self._treatment = self._load_arm(int(settings.ab_version), TREATMENT)
 
     # ------------------------------------------------------------------ routing
@@ -195,7 +210,7 @@ class Router:
         result.variant = arm.variant
         return result
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         """The rest of the Recommender surface (``similar``, ``popular``, ``record``, the stages)
         is the control deployment's."""
         if name.startswith("_"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest, start_http_server
@@ -89,8 +90,8 @@ class Metrics:
             self.stage_latency.labels(stage)
         self._calls: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self._stages = {stage: self.stage_latency.labels(stage) for stage in STAGES}
-        self._http = None
-        self._thread = None
+        self._http: Any = None
+        self._thread: Any = None
         self.port: int | None = None
 
     def observe_call(self, rpc: str, code: grpc.StatusCode, seconds: float, variant: str = "") -> None:
@@ -153,7 +154,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.response_streaming:
             return handler
@@ -161,7 +162,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         rpc = rpc_name(handler_call_details.method)
         observe = self.metrics.observe_call
 
-        def timed(request, context):
+        def timed(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             try:
                 response = behaviour(request, context)

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,8 +35,8 @@ from orchestrator.backends import InferenceBackend, InProcessBackend, TritonBack
 from orchestrator.catalog import YEAR_RANGE, Catalog, Filters
 from orchestrator.deployment import ReloadWatcher, Router, published_version
 from orchestrator.errors import Deadline, InvalidArgument, RecsysError, abort, describe
-from orchestrator.pipeline import HISTORY_UNAVAILABLE, MODEL_TIMEOUT, MODEL_UNAVAILABLE, NO_HISTORY, Query, Recommender, Result
 from orchestrator.metrics import Metrics, MetricsInterceptor
+from orchestrator.pipeline import HISTORY_UNAVAILABLE, MODEL_TIMEOUT, MODEL_UNAVAILABLE, NO_HISTORY, Query, Recommender, Result
 from orchestrator.requestlog import LogRow, RequestLog
 from orchestrator.rerank import RerankOptions
 from orchestrator.settings import ServeSettings
@@ -220,7 +220,7 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
         request_log: Where answered calls are queued; None: not logged.
     """
 
-    def __init__(self, recommender: Recommender, metrics: Metrics | None = None, request_log: RequestLog | None = None):
+    def __init__(self, recommender: Recommender | Router, metrics: Metrics | None = None, request_log: RequestLog | None = None):
         self.rec = recommender
         self.settings = recommender.settings
         self.metrics = metrics or Metrics()
@@ -447,7 +447,7 @@ class Server:
         self,
         grpc_server: grpc.Server,
         port: int,
-        recommender: Recommender,
+        recommender: Recommender | Router,
         watcher: HealthWatcher,
         metrics: Metrics | None = None,
         request_log: RequestLog | None = None,
@@ -472,7 +472,7 @@ class Server:
         host = self.recommender.settings.host
         return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '[::]') else host}:{self.port}"
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         """Starts the metrics page (when ``metrics_port`` is set), serving and the health polling.
 
         Raises:
@@ -504,7 +504,7 @@ class Server:
         """Blocks until the server stops (True) or ``timeout_s`` passes (False)."""
         return self.grpc_server.wait_for_termination(timeout_s)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -540,7 +540,9 @@ def add_servicer(servicer: RecommenderService, server: grpc.Server) -> None:
     for method in pb.DESCRIPTOR.services_by_name["Recommender"].methods:
         request_cls, response_cls = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
 
-        def behaviour(request, context, impl=getattr(servicer, method.name), rpc=method.name, kind=method.input_type.full_name):
+        def behaviour(
+            request: Any, context: grpc.ServicerContext, impl: Any = getattr(servicer, method.name), rpc: str = method.name, kind: str = method.input_type.full_name
+        ) -> Any:
             if isinstance(request, Undecodable):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: the request body is not a valid {kind} ({request.error})")
             return impl(request, context)

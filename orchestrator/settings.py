@@ -183,12 +183,12 @@ class ServeSettings:
         db = self.history_db()
         return db.with_name(f"{db.stem}-requests.sqlite")
 
-    def with_(self, **changes: Any) -> "ServeSettings":
+    def with_(self, **changes: Any) -> ServeSettings:
         """A copy with ``changes`` applied (and validated)."""
         return replace(self, **changes)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "ServeSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServeSettings:
         """Settings from ``RECSYS_*`` variables, then ``overrides`` (None values are skipped).
 
         Args:

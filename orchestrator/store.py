@@ -32,8 +32,8 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from orchestrator.errors import Unavailable
 from orchestrator.artifacts import file_sha256
+from orchestrator.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class UserHistory:
     timestamps: np.ndarray
 
     @classmethod
-    def empty(cls) -> "UserHistory":
+    def empty(cls) -> UserHistory:
         return cls(np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0, np.int64))
 
     def __len__(self) -> int:

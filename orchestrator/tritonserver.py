@@ -1,7 +1,7 @@
 """An embedded Triton Inference Server: the ``tritonserver`` binary of the nvidia-pytriton wheel.
 
 No Docker and no GPU: the wheel carries Triton 2.51 with the Python backend, the ensemble
-scheduler and dynamic batching (FIELD-NOTES). :class:`EmbeddedTriton` prepares what the
+scheduler and dynamic batching (docs/platform.md). :class:`EmbeddedTriton` prepares what the
 binary needs and runs it as a child process:
 
 * ``LD_LIBRARY_PATH``: the wheel's ``nvidia_pytriton.libs`` (and the directory of this
@@ -36,9 +36,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import IO
 
 LOOPBACK = "127.0.0.1"
 
@@ -196,7 +198,7 @@ class EmbeddedTriton:
         self._own_log = log_path is None
         self.log_path = Path(log_path) if log_path else None
         self._proc: subprocess.Popen | None = None
-        self._log_fh = None
+        self._log_fh: IO[bytes] | None = None
 
     # ------------------------------------------------------------------ addresses
 
@@ -266,7 +268,7 @@ class EmbeddedTriton:
         env.pop("PYTHONPATH", None)
         return env
 
-    def start(self, require_ready: bool = True) -> "EmbeddedTriton":
+    def start(self, require_ready: bool = True) -> EmbeddedTriton:
         """Starts the server and waits until it is live (and ready).
 
         Args:
@@ -381,10 +383,10 @@ class EmbeddedTriton:
         except subprocess.TimeoutExpired:
             return None
 
-    def __enter__(self) -> "EmbeddedTriton":
+    def __enter__(self) -> EmbeddedTriton:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # ------------------------------------------------------------------ queries
@@ -411,13 +413,14 @@ class EmbeddedTriton:
     def repository_index(self) -> list[dict]:
         """Every model of the repository with its version, state and reason (``POST /v2/repository/index``)."""
         out = self._post_json("/v2/repository/index")
-        return list(out or [])
+        return list(out) if isinstance(out, list) else []
 
     def server_metadata(self) -> dict:
         """``GET /v2``: server name, version and extensions."""
         try:
             with urllib.request.urlopen(self.http_url + "/v2", timeout=5) as resp:
-                return json.loads(resp.read())
+                meta: dict = json.loads(resp.read())
+                return meta
         except (urllib.error.URLError, OSError) as exc:
             raise TritonError(f"GET /v2: {exc}") from exc
 
@@ -442,7 +445,7 @@ class EmbeddedTriton:
         return {"server_version": self.server_metadata().get("version"), "models": models}
 
 
-def serve_forever(server: EmbeddedTriton, on_ready=None) -> int:
+def serve_forever(server: EmbeddedTriton, on_ready: Callable[[], None] | None = None) -> int:
     """Runs a started server in the foreground until SIGINT/SIGTERM or until it dies.
 
     Args:
@@ -455,7 +458,7 @@ def serve_forever(server: EmbeddedTriton, on_ready=None) -> int:
     stop = threading.Event()
     previous = {}
 
-    def handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    def handler(signum: int, frame: object) -> None:  # noqa: ARG001 - signal handler signature
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):

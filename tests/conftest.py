@@ -18,6 +18,7 @@ from export.ranker import RankerConfig
 from export.synth import SynthSpec, synthesize
 from export.two_tower import TwoTowerConfig
 
+
 def pytest_configure(config) -> None:
     """Tests train tiny models: one intra-op thread is faster on a shared 2-core machine and
     makes timings less sensitive to whatever else runs there."""

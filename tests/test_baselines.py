@@ -313,8 +313,13 @@ def _recall_at_k(scores: np.ndarray, train: sp.csr_matrix, test: sp.csr_matrix, 
 
 @pytest.fixture(scope="module")
 def small_split() -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """Per-user temporal split: each user's last 10% of ratings (by timestamp) held out."""
+    """Per-user temporal split: each user's last 10% of ratings (by timestamp) held out.
+
+    Movies rated fewer than 10 times are left out: 2,269 of the 9,742 remain, which keeps
+    EASE's dense item-item inverse (cubic in the item count) to seconds instead of many minutes.
+    """
     ratings = pd.read_csv(RATINGS)
+    ratings = ratings[ratings.groupby("movieId")["movieId"].transform("size") >= 10]
     users = ratings["userId"].astype("category").cat.codes.to_numpy()
     items = ratings["movieId"].astype("category").cat.codes.to_numpy()
     n_users, n_items = users.max() + 1, items.max() + 1

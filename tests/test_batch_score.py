@@ -60,8 +60,8 @@ def full_run(artifacts, server, tmp_path_factory) -> tuple[pd.DataFrame, dict]:
 
 def reference(artifacts: Path, repo: Path, user_ids: np.ndarray, k: int, candidates: int) -> pd.DataFrame:
     """The same recommendations computed in process: onnxruntime graphs + FAISS + a plain sort."""
-    from orchestrator.ann import load_index_bundle
     from export.onnx_export import session
+    from orchestrator.ann import load_index_bundle
 
     data = load_user_data(artifacts)
     tower = session(repo / "user_tower" / "1" / "model.onnx")

@@ -15,14 +15,13 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.onnx_export import (
+from export.triton_config import (
     CONFIG_NAMES,
     CONFIG_VARIANTS,
-    ONNX_CPU_INTER_OP_THREADS,
-    ONNX_CPU_INTRA_OP_THREADS,
     ENSEMBLE,
     LEAF_MODELS,
-    MODEL_NAMES,
+    ONNX_CPU_INTER_OP_THREADS,
+    ONNX_CPU_INTRA_OP_THREADS,
     PYTHON_MODEL,
     Shapes,
     check_ensemble,
@@ -32,6 +31,7 @@ from export.onnx_export import (
     render_config,
     render_ensemble_config,
 )
+from orchestrator.contract import MODEL_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED_IN = ROOT / "model_repository"
@@ -124,7 +124,7 @@ def test_onnx_cpu_config_is_the_native_config_on_cpu_with_bounded_threads(model)
 
 def test_checked_in_files_are_what_the_generator_writes():
     """Drift guard. After a deliberate shape change (e.g. a new ranker feature) regenerate with
-    ``python -c "from export.onnx_export import *; write_repository_files('model_repository', Shapes.defaults(), overwrite=True)"``
+    ``python -c "from export.triton_config import *; write_repository_files('model_repository', Shapes.defaults(), overwrite=True)"``
     (or ``recsys export --write-configs`` with full-size artifacts) and commit the result."""
     specs = model_specs(Shapes.defaults())
     for model, spec in specs.items():

@@ -19,9 +19,9 @@ from export.evaluate import (
     evaluate_window,
     pool_metrics,
 )
-from export.ranking_metrics import evaluate_rankings
 from export.pipeline import TrainSettings, fit_models
 from export.ranker import RankerConfig
+from export.ranking_metrics import evaluate_rankings
 from export.split import rolling_splits, time_split
 from export.synth import SynthSpec, synthesize
 from export.two_tower import TwoTowerConfig
@@ -178,3 +178,16 @@ def test_report_with_windows_has_the_issue_shape(tiny_data, tmp_path):
     for png in (out.with_suffix(".png"), tmp_path / "eval.window1.png", tmp_path / "eval.window2.png"):
         assert png.stat().st_size > 10_000, png
     assert report["windows"][1]["test_ends"] is None
+
+    # the docs' tables are built from such reports
+    from benchmarks.quality import write_tables
+
+    (tmp_path / "q" / "synth").mkdir(parents=True)
+    (tmp_path / "q" / "synth" / "eval.json").write_text(out.read_text())
+    summary = write_tables(tmp_path / "q", "python -m benchmarks.quality --only synth")
+    table = (tmp_path / "q" / "quality.md").read_text()
+    assert set(summary) == {"synth"} and "python -m benchmarks.quality --only synth" in table
+    for name in MODEL_NAMES:
+        assert f"| {name} | {on_disk['models'][name]['ndcg@10']:.4f} |" in table
+    ease = on_disk["significance"]["two_tower_ranker - ease ndcg@10"]
+    assert f"{ease['mean_diff']:+.4f} [{ease['ci95_low']:+.4f}, {ease['ci95_high']:+.4f}]" in table

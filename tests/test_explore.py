@@ -126,6 +126,9 @@ def test_recommend_answers_what_the_api_answers(api, explorer):
     assert body["history_length"] == direct.history_length > 0 and body["history"] is None
     assert body["timings"]["user_tower_ms"] > 0 and body["timings"]["ranking_ms"] > 0
     assert all(i["explanation"].startswith("because you watched ") for i in body["items"])
+    _, cold = get(f"{explorer.url}api/recommend?user=10000001&k=3")  # a user without history
+    assert cold["is_fallback"] is True and cold["fallback_reason"] == "FALLBACK_REASON_NO_HISTORY"
+    assert cold["model_version"] == "popularity" and len(cold["items"]) == 3
 
 
 def test_request_ids_are_the_ones_in_the_request_log(api, explorer):

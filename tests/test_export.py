@@ -15,20 +15,19 @@ from clients.cli import main
 from export.features import FEATURE_NAMES
 from export.onnx_export import (
     LEAF_MODELS,
-    MODEL_NAMES,
     TREE_IMPLEMENTATIONS,
     ExportError,
     export_ranker,
     export_repository,
-    file_sha256,
     float32_exact_booster,
     load_ranker_features,
     load_two_tower,
-    published_versions,
     sample_candidate_inputs,
     sample_user_inputs,
     session,
 )
+from orchestrator.artifacts import file_sha256
+from orchestrator.contract import MODEL_NAMES, published_versions
 
 CHECKED_IN = Path(__file__).resolve().parents[1] / "model_repository"
 

@@ -3,7 +3,7 @@
 perf_analyzer sends exactly what these files hold (``-b B`` takes ``B`` consecutive entries
 as the rows of one request), so every entry must name every config input with the config's
 element count and type, and every id must index inside its table. Checked for the
-checked-in ml-latest-small set against the checked-in configs, and for files generated from the
+checked-in set against the checked-in configs, and for files generated from the
 tiny model against its repository. No network and no perf_analyzer binary needed.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tritonclient.grpc import model_config_pb2
 
 from benchmarks.perf_analyzer.make_inputs import CANDIDATE_MODELS, DEFAULT_OUT, MODELS, make_inputs, read_config
-from tritonclient.grpc import model_config_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = ("config.pbtxt", "configs/cpu.pbtxt")
@@ -108,7 +108,8 @@ def test_generated_inputs_fit_other_shapes(tiny_artifacts, tiny_repository, tmp_
 
 
 def test_run_helpers_without_the_binary(tmp_path):
-    from benchmarks.perf_analyzer.run import PerfAnalyzer, _merge_csv, check_inputs as run_check, summarise
+    from benchmarks.perf_analyzer.run import PerfAnalyzer, _merge_csv, summarise
+    from benchmarks.perf_analyzer.run import check_inputs as run_check
 
     run_check(DEFAULT_OUT, ROOT / "model_repository", list(MODELS))
     pa = PerfAnalyzer(binary=tmp_path / "pa" / "perf_analyzer", root=tmp_path / "root")

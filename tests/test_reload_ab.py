@@ -20,7 +20,7 @@ import pytest
 
 from clients.client import RecsysClient
 from export.onnx_export import export_repository
-from orchestrator.deployment import CONTROL, TREATMENT, ReloadWatcher, ab_bucket, artifacts_of, ReloadError
+from orchestrator.deployment import CONTROL, TREATMENT, ReloadError, ReloadWatcher, ab_bucket, artifacts_of
 from orchestrator.service import create_server
 from orchestrator.settings import ServeSettings
 
@@ -55,7 +55,7 @@ class Load:
             except grpc.RpcError as exc:
                 self.seen[(exc.code().name, "", False)] += 1
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         self._thread.start()
         return self
 

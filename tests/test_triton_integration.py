@@ -20,7 +20,8 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from export.onnx_export import MODEL_NAMES, sample_candidate_inputs, sample_user_inputs, session
+from export.onnx_export import sample_candidate_inputs, sample_user_inputs, session
+from orchestrator.contract import MODEL_NAMES
 from orchestrator.tritonserver import EmbeddedTriton, check
 
 grpcclient = pytest.importorskip("tritonclient.grpc")

@@ -1,7 +1,7 @@
 """Real-data input files for perf_analyzer (``--input-data inputs/<model>.json``).
 
 perf_analyzer fills inputs it has no data for with random values; for INT64 item ids and
-demographic codes those index far out of range and the model fails (FIELD-NOTES). These
+demographic codes those index far out of range and the model fails (docs/platform.md). These
 files hold real requests instead, cut from the artifacts:
 
 * ``user_tower``: real users' history windows (the ``Histories.last`` rule, length ``L`` from
@@ -21,8 +21,8 @@ the realistic ranker request. ``meta.json`` records each model's batch size for 
     python -m benchmarks.perf_analyzer.make_inputs --artifacts artifacts --repo model_repository \\
         --out benchmarks/perf_analyzer/inputs
 
-The checked-in ``inputs/`` were generated this way from the bundled ml-latest-small model
-(``make demo``'s artifacts and repository).
+The checked-in ``inputs/`` were generated this way from the ml-100k model that was bundled
+before ml-latest-small (to be regenerated from ``make demo``'s artifacts and repository).
 """
 
 from __future__ import annotations

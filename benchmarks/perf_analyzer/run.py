@@ -3,7 +3,7 @@
     python -m benchmarks.perf_analyzer.run                        # embedded Triton on model_repository
     python -m benchmarks.perf_analyzer.run --url 127.0.0.1:8001   # a running server (gRPC host:port)
 
-Getting the real perf_analyzer (FIELD-NOTES): PyPI's ``perf-analyzer`` 2.60 wheel carries the
+Getting the real perf_analyzer (docs/platform.md): PyPI's ``perf-analyzer`` 2.60 wheel carries the
 binary but is tagged ``manylinux_2_38``; pip on a glibc 2.36 machine only sees a placeholder,
 and the binary needs glibc 2.38 / GLIBCXX_3.4.32. So, once, into a cache folder
 (``~/.cache/triton-recsys/perf_analyzer`` by default):
@@ -43,8 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.perf_analyzer.make_inputs import CPU_CONFIG, DEFAULT_OUT as DEFAULT_INPUTS, MODELS, input_specs, read_config
 from benchmarks.common import cpu_model
+from benchmarks.perf_analyzer.make_inputs import CPU_CONFIG, MODELS, input_specs, read_config
+from benchmarks.perf_analyzer.make_inputs import DEFAULT_OUT as DEFAULT_INPUTS
 
 PERF_ANALYZER_VERSION = "2.60.0"
 WHEEL_PLATFORM = "manylinux_2_38_x86_64"

@@ -64,7 +64,7 @@ class MovieTable:
         return len(self._by_id)
 
     @classmethod
-    def load(cls, artifacts_dir: str | Path) -> "MovieTable":
+    def load(cls, artifacts_dir: str | Path) -> MovieTable:
         """Reads ``ARTIFACTS/items.parquet``.
 
         Raises:

@@ -76,7 +76,7 @@ def _error(code: str, message: str, request_id: str | None = None, source: str =
 class _Handler(BaseHTTPRequestHandler):
     """One request; the server carries the :class:`Explorer` and the static files."""
 
-    server: "ExplorerServer"
+    server: ExplorerServer
     protocol_version = "HTTP/1.1"  # keep-alive: the page's calls reuse one connection
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
@@ -176,7 +176,7 @@ class ExplorerServer(ThreadingHTTPServer):
             log.exception("explorer endpoint failed")
             return HTTPStatus.INTERNAL_SERVER_ERROR, _error("INTERNAL", f"{type(exc).__name__}: {exc}", source="explorer")
 
-    def start(self) -> "ExplorerServer":
+    def start(self) -> ExplorerServer:
         """Serves on a background thread (tests and embedding); :meth:`stop` ends it."""
         self._thread = threading.Thread(target=self.serve_forever, name="explorer-http", daemon=True)
         self._thread.start()
