@@ -10,11 +10,13 @@ of what is actually served. Per chunk of users:
 2. **User tower** over Triton HTTP with binary tensors, in requests of the model's
    ``max_batch_size`` rows, several in flight.
 3. **Retrieval**: FAISS top-``N`` from the ``artifacts/faiss`` bundle, excluding every item
-   the user has interacted with (:meth:`export.faiss_index.IndexBundle.search`).
+   the user has interacted with (:meth:`export.faiss_index.IndexBundle.search`), merged with
+   the other candidate sources of ``candidate_tables.npz`` exactly as the orchestrator and
+   the evaluation merge them (:mod:`orchestrator.candidates`).
 4. **Ranking**: ``ranker_ensemble`` over Triton HTTP, one row per candidate (candidates are
    the batch dimension); whole users are packed into each request up to the ensemble's
    ``max_batch_size`` rows, so one request carries many users.
-5. **Top-K** per user by ranker score; ties go to the better retrieval rank, so the order
+5. **Top-K** per user by ranker score; ties go to the better merged rank, so the order
    is deterministic.
 
 Output: one Parquet file with ``user_id, rank (1-based), movie_id, score, model_version``
@@ -51,16 +53,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from export.candidates import merged_from_ann
 from export.history import Histories
 from export.items import Catalog
 from export.two_tower import Demographics
+from orchestrator.candidates import TABLES_FILE, CandidateTables
 
 log = logging.getLogger(__name__)
 
 USER_TOWER = "user_tower"
 ENSEMBLE = "ranker_ensemble"
 USER_INPUTS = ("history", "history_rating", "demographics")
-CANDIDATE_INPUTS = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating")
+CANDIDATE_INPUTS = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating", "candidate_sources")
 STATE_VERSION = 1
 SCHEMA = pa.schema(
     [
@@ -244,11 +248,15 @@ def user_inputs(data: UserData, user_ids: np.ndarray, history_len: int) -> dict[
 
 
 def candidate_rows(
-    cand_items: np.ndarray, cand_scores: np.ndarray, history: np.ndarray, history_rating: np.ndarray
+    cand_items: np.ndarray,
+    cand_scores: np.ndarray,
+    cand_sources: np.ndarray,
+    history: np.ndarray,
+    history_rating: np.ndarray,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """``ranker_ensemble`` rows: one per valid candidate, grouped by user, best retrieval first.
+    """``ranker_ensemble`` rows: one per valid candidate, grouped by user, in merge order.
 
-    ``retrieval_rank`` is the 0-based position in the retrieval list, as in training
+    ``retrieval_rank`` is the 0-based position in the merged list, as in training
     (:func:`export.ranker.candidate_features`). Padding (-1) candidates are dropped rather
     than scored: they are not items.
 
@@ -264,6 +272,7 @@ def candidate_rows(
         "retrieval_rank": rank.reshape(-1, 1).astype(np.float32),
         "history": history[user_row],
         "history_rating": history_rating[user_row],
+        "candidate_sources": cand_sources[user_row, rank].astype(np.float32),
     }
     return inputs, user_row.astype(np.int64), rank.astype(np.int64)
 
@@ -478,6 +487,7 @@ def run_fingerprint(
         "batch_size": int(batch_size),
         "model_versions": {name: int(v) for name, v in sorted(versions.items())},
         "interactions_sha256": _file_digest(artifacts / "interactions.parquet"),
+        "candidate_tables_sha256": _file_digest(artifacts / TABLES_FILE),
         "faiss_sha256": index_sha,
     }
 
@@ -576,6 +586,7 @@ class Timings:
     inputs: float = 0.0
     user_tower: float = 0.0
     faiss: float = 0.0
+    sources: float = 0.0
     ranker: float = 0.0
     write: float = 0.0
 
@@ -585,6 +596,8 @@ def _score_chunk(
     tower: ModelInfo,
     ensemble: ModelInfo,
     bundle,
+    tables: CandidateTables,
+    item_vectors: np.ndarray,
     data: UserData,
     users: np.ndarray,
     history_len: int,
@@ -592,7 +605,7 @@ def _score_chunk(
     k: int,
     timings: Timings,
 ) -> pa.Table:
-    """One chunk of users through tower -> FAISS -> ensemble -> top-K, as an Arrow table."""
+    """One chunk of users through tower -> FAISS + other sources, merged -> ensemble -> top-K, as an Arrow table."""
     t = time.perf_counter()
     x = user_inputs(data, users, history_len)
     seen = data.histories.seen(users)
@@ -603,11 +616,16 @@ def _score_chunk(
     timings.user_tower += time.perf_counter() - t
 
     t = time.perf_counter()
-    cand_items, cand_scores = bundle.search(np.ascontiguousarray(vectors, dtype=np.float32), candidates, exclude=seen)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ann, _ = bundle.search(vectors, candidates, exclude=seen)
     timings.faiss += time.perf_counter() - t
 
     t = time.perf_counter()
-    rows, user_row, rank = candidate_rows(cand_items, cand_scores, x["history"], x["history_rating"])
+    cand_items, cand_scores, cand_sources = merged_from_ann(tables, ann, x["history"], seen, vectors, item_vectors, candidates)
+    timings.sources += time.perf_counter() - t
+
+    t = time.perf_counter()
+    rows, user_row, rank = candidate_rows(cand_items, cand_scores, cand_sources, x["history"], x["history_rating"])
     max_rows = ensemble.max_batch_size or len(user_row) or 1
     scores = triton.infer_rows(ensemble, rows, "score", user_bounds(user_row, len(users), max_rows)).reshape(-1)
     timings.ranker += time.perf_counter() - t
@@ -713,6 +731,10 @@ def batch_score(
     if candidates > data.n_items:
         raise BatchScoreError(f"--candidates {candidates} exceeds the catalog ({data.n_items} items)")
     bundle = load_index_bundle(bundle_dir)
+    tables = CandidateTables.load(artifacts / TABLES_FILE)
+    item_vectors = np.load(artifacts / "item_embeddings.npy", allow_pickle=False).astype(np.float32)
+    if tables.n_items != data.n_items or len(item_vectors) != data.n_items:
+        raise BatchScoreError(f"{artifacts}: candidate tables / item vectors do not match items.parquet ({data.n_items} items)")
 
     server = None
     with contextlib.ExitStack() as stack:
@@ -758,7 +780,9 @@ def batch_score(
             for c, (lo, hi) in enumerate(chunks):
                 if c in store.done:
                     continue
-                table = _score_chunk(triton, tower, ensemble, bundle, data, user_ids[lo:hi], history_len, candidates, k, timings)
+                table = _score_chunk(
+                    triton, tower, ensemble, bundle, tables, item_vectors, data, user_ids[lo:hi], history_len, candidates, k, timings
+                )
                 t = time.perf_counter()
                 store.commit(c, table)
                 timings.write += time.perf_counter() - t

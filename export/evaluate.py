@@ -31,10 +31,12 @@ from export.data import load_movielens
 from export.history import Histories
 from export.metrics import evaluate_rankings, ndcg_at_k
 from export.mmr import blend_vectors, mmr_rerank
-from export.pipeline import Fitted, Period, TrainSettings, fit_models, retrieve, save_artifacts, users_with_history
+from export.candidates import recall
+from export.pipeline import Fitted, Period, TrainSettings, fit_models, merged_candidates, save_artifacts, users_with_history
 from export.ranker import candidate_features, rerank
 from export.retrieval import top_k_scores
 from export.split import relevant_items
+from orchestrator.candidates import SOURCES
 
 MODEL_NAMES = ("popularity", "item_knn", "ease", "als", "two_tower", "two_tower_ranker", "two_tower_ranker_mmr")
 """Every model in the report, in this order."""
@@ -125,11 +127,12 @@ def our_rankings(fitted: Fitted, users: np.ndarray, settings: EvalSettings) -> d
     period: Period = fitted.test_period
     model = fitted.two_tower.model
     n_cand = max(settings.train.ranker.candidates, max(KS))
-    cand, cand_scores, hist, hist_r = retrieve(model, period, fitted.demographics, users, n_cand)
-    out = {"two_tower": cand[:, : max(KS)]}
+    c = merged_candidates(model, period, fitted.demographics, fitted.tables, users, n_cand)
+    out = {"two_tower": c.ann[:, : max(KS)], "candidates": c.items}
+    out.update({f"source:{name}": np.array(_pad([lists[s] for lists in c.lists], n_cand)) for s, name in enumerate(SOURCES)})
     features = fitted.ranker_features(period, model)
-    feats = candidate_features(features, hist, hist_r, cand, cand_scores)
-    ranked, scores = rerank(fitted.ranker, feats, cand)
+    feats = candidate_features(features, c.history, c.history_rating, c.items, c.scores, c.sources)
+    ranked, scores = rerank(fitted.ranker, feats, c.items)
     out["two_tower_ranker"] = ranked[:, : max(KS)]
     vectors = blend_vectors(
         [features.vectors.numpy(), fitted.catalog.genre_matrix], [1.0 - settings.mmr_genre_weight, settings.mmr_genre_weight]
@@ -137,6 +140,14 @@ def our_rankings(fitted: Fitted, users: np.ndarray, settings: EvalSettings) -> d
     for lam in sorted(set(settings.mmr_sweep) | {settings.mmr_lambda}, reverse=True):
         out[f"mmr@{lam:g}"] = mmr_lists(ranked, scores, vectors, lam, settings.mmr_pool, max(KS))
     out["two_tower_ranker_mmr"] = out[f"mmr@{settings.mmr_lambda:g}"]
+    return out
+
+
+def _pad(rows: list[np.ndarray], n: int) -> np.ndarray:
+    """int64 [len(rows), n]: each row's first ``n`` items, -1 padded."""
+    out = np.full((len(rows), n), -1, np.int64)
+    for i, r in enumerate(rows):
+        out[i, : min(n, len(r))] = r[:n]
     return out
 
 
@@ -228,6 +239,14 @@ def evaluate(
         },
         "models": report_models,
         "mmr_sweep": sweep,
+        "candidates": {
+            "recall@200": round(recall(ours["candidates"][:, :200], relevant), 5),
+            "size": int(ours["candidates"].shape[1]),
+            "sources": list(SOURCES),
+            "budgets": [round(float(b), 4) for b in fitted.tables.budgets],
+            "source_recall@200": {name: round(recall(ours[f"source:{name}"][:, :200], relevant), 5) for name in SOURCES},
+            "budget_search": fitted.budget_trials,
+        },
         "tuning": tuning,
         "two_tower": {
             "best_epoch": fitted.two_tower_val.best_epoch,

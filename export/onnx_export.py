@@ -50,6 +50,7 @@ from export.features import FEATURE_NAMES, RankerFeatures
 from export.items import Catalog, ItemStats
 from export.pipeline import git_sha
 from export.two_tower import TwoTower, TwoTowerConfig
+from orchestrator.candidates import SOURCES, TABLES_FILE
 from export.files import file_sha256
 
 OPSET = 17
@@ -259,8 +260,9 @@ def export_ranker_features(module: RankerFeatures, history_len: int, path: Path)
         torch.zeros(2, 1),
         torch.full((2, L), -1, dtype=torch.long),
         torch.zeros(2, L),
+        torch.full((2, len(SOURCES)), -1.0),
     )
-    names = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating")
+    names = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating", "candidate_sources")
     _export_graph(module, args, path, names, ("features",))
 
 
@@ -390,6 +392,8 @@ def sample_candidate_inputs(n: int, n_items: int, history_len: int, seed: int = 
         "retrieval_rank": rng.integers(0, 200, (n, 1)).astype(np.float32),
         "history": user["history"],
         "history_rating": user["history_rating"],
+        # a rank in some sources, -1 (absent) in the others
+        "candidate_sources": np.where(rng.random((n, len(SOURCES))) < 0.5, rng.integers(0, 200, (n, len(SOURCES))), -1).astype(np.float32),
     }
 
 
@@ -400,6 +404,7 @@ def _features_torch(module: RankerFeatures, inputs: dict[str, np.ndarray]) -> np
         inputs["retrieval_rank"].reshape(-1),
         inputs["history"],
         inputs["history_rating"],
+        inputs["candidate_sources"],
     )
 
 
@@ -563,6 +568,7 @@ def model_specs(shapes: Shapes) -> dict[str, ModelSpec]:
         Tensor("retrieval_rank", "TYPE_FP32", (1,)),
         Tensor("history", "TYPE_INT64", (L,)),
         Tensor("history_rating", "TYPE_FP32", (L,)),
+        Tensor("candidate_sources", "TYPE_FP32", (len(SOURCES),)),
     )
     return {
         "user_tower": ModelSpec(
@@ -911,7 +917,7 @@ def repository_lock(repo: Path) -> Iterator[None]:
 
 
 
-ARTIFACT_FILES = ("two_tower.pt", "ranker_features.pt", "ranker.lgb", "item_embeddings.npy", "items.parquet")
+ARTIFACT_FILES = ("two_tower.pt", "ranker_features.pt", "ranker.lgb", "item_embeddings.npy", "items.parquet", TABLES_FILE)
 """Artifact files whose hashes are recorded with each version (the orchestrator serves the last two)."""
 
 
@@ -1002,7 +1008,7 @@ def export_repository(
         FileNotFoundError: An artifact file is missing.
     """
     artifacts, repo = Path(artifacts), Path(repo)
-    for name in ("two_tower.pt", "ranker_features.pt", "ranker.lgb", "manifest.json"):
+    for name in ("two_tower.pt", "ranker_features.pt", "ranker.lgb", TABLES_FILE, "manifest.json"):
         if not (artifacts / name).is_file():
             raise FileNotFoundError(f"{artifacts / name}: missing artifact (run `recsys train` first)")
     if tree_implementation != "auto" and tree_implementation not in TREE_IMPLEMENTATIONS:

@@ -5,7 +5,7 @@ The pipeline calls two models and nothing else:
 * ``user_tower``: (history [B, L] int64, history_rating [B, L] fp32, demographics [B, 3]
   int64) -> user_embedding [B, dim] fp32;
 * ``ranker_ensemble``: one row per candidate (item, retrieval_score, retrieval_rank,
-  history, history_rating) -> score [N, 1] fp32 (features + LightGBM trees in one call).
+  history, history_rating, candidate_sources) -> score [N, 1] fp32 (features + LightGBM trees in one call).
 
 :class:`TritonBackend` sends them to Triton over gRPC; :class:`InProcessBackend` runs the
 same ``model.onnx`` files of the repository with onnxruntime (service tests, and the floor
@@ -38,7 +38,7 @@ LEAF_MODELS = (USER_TOWER, "ranker_features", "ranker")
 KEPT_VERSIONS = 2
 """Versions served side by side (the configs' ``version_policy: latest 2``): the one being
 replaced keeps answering its pinned requests while the next one loads, and A/B tests compare two."""
-CANDIDATE_INPUTS = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating")
+CANDIDATE_INPUTS = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating", "candidate_sources")
 
 
 class InferenceBackend(Protocol):
@@ -68,10 +68,11 @@ class InferenceBackend(Protocol):
         retrieval_ranks: np.ndarray,
         history: np.ndarray,
         ratings: np.ndarray,
+        sources: np.ndarray,
         timeout_s: float,
         version: int | None = None,
     ) -> np.ndarray:
-        """float32 [N] ranker scores of N candidates of one user (history windows [N, L])."""
+        """float32 [N] ranker scores of N candidates of one user (history windows [N, L], source ranks [N, S])."""
         ...
 
     def load_version(self, version: int, timeout_s: float) -> None:
@@ -93,7 +94,12 @@ def user_tower_feeds(history: np.ndarray, ratings: np.ndarray, demographics: np.
 
 
 def candidate_feeds(
-    items: np.ndarray, retrieval_scores: np.ndarray, retrieval_ranks: np.ndarray, history: np.ndarray, ratings: np.ndarray
+    items: np.ndarray,
+    retrieval_scores: np.ndarray,
+    retrieval_ranks: np.ndarray,
+    history: np.ndarray,
+    ratings: np.ndarray,
+    sources: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """The ranker's input tensors: candidates are the batch axis, per-row scalars have dims [1]."""
     n = len(items)
@@ -103,6 +109,7 @@ def candidate_feeds(
         "retrieval_rank": np.asarray(retrieval_ranks, np.float32).reshape(n, 1),
         "history": np.ascontiguousarray(history, dtype=np.int64),
         "history_rating": np.ascontiguousarray(ratings, dtype=np.float32),
+        "candidate_sources": np.ascontiguousarray(sources, dtype=np.float32).reshape(n, -1),
     }
 
 
@@ -194,9 +201,9 @@ class InProcessBackend:
         feeds = user_tower_feeds(history, ratings, demographics)
         return self._run(USER_TOWER, "user_embedding", feeds, timeout_s, version)
 
-    def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s, version=None):
+    def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, sources, timeout_s, version=None):
         t0 = time.monotonic()
-        feeds = candidate_feeds(items, retrieval_scores, retrieval_ranks, history, ratings)
+        feeds = candidate_feeds(items, retrieval_scores, retrieval_ranks, history, ratings, sources)
         features = self._run("ranker_features", "features", feeds, timeout_s, version)
         left = timeout_s - (time.monotonic() - t0)
         return self._run("ranker", "score", {"features": features}, left, version).reshape(-1)
@@ -327,14 +334,14 @@ class TritonBackend:
         feeds = user_tower_feeds(history, ratings, demographics)
         return self._infer(USER_TOWER, feeds, "user_embedding", timeout_s, version)
 
-    def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s, version=None):
+    def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, sources, timeout_s, version=None):
         """The ensemble when it runs ``version`` (one call), else its two steps pinned to ``version``.
 
         The ensemble's steps call the *latest* ranker_features and ranker, so a request
         pinned to the version being replaced (or to the other arm of an A/B test) must not
         go through it.
         """
-        feeds = candidate_feeds(items, retrieval_scores, retrieval_ranks, history, ratings)
+        feeds = candidate_feeds(items, retrieval_scores, retrieval_ranks, history, ratings, sources)
         if version is None or version == self._ensemble_version:
             return self._infer(RANKER, feeds, "score", timeout_s).reshape(-1)
         t0 = time.monotonic()

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from export.files import file_sha256
 from orchestrator.backends import KEPT_VERSIONS, LEAF_MODELS, RANKER, USER_TOWER, InferenceBackend, latest_version
+from orchestrator.candidates import TABLES_FILE
 from orchestrator.catalog import Catalog
 from orchestrator.errors import Deadline, ModelUnavailable
 from orchestrator.pipeline import Query, Recommender, Result
@@ -42,7 +43,7 @@ from orchestrator.store import HistoryStore
 log = logging.getLogger(__name__)
 
 CONTROL, TREATMENT = "control", "treatment"
-CATALOG_FILES = ("items.parquet", "item_embeddings.npy")
+CATALOG_FILES = ("items.parquet", "item_embeddings.npy", TABLES_FILE)
 """Artifact files whose recorded hashes must match before a version's catalog is served."""
 
 
@@ -110,8 +111,8 @@ class PinnedBackend:
     def user_embedding(self, history, ratings, demographics, timeout_s):
         return self.inner.user_embedding(history, ratings, demographics, timeout_s=timeout_s, version=self.version)
 
-    def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s):
-        return self.inner.rank(items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s=timeout_s, version=self.version)
+    def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, sources, timeout_s):
+        return self.inner.rank(items, retrieval_scores, retrieval_ranks, history, ratings, sources, timeout_s=timeout_s, version=self.version)
 
     def load_version(self, version: int, timeout_s: float) -> None:
         self.inner.load_version(version, timeout_s)

@@ -26,7 +26,7 @@ from export.triton import EmbeddedTriton, check
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
 ROOT = Path(__file__).resolve().parents[1]
-CANDIDATE_INPUTS = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating")
+CANDIDATE_INPUTS = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating", "candidate_sources")
 TRITON_TYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
 
 
