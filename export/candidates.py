@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from export.baselines import ItemKNN
 from export.history import Histories
 from export.items import Catalog, ItemStats
-from orchestrator.candidates import SOURCES, CandidateTables, blocked_mask, merge, source_lists
+from orchestrator.candidates import SOURCES, CandidateTables, blocked_mask, merge, source_lists, two_tower_scores
 
 DEFAULT_BUDGETS = (0.5, 0.2, 0.1, 0.1, 0.1)
 """Shares used when no validation measurement chose others (aligned with ``SOURCES``)."""
@@ -196,9 +196,9 @@ def source_recalls(lists: list[list[np.ndarray]], relevant: Sequence[np.ndarray]
 
 def user_item_scores(user_vectors: np.ndarray, item_vectors: np.ndarray, cands: np.ndarray) -> np.ndarray:
     """float32 [n_users, n] two-tower inner products of each candidate (-inf for padding)."""
-    safe = np.where(cands >= 0, cands, 0)
-    scores = np.einsum("ud,und->un", user_vectors, item_vectors[safe]).astype(np.float32)
-    return np.where(cands >= 0, scores, -np.inf).astype(np.float32)
+    return np.concatenate(
+        [two_tower_scores(user_vectors[s : s + 1024], item_vectors, cands[s : s + 1024]) for s in range(0, len(cands), 1024)]
+    ) if len(cands) else np.zeros(cands.shape, np.float32)
 
 
 def merged_from_ann(

@@ -147,7 +147,9 @@ def genre_popular(tables: CandidateTables, window: np.ndarray, blocked: np.ndarr
     if pool.size == 0:
         return pool.astype(np.int64)
     g = tables.genre_matrix[pool]
-    cos = (g @ profile) / (np.linalg.norm(g, axis=1) * np.linalg.norm(profile) + 1e-6)
+    # multiply-and-sum, not ``@``: a BLAS call on a matrix this small costs more in thread
+    # wake-ups than in arithmetic on a busy machine (measured: 28 ms vs 0.2 ms at load 25)
+    cos = (g * profile).sum(1) / (np.sqrt((g * g).sum(1)) * np.sqrt(float((profile * profile).sum())) + 1e-6)
     score = tables.log_count[pool] * cos
     return pool[np.lexsort((pool, -score))][:n].astype(np.int64)
 
@@ -233,6 +235,18 @@ def candidates(
         ``(items int64 [m], candidate_sources float32 [m, len(SOURCES)])``, ``m <= n``.
     """
     return merge(source_lists(tables, ann, window, blocked, n), tables.budgets, n)
+
+
+def two_tower_scores(user_vectors: np.ndarray, item_vectors: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """float32 [..., n] inner products of users [..., d] with their candidates ``items`` [..., n].
+
+    Padding (-1) candidates score ``-inf``. Multiply-and-sum rather than BLAS: bit-identical
+    for one user online and many users offline, and no thread wake-ups for 200 x dim floats.
+    """
+    items = np.asarray(items, np.int64)
+    user = np.asarray(user_vectors, np.float32)[..., None, :]
+    scores = (item_vectors[np.where(items >= 0, items, 0)] * user).sum(-1, dtype=np.float32)
+    return np.where(items >= 0, scores, -np.inf).astype(np.float32)
 
 
 def blocked_mask(n_items: int, exclude: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:

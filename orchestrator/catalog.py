@@ -22,7 +22,7 @@ import pandas as pd
 
 from export.faiss_index import IndexBundle, ItemFilter, load_index_bundle, to_device
 from export.mmr import blend_vectors
-from orchestrator.candidates import TABLES_FILE, CandidateTables, blocked_mask, candidates
+from orchestrator.candidates import TABLES_FILE, CandidateTables, blocked_mask, candidates, two_tower_scores
 from orchestrator.errors import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ class Catalog:
         """
         ann, _ = self.retrieve(user, k, allowed, exclude)
         items, sources = candidates(self.tables, ann, window, blocked_mask(self.n_items, exclude, allowed), k)
-        scores = (self.vectors[items] @ np.asarray(user, np.float32).reshape(-1)).astype(np.float32)
+        scores = two_tower_scores(np.asarray(user, np.float32).reshape(-1), self.vectors, items)
         return items, scores, sources
 
     def popular(
