@@ -32,7 +32,7 @@ from export.candidates import choose_budgets, recall
 from export.data import load_movielens
 from export.evaluate import interaction_matrix, rank_with, tune_baseline
 from export.features import RankerFeatures
-from export.metrics import ndcg_at_k
+from export.ranking_metrics import ndcg_at_k
 from export.pipeline import TrainSettings, fit_models, merged_candidates, users_with_history
 from export.ranker import candidate_features, candidate_labels, rerank, train_ranker
 from export.split import relevant_items

@@ -48,12 +48,13 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import REPORTS, LoadWatch, conditions, conditions_line, latency_summary, log, markdown_table, ratio, write_json
+from orchestrator.contract import CANDIDATE_INPUTS
 
 COUNTS = (1, 100, 200, 500, 1000)
 """Candidates per request: a single item, then one user's retrieval depth and beyond."""
 
 REFERENCE = "lightgbm_native"
-ENSEMBLE_INPUTS = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating", "candidate_sources")
+ENSEMBLE_INPUTS = CANDIDATE_INPUTS
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ def triton_backends(url: str) -> list[Backend]:
 @contextlib.contextmanager
 def embedded_triton(repo: Path) -> Iterator[Any]:
     """The embedded Triton with only the three ranker models loaded (less start-up, less memory)."""
-    from export.triton import EmbeddedTriton
+    from orchestrator.tritonserver import EmbeddedTriton
 
     with EmbeddedTriton(repo, load_models=("ranker_features", "ranker", "ranker_ensemble")) as server:
         yield server

@@ -29,14 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator.artifacts import CANDIDATE_TABLES as TABLES_FILE
+
 SOURCES = ("two_tower", "item_knn", "genre_popular", "recent_popular", "popular")
 """The candidate sources, in the column order of ``candidate_sources``."""
 
 SOURCE_FEATURE_NAMES = tuple(f"source_rank_{s}" for s in SOURCES)
 """Ranker feature names of the ``candidate_sources`` columns (0-based rank in the source, -1 absent)."""
 
-TABLES_FILE = "candidate_tables.npz"
-"""File name of the tables in an artifacts folder."""
 
 GENRE_POOL_GENRES = 3
 """How many of the user's most frequent genres the ``genre_popular`` source draws from."""

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 from export.onnx_export import MODEL_NAMES, sample_candidate_inputs, sample_user_inputs, session
-from export.triton import EmbeddedTriton, check
+from orchestrator.tritonserver import EmbeddedTriton, check
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
 ROOT = Path(__file__).resolve().parents[1]
-CANDIDATE_INPUTS = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating", "candidate_sources")
+from orchestrator.contract import CANDIDATE_INPUTS  # noqa: E402
 TRITON_TYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
 
 
