@@ -172,7 +172,7 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
     from export.faiss_index import build_indexes
     from export.features import RankerFeatures
     from export.items import Catalog
-    from export.pipeline import Period, retrieve, users_with_history
+    from export.pipeline import Period, TrainSettings, merged_candidates, retrieve, users_with_history
     from export.ranker import RankerConfig, candidate_features, candidate_labels, train_ranker
     from export.split import relevant_items, time_split
     from export.two_tower import Demographics, TwoTowerConfig, train_two_tower, training_targets, training_windows
@@ -270,9 +270,13 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
         active = active[histories.positions(active) >= 0]
         users = np.sort(np.random.default_rng(settings.seed + 1).choice(active, size=min(settings.ranker_users, len(active)), replace=False))
         model = result.model
-        cand, cand_scores, hist, hist_r = stages.run("ranker_retrieval", retrieve, model, val_period, demographics, users, settings.candidates)
+        tables = stages.run("candidate_tables", val_period.tables, catalog, TrainSettings())
+        cands = stages.run("ranker_retrieval", merged_candidates, model, val_period, demographics, tables, users, settings.candidates)
+        cand = cands.items
         features = RankerFeatures(catalog, val_period.stats, model.item_vectors(), val_period.cf_vectors)
-        feats = stages.run("ranker_features", candidate_features, features, hist, hist_r, cand, cand_scores)
+        feats = stages.run(
+            "ranker_features", candidate_features, features, cands.history, cands.history_rating, cand, cands.scores, cands.sources
+        )
         labels = stages.run("ranker_labels", candidate_labels, users, cand, split.val, catalog)
         rconfig = RankerConfig(candidates=settings.candidates, n_estimators=settings.ranker_trees)
         booster = stages.run("ranker_train", train_ranker, feats, labels, rconfig)

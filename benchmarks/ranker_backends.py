@@ -48,12 +48,13 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import REPORTS, LoadWatch, conditions, conditions_line, latency_summary, log, markdown_table, ratio, write_json
+from orchestrator.contract import CANDIDATE_INPUTS
 
 COUNTS = (1, 100, 200, 500, 1000)
 """Candidates per request: a single item, then one user's retrieval depth and beyond."""
 
 REFERENCE = "lightgbm_native"
-ENSEMBLE_INPUTS = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating")
+ENSEMBLE_INPUTS = CANDIDATE_INPUTS
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,9 @@ def real_requests(artifacts: str | Path, repo: str | Path, users: int, max_count
     from benchmarks.perf_analyzer.make_inputs import latest_version
     from export.batch_score import load_user_data, user_inputs
     from export.onnx_export import session
+    from export.candidates import merged_from_ann
     from export.retrieval import top_k
+    from orchestrator.candidates import TABLES_FILE, CandidateTables
 
     artifacts, repo = Path(artifacts), Path(repo)
     data = load_user_data(artifacts)
@@ -147,7 +150,10 @@ def real_requests(artifacts: str | Path, repo: str | Path, users: int, max_count
     chosen = np.sort(rng.choice(eligible, size=min(users, len(eligible)), replace=False))
     x = user_inputs(data, chosen, history_len)
     vectors = tower.run(["user_embedding"], x)[0]
-    cand, scores = top_k(vectors, item_vectors, max_count, data.histories.seen(chosen))
+    seen = data.histories.seen(chosen)
+    ann, _ = top_k(vectors, item_vectors, max_count, seen)
+    tables = CandidateTables.load(artifacts / TABLES_FILE)
+    cand, scores, sources = merged_from_ann(tables, ann, x["history"], seen, vectors, item_vectors, max_count)
     features_dir = latest_version(repo / "ranker_features")
     features_session = session(features_dir / "model.onnx")
     rows, feats = [], []
@@ -155,10 +161,11 @@ def real_requests(artifacts: str | Path, repo: str | Path, users: int, max_count
         r = {
             "item": cand[u].reshape(-1, 1).astype(np.int64),
             "retrieval_score": scores[u].reshape(-1, 1).astype(np.float32),
-            # 0-based rank in the retrieval list, as in training (export.ranker.candidate_features)
+            # 0-based rank in the merged list, as in training (export.ranker.candidate_features)
             "retrieval_rank": np.arange(max_count, dtype=np.float32).reshape(-1, 1),
             "history": np.repeat(x["history"][u : u + 1], max_count, axis=0),
             "history_rating": np.repeat(x["history_rating"][u : u + 1], max_count, axis=0),
+            "candidate_sources": sources[u],
         }
         rows.append(r)
         feats.append(features_session.run(["features"], r)[0].astype(np.float32))
@@ -166,7 +173,7 @@ def real_requests(artifacts: str | Path, repo: str | Path, users: int, max_count
         "users": [int(u) for u in chosen],
         "eligible_users": int(len(eligible)),
         "rule": f"users with >= {max_count} unseen items, drawn with seed {seed}",
-        "candidates": "exact two-tower top-N over item_embeddings.npy, seen items excluded (published user_tower graph)",
+        "candidates": "exact two-tower top-N over item_embeddings.npy merged with the other candidate sources, seen items excluded (published user_tower graph)",
         "features": f"published ranker_features v{features_dir.name}",
         "history_len": history_len,
         "n_items": int(data.n_items),

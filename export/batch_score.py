@@ -10,11 +10,13 @@ of what is actually served. Per chunk of users:
 2. **User tower** over Triton HTTP with binary tensors, in requests of the model's
    ``max_batch_size`` rows, several in flight.
 3. **Retrieval**: FAISS top-``N`` from the ``artifacts/faiss`` bundle, excluding every item
-   the user has interacted with (:meth:`orchestrator.ann.IndexBundle.search`).
+   the user has interacted with (:meth:`orchestrator.ann.IndexBundle.search`), merged with
+   the other candidate sources of ``candidate_tables.npz`` exactly as the orchestrator and
+   the evaluation merge them (:mod:`orchestrator.candidates`).
 4. **Ranking**: ``ranker_ensemble`` over Triton HTTP, one row per candidate (candidates are
    the batch dimension); whole users are packed into each request up to the ensemble's
    ``max_batch_size`` rows, so one request carries many users.
-5. **Top-K** per user by ranker score; ties go to the better retrieval rank, so the order
+5. **Top-K** per user by ranker score; ties go to the better merged rank, so the order
    is deterministic.
 
 Output: one Parquet file with ``user_id, rank (1-based), movie_id, score, model_version``
@@ -51,9 +53,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from export.candidates import merged_from_ann
 from export.history import Histories
 from export.items import Catalog
-from orchestrator.artifacts import Demographics, DemographicsMismatch
+from orchestrator.artifacts import ITEM_EMBEDDINGS, Demographics, DemographicsMismatch
 from orchestrator.artifacts import load_demographics as _load_demographics
 from orchestrator.contract import (
     HISTORY,
@@ -206,11 +209,15 @@ def user_inputs(data: UserData, user_ids: np.ndarray, history_len: int) -> dict[
 
 
 def candidate_rows(
-    cand_items: np.ndarray, cand_scores: np.ndarray, history: np.ndarray, history_rating: np.ndarray
+    cand_items: np.ndarray,
+    cand_scores: np.ndarray,
+    cand_sources: np.ndarray,
+    history: np.ndarray,
+    history_rating: np.ndarray,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """``ranker_ensemble`` rows: one per valid candidate, grouped by user, best retrieval first.
+    """``ranker_ensemble`` rows: one per valid candidate, grouped by user, in merge order.
 
-    ``retrieval_rank`` is the 0-based position in the retrieval list, as in training
+    ``retrieval_rank`` is the 0-based position in the merged list, as in training
     (:func:`export.ranker.candidate_features`). Padding (-1) candidates are dropped rather
     than scored: they are not items.
 
@@ -220,7 +227,9 @@ def candidate_rows(
     """
     valid = cand_items >= 0
     user_row, rank = np.nonzero(valid)  # row-major: grouped by user, ranks ascending
-    inputs = candidate_feeds(cand_items[user_row, rank], cand_scores[user_row, rank], rank, history[user_row], history_rating[user_row])
+    inputs = candidate_feeds(
+        cand_items[user_row, rank], cand_scores[user_row, rank], rank, history[user_row], history_rating[user_row], cand_sources[user_row, rank]
+    )
     return inputs, user_row.astype(np.int64), rank.astype(np.int64)
 
 
@@ -434,6 +443,7 @@ def run_fingerprint(
         "batch_size": int(batch_size),
         "model_versions": {name: int(v) for name, v in sorted(versions.items())},
         "interactions_sha256": _file_digest(artifacts / "interactions.parquet"),
+        "candidate_tables_sha256": _file_digest(artifacts / TABLES_FILE),
         "faiss_sha256": index_sha,
     }
 
@@ -532,6 +542,7 @@ class Timings:
     inputs: float = 0.0
     user_tower: float = 0.0
     faiss: float = 0.0
+    sources: float = 0.0
     ranker: float = 0.0
     write: float = 0.0
 
@@ -541,6 +552,8 @@ def _score_chunk(
     tower: ModelInfo,
     ensemble: ModelInfo,
     bundle,
+    tables: CandidateTables,
+    item_vectors: np.ndarray,
     data: UserData,
     users: np.ndarray,
     history_len: int,
@@ -548,7 +561,7 @@ def _score_chunk(
     k: int,
     timings: Timings,
 ) -> pa.Table:
-    """One chunk of users through tower -> FAISS -> ensemble -> top-K, as an Arrow table."""
+    """One chunk of users through tower -> FAISS + other sources, merged -> ensemble -> top-K, as an Arrow table."""
     t = time.perf_counter()
     x = user_inputs(data, users, history_len)
     seen = data.histories.seen(users)
@@ -559,11 +572,16 @@ def _score_chunk(
     timings.user_tower += time.perf_counter() - t
 
     t = time.perf_counter()
-    cand_items, cand_scores = bundle.search(np.ascontiguousarray(vectors, dtype=np.float32), candidates, exclude=seen)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ann, _ = bundle.search(vectors, candidates, exclude=seen)
     timings.faiss += time.perf_counter() - t
 
     t = time.perf_counter()
-    rows, user_row, rank = candidate_rows(cand_items, cand_scores, x[HISTORY], x[HISTORY_RATING])
+    cand_items, cand_scores, cand_sources = merged_from_ann(tables, ann, x[HISTORY], seen, vectors, item_vectors, candidates)
+    timings.sources += time.perf_counter() - t
+
+    t = time.perf_counter()
+    rows, user_row, rank = candidate_rows(cand_items, cand_scores, cand_sources, x[HISTORY], x[HISTORY_RATING])
     max_rows = ensemble.max_batch_size or len(user_row) or 1
     scores = triton.infer_rows(ensemble, rows, SCORE, user_bounds(user_row, len(users), max_rows)).reshape(-1)
     timings.ranker += time.perf_counter() - t
@@ -669,6 +687,10 @@ def batch_score(
     if candidates > data.n_items:
         raise BatchScoreError(f"--candidates {candidates} exceeds the catalog ({data.n_items} items)")
     bundle = load_index_bundle(bundle_dir)
+    tables = CandidateTables.load(artifacts / TABLES_FILE)
+    item_vectors = np.load(artifacts / ITEM_EMBEDDINGS, allow_pickle=False).astype(np.float32)
+    if tables.n_items != data.n_items or len(item_vectors) != data.n_items:
+        raise BatchScoreError(f"{artifacts}: candidate tables / item vectors do not match items.parquet ({data.n_items} items)")
 
     server = None
     with contextlib.ExitStack() as stack:
@@ -714,7 +736,9 @@ def batch_score(
             for c, (lo, hi) in enumerate(chunks):
                 if c in store.done:
                     continue
-                table = _score_chunk(triton, tower, ensemble, bundle, data, user_ids[lo:hi], history_len, candidates, k, timings)
+                table = _score_chunk(
+                    triton, tower, ensemble, bundle, tables, item_vectors, data, user_ids[lo:hi], history_len, candidates, k, timings
+                )
                 t = time.perf_counter()
                 store.commit(c, table)
                 timings.write += time.perf_counter() - t

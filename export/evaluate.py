@@ -37,11 +37,12 @@ from tqdm.auto import tqdm
 from export import baselines
 from export.data import MovieLens
 from export.history import Histories
-from export.pipeline import Fitted, Period, TrainSettings, retrieve, run, users_with_history
+from export.pipeline import Fitted, Period, TrainSettings, merged_candidates, run, users_with_history
 from export.ranker import candidate_features, rerank
 from export.ranking_metrics import evaluate_rankings, ndcg_at_k
 from export.retrieval import top_k_scores
 from export.split import relevant_items
+from orchestrator.candidates import SOURCES
 from orchestrator.mmr import blend_vectors, mmr_rerank
 
 MODEL_NAMES = ("popularity", "item_knn", "ease", "als", "two_tower", "two_tower_ranker", "two_tower_ranker_mmr")
@@ -145,14 +146,14 @@ def our_rankings(fitted: Fitted, users: np.ndarray, settings: EvalSettings) -> d
     model = fitted.two_tower.model
     n_ranker = settings.train.ranker.candidates
     width = max(KS)
-    cand, cand_scores, hist, hist_r = retrieve(model, period, fitted.demographics, users, max(n_ranker, width))
-    out = {"two_tower": _pad(cand, width)}
-    # the ranker sees exactly what it sees when served: the first `candidates` retrieved items
-    cand, cand_scores = cand[:, :n_ranker], cand_scores[:, :n_ranker]
-    out["candidates"] = cand
+    # the ranker sees exactly what it sees when served: the merged set of `candidates` items
+    c = merged_candidates(model, period, fitted.demographics, fitted.tables, users, n_ranker)
+    ann, _ = top_k(c.user_vectors, c.item_vectors, width, period.histories.seen(users))
+    out = {"two_tower": _pad(ann, width), "candidates": c.items}
+    out.update({f"source:{name}": _pad_lists([lists[s] for lists in c.lists], n_ranker) for s, name in enumerate(SOURCES)})
     features = fitted.ranker_features(period, model)
-    feats = candidate_features(features, hist, hist_r, cand, cand_scores)
-    ranked, scores = rerank(fitted.ranker, feats, cand)
+    feats = candidate_features(features, c.history, c.history_rating, c.items, c.scores, c.sources)
+    ranked, scores = rerank(fitted.ranker, feats, c.items)
     out["two_tower_ranker"] = _pad(ranked, width)
     vectors = blend_vectors(
         [features.vectors.numpy(), fitted.catalog.genre_matrix], [1.0 - settings.mmr_genre_weight, settings.mmr_genre_weight]
@@ -160,6 +161,14 @@ def our_rankings(fitted: Fitted, users: np.ndarray, settings: EvalSettings) -> d
     for lam in sorted(set(settings.mmr_sweep) | {settings.mmr_lambda}, reverse=True):
         out[f"mmr@{lam:g}"] = mmr_lists(ranked, scores, vectors, lam, settings.mmr_pool, width)
     out["two_tower_ranker_mmr"] = out[f"mmr@{settings.mmr_lambda:g}"]
+    return out
+
+
+def _pad_lists(rows: list[np.ndarray], n: int) -> np.ndarray:
+    """int64 [len(rows), n]: each row's first ``n`` items, -1 padded."""
+    out = np.full((len(rows), n), -1, np.int64)
+    for i, r in enumerate(rows):
+        out[i, : min(n, len(r))] = r[:n]
     return out
 
 
@@ -261,6 +270,12 @@ def evaluate_window(fitted: Fitted, settings: EvalSettings, progress: bool) -> W
             "recall@200": float(cand_recall.mean()),
             "recall": float(candidate_recall(ours["candidates"], relevant).mean()),
             "size": int(ours["candidates"].shape[1]),
+            "sources": list(SOURCES),
+            "budgets": [round(float(b), 4) for b in fitted.tables.budgets],
+            "source_recall@200": {
+                name: float(candidate_recall(ours[f"source:{name}"], relevant, CANDIDATE_K).mean()) for name in SOURCES
+            },
+            "budget_search": fitted.budget_trials,
         },
         "significance": {
             f"two_tower_ranker - {name} ndcg@10": bootstrap_diff(

@@ -14,6 +14,9 @@ merge requests). Inputs per row:
 * ``retrieval_rank`` float32: 0-based rank of the candidate in retrieval.
 * ``history`` int64 [L]: the user's last L items, most recent last, ``-1`` padding.
 * ``history_rating`` float32 [L]: their ratings, 0 = unknown.
+* ``candidate_sources`` float32 [S]: the candidate's 0-based rank in each candidate source,
+  -1 where the source did not propose it (``orchestrator/candidates.py``); passed through as
+  the last ``S`` features.
 
 Output: ``features`` float32 [len(FEATURE_NAMES)].
 """
@@ -27,6 +30,7 @@ from torch import nn
 
 from export.history import Histories
 from export.items import Catalog, ItemStats
+from orchestrator.candidates import SOURCE_FEATURE_NAMES
 
 FEATURE_NAMES = (
     "retrieval_score",
@@ -52,7 +56,7 @@ FEATURE_NAMES = (
     "cf_sim_history_max",
     "cf_sim_last5_max",
     "cf_sim_history_sum",
-)
+) + SOURCE_FEATURE_NAMES
 """Column names of the feature matrix, in order."""
 
 LAST_N = 5
@@ -126,6 +130,7 @@ class RankerFeatures(nn.Module):
         retrieval_rank: torch.Tensor,
         history: torch.Tensor,
         history_rating: torch.Tensor,
+        candidate_sources: torch.Tensor,
     ) -> torch.Tensor:
         item = item.reshape(-1)
         valid = (history >= 0).to(torch.float32)
@@ -199,7 +204,7 @@ class RankerFeatures(nn.Module):
             cf_last_max,
             cf_sum,
         ]
-        return torch.stack(cols, dim=1)
+        return torch.cat([torch.stack(cols, dim=1), candidate_sources], dim=1)
 
     @torch.no_grad()
     def compute(
@@ -209,6 +214,7 @@ class RankerFeatures(nn.Module):
         retrieval_rank: np.ndarray,
         history: np.ndarray,
         history_rating: np.ndarray,
+        candidate_sources: np.ndarray,
         batch_size: int = 65536,
     ) -> np.ndarray:
         """Numpy convenience wrapper: float32 [n, len(FEATURE_NAMES)]."""
@@ -222,6 +228,7 @@ class RankerFeatures(nn.Module):
                     torch.as_tensor(retrieval_rank[sl], dtype=torch.float32),
                     torch.as_tensor(history[sl], dtype=torch.long),
                     torch.as_tensor(history_rating[sl], dtype=torch.float32),
+                    torch.as_tensor(candidate_sources[sl], dtype=torch.float32),
                 ).numpy()
             )
         if not out:

@@ -59,8 +59,10 @@ from export.triton_config import (
     write_repository_files,
 )
 from export.two_tower import TwoTower, TwoTowerConfig
+from orchestrator.candidates import SOURCES, TABLES_FILE
 from orchestrator.artifacts import EXPORTED_FILES, file_sha256
 from orchestrator.contract import (
+    CANDIDATE_INPUTS,
     GRAPH_MODELS,
     MODEL_NAMES,
     RANKER_ENSEMBLE,
@@ -238,9 +240,9 @@ def export_ranker_features(module: RankerFeatures, history_len: int, path: Path)
         torch.zeros(2, 1),
         torch.full((2, L), -1, dtype=torch.long),
         torch.zeros(2, L),
+        torch.full((2, len(SOURCES)), -1.0),
     )
-    names = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating")
-    _export_graph(module, args, path, names, ("features",))
+    _export_graph(module, args, path, CANDIDATE_INPUTS, ("features",))
 
 
 def float32_exact_booster(booster: lgb.Booster) -> lgb.Booster:
@@ -369,6 +371,8 @@ def sample_candidate_inputs(n: int, n_items: int, history_len: int, seed: int = 
         "retrieval_rank": rng.integers(0, 200, (n, 1)).astype(np.float32),
         "history": user["history"],
         "history_rating": user["history_rating"],
+        # a rank in some sources, -1 (absent) in the others
+        "candidate_sources": np.where(rng.random((n, len(SOURCES))) < 0.5, rng.integers(0, 200, (n, len(SOURCES))), -1).astype(np.float32),
     }
 
 
@@ -379,6 +383,7 @@ def _features_torch(module: RankerFeatures, inputs: dict[str, np.ndarray]) -> np
         inputs["retrieval_rank"].reshape(-1),
         inputs["history"],
         inputs["history_rating"],
+        inputs["candidate_sources"],
     )
 
 
@@ -603,7 +608,7 @@ def export_repository(
         FileNotFoundError: An artifact file is missing.
     """
     artifacts, repo = Path(artifacts), Path(repo)
-    for name in ("two_tower.pt", "ranker_features.pt", "ranker.lgb", "manifest.json"):
+    for name in ("two_tower.pt", "ranker_features.pt", "ranker.lgb", TABLES_FILE, "manifest.json"):
         if not (artifacts / name).is_file():
             raise FileNotFoundError(f"{artifacts / name}: missing artifact (run `recsys train` first)")
     if tree_implementation != "auto" and tree_implementation not in TREE_IMPLEMENTATIONS:

@@ -5,7 +5,8 @@ Reads like the diagram::
     ml = load_movielens(data_dir)                       # validated CSVs
     split = time_split(ml.ratings)                      # train | val | test, one calendar cut
     two-tower on train, early-stopped on val Recall@100
-    LambdaRank ranker on the two-tower's candidates for val users, labels from val
+    candidate sources (two-tower ANN, item neighbours, popular lists) merged; budgets on val
+    LambdaRank ranker on the merged candidates for val users, labels from val
     two-tower refit on train+val for the best epoch count   (what is served and tested)
     save_artifacts(...)                                  # checkpoints, item table, manifest
     publish(...)                                         # ONNX + configs -> model_repository/N,
@@ -24,7 +25,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from export.candidates import build_tables, choose_budgets, merge_users, user_item_scores, user_source_lists
 from export.data import MovieLens, load_movielens
 from export.features import FEATURE_NAMES, RankerFeatures, cf_item_vectors
 from export.history import Histories
@@ -44,6 +46,7 @@ from export.retrieval import top_k
 from export.split import Split, relevant_items, rolling_splits, time_split
 from export.two_tower import Demographics, TrainResult, TwoTower, TwoTowerConfig, train_two_tower
 from orchestrator.artifacts import FAISS_DIR, ITEM_EMBEDDINGS, MANIFEST, exported_from, file_sha256
+from orchestrator.candidates import SOURCES, TABLES_FILE, CandidateTables
 
 MANIFEST_VERSION = 1
 
@@ -59,6 +62,9 @@ class TrainSettings:
         test_fraction: Share of interactions in the test period.
         refit: Refit the two-tower on train+val for the best epoch count before testing and
             publishing (the baselines are refit the same way).
+        neighbours: Item-item neighbours kept per item for the ``item_knn`` source.
+        budgets: Per-source shares of the merged candidate set (``orchestrator.candidates.SOURCES``
+            order); None = chosen on validation recall (:func:`export.candidates.choose_budgets`).
     """
 
     two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
@@ -66,6 +72,8 @@ class TrainSettings:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     refit: bool = True
+    neighbours: int = 100
+    budgets: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,11 @@ class Period:
         stats = item_stats(past, catalog, cutoff)
         return cls(cutoff, past, histories, stats, cf_item_vectors(histories, catalog.n_items))
 
+    def tables(self, catalog: Catalog, settings: TrainSettings) -> CandidateTables:
+        """Candidate-source tables from this period's past (default budgets until chosen)."""
+        kwargs = {} if settings.budgets is None else {"budgets": settings.budgets}
+        return build_tables(self.histories, self.stats, catalog, neighbours=settings.neighbours, **kwargs)
+
 
 @dataclass
 class Fitted:
@@ -99,6 +112,10 @@ class Fitted:
         two_tower_val: Two-tower trained on train, early-stopped on val (ranker candidates).
         two_tower: Two-tower to test and publish (refit on train+val, or the same model).
         ranker: LightGBM LambdaRank booster.
+        tables_val: Candidate tables as of validation (train data), ranker training.
+        tables: Candidate tables as of test (train + val data), with the budgets chosen on
+            validation: what is tested and published.
+        budget_trials: The budget search on validation (recall per step).
         seconds: Wall time per stage.
     """
 
@@ -110,6 +127,9 @@ class Fitted:
     two_tower_val: TrainResult
     two_tower: TrainResult
     ranker: lgb.Booster
+    tables_val: CandidateTables
+    tables: CandidateTables
+    budget_trials: list[dict]
     seconds: dict[str, float]
 
     def ranker_features(self, period: Period, model: TwoTower) -> RankerFeatures:
@@ -130,6 +150,60 @@ def retrieve(
     users = model.user_vectors(hist, hist_r, demographics.lookup(user_ids))
     items, scores = top_k(users, model.item_vectors(), k, period.histories.seen(user_ids))
     return items, scores, hist, hist_r
+
+
+@dataclass
+class Candidates:
+    """Merged candidate sets of many users (rows aligned with the users asked for).
+
+    Attributes:
+        items: int64 [n_users, n] merged candidates in merge order, -1 padded.
+        scores: float32 [n_users, n] two-tower inner products (-inf for padding).
+        sources: float32 [n_users, n, S] rank in each source, -1 absent (``candidate_sources``).
+        ann: int64 [n_users, n] the two-tower's own top-n.
+        history: int64 [n_users, L] the windows the user tower and the features read.
+        history_rating: float32 [n_users, L].
+        lists: Per user, every source's list (for budget search and per-source recall).
+        user_vectors: float32 [n_users, d] the user tower's output.
+        item_vectors: float32 [n_items, d].
+    """
+
+    items: np.ndarray
+    scores: np.ndarray
+    sources: np.ndarray
+    ann: np.ndarray
+    history: np.ndarray
+    history_rating: np.ndarray
+    lists: list[list[np.ndarray]]
+    user_vectors: np.ndarray
+    item_vectors: np.ndarray
+
+    def with_budgets(self, budgets: np.ndarray, n: int) -> "Candidates":
+        """The same source lists merged with other budgets."""
+        items, sources = merge_users(self.lists, budgets, n)
+        scores = user_item_scores(self.user_vectors, self.item_vectors, items)
+        return replace(self, items=items, scores=scores, sources=sources)
+
+
+def merged_candidates(
+    model: TwoTower,
+    period: Period,
+    demographics: Demographics,
+    tables: CandidateTables,
+    user_ids: np.ndarray,
+    n: int,
+    progress: bool = False,
+) -> Candidates:
+    """Every source for users as of ``period`` (seen items excluded), merged as the orchestrator does."""
+    hist, hist_r = period.histories.last(user_ids, model.config.history_len)
+    users = model.user_vectors(hist, hist_r, demographics.lookup(user_ids))
+    item_vectors = model.item_vectors()
+    seen = period.histories.seen(user_ids)
+    ann, _ = top_k(users, item_vectors, n, seen)
+    lists = user_source_lists(tables, ann, hist, seen, n, progress=progress)
+    items, sources = merge_users(lists, tables.budgets, n)
+    scores = user_item_scores(users, item_vectors, items)
+    return Candidates(items, scores, sources, ann, hist, hist_r, lists, users, item_vectors)
 
 
 def users_with_history(relevant: dict[int, np.ndarray], period: Period) -> np.ndarray:
@@ -178,19 +252,34 @@ def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True, sp
     )
     seconds["two_tower"] = time.perf_counter() - t0
 
-    # ranker: candidates for everybody active in validation who has a past, labels from validation
+    # candidate sources: tables from the past only; budgets by the merged set's recall on
+    # validation users (the ranker's training users, never the test period)
     t0 = time.perf_counter()
+    n_cand = settings.ranker.candidates
+    tables_val = val_period.tables(catalog, settings)
     active = np.unique(split.val.user_id.to_numpy())
     active = active[val_period.histories.positions(active) >= 0]
-    cand, cand_scores, hist, hist_r = retrieve(tt_val.model, val_period, demographics, active, settings.ranker.candidates)
+    cands = merged_candidates(tt_val.model, val_period, demographics, tables_val, active, n_cand, progress)
+    trials: list[dict] = []
+    if settings.budgets is None:
+        rel_active = [rel_val.get(int(u), np.empty(0, np.int64)) for u in active]
+        has_rel = np.array([len(r) > 0 for r in rel_active])
+        budgets, trials = choose_budgets([cands.lists[i] for i in np.flatnonzero(has_rel)], [rel_active[i] for i in np.flatnonzero(has_rel)], n_cand)
+        tables_val = tables_val.with_budgets(budgets)
+        cands = cands.with_budgets(tables_val.budgets, n_cand)
+    seconds["candidates"] = time.perf_counter() - t0
+
+    # ranker: merged candidates for everybody active in validation who has a past, labels from validation
+    t0 = time.perf_counter()
     feats = candidate_features(
         RankerFeatures(catalog, val_period.stats, tt_val.model.item_vectors(), val_period.cf_vectors),
-        hist,
-        hist_r,
-        cand,
-        cand_scores,
+        cands.history,
+        cands.history_rating,
+        cands.items,
+        cands.scores,
+        cands.sources,
     )
-    labels = candidate_labels(active, cand, split.val, catalog)
+    labels = candidate_labels(active, cands.items, split.val, catalog)
     booster = train_ranker(feats, labels, settings.ranker)
     seconds["ranker"] = time.perf_counter() - t0
 
@@ -209,7 +298,10 @@ def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True, sp
     else:
         tt_test = tt_val
     seconds["two_tower_refit"] = time.perf_counter() - t0
-    return Fitted(catalog, split, demographics, val_period, test_period, tt_val, tt_test, booster, seconds)
+    tables = test_period.tables(catalog, settings).with_budgets(tables_val.budgets)
+    return Fitted(
+        catalog, split, demographics, val_period, test_period, tt_val, tt_test, booster, tables_val, tables, trials, seconds
+    )
 
 
 def git_sha() -> str | None:
@@ -286,6 +378,7 @@ def save_artifacts(fitted: Fitted, ml: MovieLens, data_dir: str | Path, out_dir:
     np.save(out / "item_embeddings.npy", vectors)
     torch.save(fitted.ranker_features(fitted.test_period, model).state_dict(), out / "ranker_features.pt")
     fitted.ranker.save_model(str(out / "ranker.lgb"))
+    fitted.tables.save(out / TABLES_FILE)
     item_table(fitted).to_parquet(out / "items.parquet", index=False)
     ml.ratings.to_parquet(out / "interactions.parquet", index=False)
     (out / "demographics.json").write_text(json.dumps({"occupations": fitted.demographics.occupations}, indent=2))
@@ -308,6 +401,12 @@ def save_artifacts(fitted: Fitted, ml: MovieLens, data_dir: str | Path, out_dir:
             "refit": settings.refit,
         },
         "ranker": {"config": asdict(settings.ranker), "feature_names": list(FEATURE_NAMES), "trees": fitted.ranker.num_trees()},
+        "candidates": {
+            "sources": list(SOURCES),
+            "budgets": [round(float(b), 4) for b in fitted.tables.budgets],
+            "neighbours": int(fitted.tables.neighbours.shape[1]),
+            "budget_search": fitted.budget_trials,
+        },
         "seconds": {k: round(v, 2) for k, v in fitted.seconds.items()},
         "packages": package_versions(),
         "files": sorted(p.name for p in out.iterdir()),

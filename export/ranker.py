@@ -1,7 +1,8 @@
-"""Second stage: a LightGBM LambdaRank ranker over the two-tower's candidates.
+"""Second stage: a LightGBM LambdaRank ranker over the merged candidates.
 
-Training data (one query per user): the top-``candidates`` items the two-tower retrieves for
-a user from their history before the validation period; labels from what the user did in the
+Training data (one query per user): the ``candidates`` items the merged candidate sources
+(``orchestrator/candidates.py``) propose for a user from their history before the validation
+period; labels from what the user did in the
 validation period (2 = rated >= 4, 1 = rated below 4, 0 = not rated). Features come from
 :class:`export.features.RankerFeatures`, the same module that is exported to Triton.
 
@@ -27,7 +28,7 @@ class RankerConfig:
     """LightGBM LambdaRank hyper-parameters.
 
     Attributes:
-        candidates: Two-tower candidates per user that the ranker orders.
+        candidates: Merged candidates per user that the ranker orders.
         n_estimators: Boosting rounds (trees).
         learning_rate: Shrinkage.
         max_depth: Tree depth cap (<= 8 for Hummingbird).
@@ -61,6 +62,7 @@ def candidate_features(
     history_rating: np.ndarray,
     cand_items: np.ndarray,
     cand_scores: np.ndarray,
+    cand_sources: np.ndarray,
     chunk_users: int = 256,
 ) -> np.ndarray:
     """Feature matrix for every (user, candidate) pair, one row per candidate.
@@ -71,6 +73,7 @@ def candidate_features(
         history_rating: float32 [n_users, L].
         cand_items: int64 [n_users, C] candidates, best first (``-1`` = none).
         cand_scores: float32 [n_users, C] retrieval scores.
+        cand_sources: float32 [n_users, C, S] rank of each candidate in each source (-1 absent).
         chunk_users: Users per feature call (bounds the repeated history's memory).
 
     Returns:
@@ -91,6 +94,7 @@ def candidate_features(
                 ranks,
                 np.repeat(history[sl], n_cand, axis=0),
                 np.repeat(history_rating[sl], n_cand, axis=0),
+                cand_sources[sl].reshape(m * n_cand, -1),
             )
         )
     if not out:

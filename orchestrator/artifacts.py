@@ -25,9 +25,11 @@ ITEM_EMBEDDINGS = "item_embeddings.npy"
 INTERACTIONS = "interactions.parquet"
 DEMOGRAPHICS_VOCABULARY = "demographics.json"
 FAISS_DIR = "faiss"
-EXPORTED_FILES = ("two_tower.pt", "ranker_features.pt", "ranker.lgb", ITEM_EMBEDDINGS, ITEMS)
+CANDIDATE_TABLES = "candidate_tables.npz"
+"""The candidate sources' tables and budgets (``orchestrator/candidates.py``)."""
+EXPORTED_FILES = ("two_tower.pt", "ranker_features.pt", "ranker.lgb", ITEM_EMBEDDINGS, ITEMS, CANDIDATE_TABLES)
 """Artifact files whose hashes the export records in ``version.json``: a match means no re-export."""
-CATALOG_FILES = (ITEMS, ITEM_EMBEDDINGS)
+CATALOG_FILES = (ITEMS, ITEM_EMBEDDINGS, CANDIDATE_TABLES)
 """Artifact files whose recorded hashes must match before a version's catalog is served."""
 AGE_BUCKETS = (0, 18, 25, 35, 45, 50, 56)
 """Lower edges of the age buckets of the demographic codes (MovieLens' own groups)."""

@@ -5,7 +5,7 @@ The pipeline calls two models and nothing else:
 * ``user_tower``: (history [B, L] int64, history_rating [B, L] fp32, demographics [B, 3]
   int64) -> user_embedding [B, dim] fp32;
 * ``ranker_ensemble``: one row per candidate (item, retrieval_score, retrieval_rank,
-  history, history_rating) -> score [N, 1] fp32 (features + LightGBM trees in one call).
+  history, history_rating, candidate_sources) -> score [N, 1] fp32 (features + LightGBM trees in one call).
 
 :class:`TritonBackend` sends them to Triton over gRPC; :class:`InProcessBackend` runs the
 same ``model.onnx`` files of the repository with onnxruntime (service tests, and the floor
@@ -77,10 +77,11 @@ class InferenceBackend(Protocol):
         retrieval_ranks: np.ndarray,
         history: np.ndarray,
         ratings: np.ndarray,
+        sources: np.ndarray,
         timeout_s: float,
         version: int | None = None,
     ) -> np.ndarray:
-        """float32 [N] ranker scores of N candidates of one user (history windows [N, L])."""
+        """float32 [N] ranker scores of N candidates of one user (history windows [N, L], source ranks [N, S])."""
         ...
 
     def load_version(self, version: int, timeout_s: float) -> None:
@@ -173,11 +174,12 @@ class InProcessBackend:
         retrieval_ranks: np.ndarray,
         history: np.ndarray,
         ratings: np.ndarray,
+        sources: np.ndarray,
         timeout_s: float,
         version: int | None = None,
     ) -> np.ndarray:
         t0 = time.monotonic()
-        feeds = candidate_feeds(items, retrieval_scores, retrieval_ranks, history, ratings)
+        feeds = candidate_feeds(items, retrieval_scores, retrieval_ranks, history, ratings, sources)
         features = self._run(RANKER_FEATURES, FEATURES, feeds, timeout_s, version)
         left = timeout_s - (time.monotonic() - t0)
         return self._run(RANKER_TREES, SCORE, {FEATURES: features}, left, version).reshape(-1)
@@ -317,6 +319,7 @@ class TritonBackend:
         retrieval_ranks: np.ndarray,
         history: np.ndarray,
         ratings: np.ndarray,
+        sources: np.ndarray,
         timeout_s: float,
         version: int | None = None,
     ) -> np.ndarray:
@@ -326,7 +329,7 @@ class TritonBackend:
         pinned to the version being replaced (or to the other arm of an A/B test) must not
         go through it.
         """
-        feeds = candidate_feeds(items, retrieval_scores, retrieval_ranks, history, ratings)
+        feeds = candidate_feeds(items, retrieval_scores, retrieval_ranks, history, ratings, sources)
         if version is None or version == self._ensemble_version:
             return self._infer(RANKER, feeds, SCORE, timeout_s).reshape(-1)
         t0 = time.monotonic()

@@ -1,4 +1,5 @@
-"""What the orchestrator serves from in process: the item table, the item vectors, FAISS.
+"""What the orchestrator serves from in process: the item table, the item vectors, FAISS, and
+the candidate sources' tables (``candidate_tables.npz``: item neighbours, popular lists).
 
 Loaded once at start (:meth:`Catalog.load`), read-only afterwards, shared by every worker
 thread. Items are addressed by *item index* (``0..n_items-1``, the row of the item table)
@@ -21,6 +22,7 @@ import pandas as pd
 from orchestrator.ann import IndexBundle, ItemFilter, load_index_bundle, to_device
 from orchestrator.artifacts import Demographics, items_of
 from orchestrator.artifacts import load_demographics as read_demographics
+from orchestrator.candidates import TABLES_FILE, CandidateTables, blocked_mask, candidates, two_tower_scores
 from orchestrator.errors import InvalidArgument, NotFound
 from orchestrator.mmr import blend_vectors
 
@@ -91,6 +93,7 @@ class Catalog:
         manifest: The artifacts' ``manifest.json``.
         demographics: :class:`~orchestrator.artifacts.Demographics` of the training data's users, or
             None (every user's codes unknown).
+        tables: The candidate sources' tables and budgets, published with the artifacts.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class Catalog:
         index: IndexBundle,
         manifest: dict,
         mmr_genre_weight: float,
+        tables: CandidateTables,
         demographics: Demographics | None = None,
     ):
         items = items.sort_values("item").reset_index(drop=True)
@@ -129,6 +133,9 @@ class Catalog:
         self.index = index
         self.manifest = manifest
         self.demographics = demographics
+        if tables.n_items != len(items):
+            raise ValueError(f"candidate tables for {tables.n_items} items, items.parquet has {len(items)}")
+        self.tables = tables
         self.history_len = int(manifest["two_tower"]["config"]["history_len"])
         # most-rated first, ties by item index: the popular lists are precomputed orders
         self._by_popularity = np.lexsort((np.arange(self.n_items), -self.popularity))
@@ -136,7 +143,8 @@ class Catalog:
 
     @classmethod
     def load(cls, artifacts_dir: str | Path, mmr_genre_weight: float = 0.8, use_gpu: bool | None = None) -> Catalog:
-        """Reads ``items.parquet``, ``item_embeddings.npy``, ``manifest.json`` and the FAISS bundle.
+        """Reads ``items.parquet``, ``item_embeddings.npy``, ``manifest.json``, the candidate tables
+        and the FAISS bundle.
 
         Without ``faiss/index.json`` (``recsys train`` alone does not build one) an exact
         ``IndexFlatIP`` over the embeddings is built in memory: on catalogs up to ~10^5 items
@@ -161,7 +169,10 @@ class Catalog:
             bundle = IndexBundle(flat, np.arange(len(vectors), dtype=np.int64), {"kind": "flat", "built": "in memory"}, vectors)
             log.info("%s has no FAISS bundle: serving an exact in-memory flat index", art)
         bundle.index = to_device(bundle.index, use_gpu)
-        return cls(items, vectors, bundle, manifest, mmr_genre_weight, load_demographics(art, manifest))
+        if not (art / TABLES_FILE).is_file():
+            raise FileNotFoundError(f"{art / TABLES_FILE}: missing candidate tables (artifacts from before multi-source candidates: re-run `recsys train`)")
+        tables = CandidateTables.load(art / TABLES_FILE)
+        return cls(items, vectors, bundle, manifest, mmr_genre_weight, tables, load_demographics(art, manifest))
 
     # ------------------------------------------------------------------ ids
 
@@ -226,6 +237,27 @@ class Catalog:
         )
         keep = items[0] >= 0
         return items[0][keep], scores[0][keep]
+
+    def candidates(
+        self, user: np.ndarray, window: np.ndarray, k: int, allowed: np.ndarray | None, exclude: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The merged candidate set: FAISS top-``k`` plus the other sources, as evaluation merges them.
+
+        Args:
+            user: float32 [dim] user vector.
+            window: int64 [L] history window (-1 padded).
+            k: Candidates wanted (each source's list is up to ``k`` long too).
+            allowed: bool [n_items] admitted by the filters, or None.
+            exclude: Item indices never to return.
+
+        Returns:
+            ``(items int64 [m], scores float32 [m], sources float32 [m, S])``, ``m <= k``: merge
+            order, the two-tower inner product of each, and each one's rank in every source.
+        """
+        ann, _ = self.retrieve(user, k, allowed, exclude)
+        items, sources = candidates(self.tables, ann, window, blocked_mask(self.n_items, exclude, allowed), k)
+        scores = two_tower_scores(np.asarray(user, np.float32).reshape(-1), self.vectors, items)
+        return items, scores, sources
 
     def popular(
         self, k: int, recent: bool, allowed: np.ndarray | None, exclude: np.ndarray

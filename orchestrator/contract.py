@@ -55,6 +55,8 @@ ITEM = "item"
 ITEM_EMBEDDING = "item_embedding"
 RETRIEVAL_SCORE = "retrieval_score"
 RETRIEVAL_RANK = "retrieval_rank"
+CANDIDATE_SOURCES = "candidate_sources"
+"""Per candidate, its 0-based rank in each candidate source, -1 where absent (``orchestrator/candidates.py``)."""
 FEATURES = "features"
 SCORE = "score"
 ENSEMBLE_FEATURES = "candidate_features"
@@ -64,7 +66,7 @@ N_DEMOGRAPHICS = 3
 
 USER_INPUTS = (HISTORY, HISTORY_RATING, DEMOGRAPHICS)
 """The user tower's inputs, in graph order."""
-CANDIDATE_INPUTS = (ITEM, RETRIEVAL_SCORE, RETRIEVAL_RANK, HISTORY, HISTORY_RATING)
+CANDIDATE_INPUTS = (ITEM, RETRIEVAL_SCORE, RETRIEVAL_RANK, HISTORY, HISTORY_RATING, CANDIDATE_SOURCES)
 """One row per candidate: the inputs of ``ranker_features`` and of the ensemble, in graph order."""
 
 TRITON_TO_NUMPY: dict[str, type] = {"TYPE_INT64": np.int64, "TYPE_FP32": np.float32}
@@ -85,24 +87,31 @@ class Tensor:
         return TRITON_TO_NUMPY[self.data_type]
 
 
-def model_tensors(history_len: int, dim: int, n_features: int) -> dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:
+def model_tensors(
+    history_len: int, dim: int, n_features: int, n_sources: int | None = None
+) -> dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:
     """``(inputs, outputs)`` of each graph-backed model for a model's sizes.
 
     Args:
         history_len: ``L``, the history window.
         dim: Embedding size.
         n_features: Ranker feature count.
+        n_sources: Candidate sources ``S`` (default: ``len(orchestrator.candidates.SOURCES)``).
 
     Returns:
         Model name -> (input tensors, output tensors), in graph order.
     """
+    from orchestrator.candidates import SOURCES
+
     L, D, F = history_len, dim, n_features
+    S = len(SOURCES) if n_sources is None else n_sources
     candidates = (
         Tensor(ITEM, "TYPE_INT64", (1,)),
         Tensor(RETRIEVAL_SCORE, "TYPE_FP32", (1,)),
         Tensor(RETRIEVAL_RANK, "TYPE_FP32", (1,)),
         Tensor(HISTORY, "TYPE_INT64", (L,)),
         Tensor(HISTORY_RATING, "TYPE_FP32", (L,)),
+        Tensor(CANDIDATE_SOURCES, "TYPE_FP32", (S,)),
     )
     return {
         USER_TOWER: (
@@ -125,7 +134,12 @@ def user_tower_feeds(history: np.ndarray, ratings: np.ndarray, demographics: np.
 
 
 def candidate_feeds(
-    items: np.ndarray, retrieval_scores: np.ndarray, retrieval_ranks: np.ndarray, history: np.ndarray, ratings: np.ndarray
+    items: np.ndarray,
+    retrieval_scores: np.ndarray,
+    retrieval_ranks: np.ndarray,
+    history: np.ndarray,
+    ratings: np.ndarray,
+    sources: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """The ranker's input tensors: candidates are the batch axis, per-row scalars have dims [1]."""
     n = len(items)
@@ -135,6 +149,7 @@ def candidate_feeds(
         RETRIEVAL_RANK: np.asarray(retrieval_ranks, np.float32).reshape(n, 1),
         HISTORY: np.ascontiguousarray(history, dtype=np.int64),
         HISTORY_RATING: np.ascontiguousarray(ratings, dtype=np.float32),
+        CANDIDATE_SOURCES: np.ascontiguousarray(sources, dtype=np.float32).reshape(n, -1),
     }
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.artifacts import file_sha256
+from orchestrator.artifacts import CATALOG_FILES, file_sha256
 from orchestrator.backends import InferenceBackend
 from orchestrator.catalog import Catalog
 from orchestrator.contract import KEPT_VERSIONS, SERVED_MODELS, latest_version, read_version_info
@@ -45,8 +45,6 @@ from orchestrator.store import HistoryStore
 log = logging.getLogger(__name__)
 
 CONTROL, TREATMENT = "control", "treatment"
-CATALOG_FILES = ("items.parquet", "item_embeddings.npy")
-"""Artifact files whose recorded hashes must match before a version's catalog is served."""
 
 
 class ReloadError(RuntimeError):
@@ -123,10 +121,13 @@ class PinnedBackend:
         retrieval_ranks: np.ndarray,
         history: np.ndarray,
         ratings: np.ndarray,
+        sources: np.ndarray,
         timeout_s: float,
         version: int | None = None,
     ) -> np.ndarray:
-        return self.inner.rank(items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s=timeout_s, version=self.version)
+        return self.inner.rank(
+            items, retrieval_scores, retrieval_ranks, history, ratings, sources, timeout_s=timeout_s, version=self.version
+        )
 
     def load_version(self, version: int, timeout_s: float) -> None:
         self.inner.load_version(version, timeout_s)

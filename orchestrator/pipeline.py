@@ -1,4 +1,7 @@
-"""The online pipeline: history -> user_tower -> FAISS top-N -> ranker_ensemble -> MMR + rules -> top-K.
+"""The online pipeline: history -> user_tower -> candidates -> ranker_ensemble -> MMR + rules -> top-K.
+
+Candidates are FAISS top-N merged with the other candidate sources (item neighbours of the
+window, popular lists: ``orchestrator/candidates.py``), exactly as evaluation merges them.
 
 :meth:`Recommender.recommend` reads like the diagram; each stage is one call and one timed
 block. What the stages share:
@@ -155,9 +158,9 @@ class Recommender:
             with t("user_tower"):
                 user = self.user_vector(q, window, deadline)
             with t("retrieval"):
-                cand, sims = self.catalog.retrieve(user, self.settings.retrieve_k, allowed, exclude)
+                cand, sims, sources = self.catalog.candidates(user, window.items, self.settings.retrieve_k, allowed, exclude)
             with t("ranking"):
-                scores = self.rank(cand, sims, window, deadline)
+                scores = self.rank(cand, sims, sources, window, deadline)
         except ModelUnavailable as exc:
             return self.fallback(q, window, self.reason(exc, deadline), t)  # Triton down or slow
         with t("reranking"):
@@ -200,7 +203,7 @@ class Recommender:
         """Time a model call may take: ``triton_timeout_s`` capped by the deadline."""
         return min(self.settings.triton_timeout_s, deadline.check(stage))
 
-    def rank(self, cand: np.ndarray, sims: np.ndarray, window: Window, deadline: Deadline) -> np.ndarray:
+    def rank(self, cand: np.ndarray, sims: np.ndarray, sources: np.ndarray, window: Window, deadline: Deadline) -> np.ndarray:
         """Ranker scores of the candidates (one row each, the history window repeated)."""
         if len(cand) == 0:
             return np.zeros(0, np.float32)
@@ -209,8 +212,8 @@ class Recommender:
         # broadcast views, copied once when serialised
         hist = np.broadcast_to(window.items, (n, len(window.items)))
         rats = np.broadcast_to(window.ratings, (n, len(window.ratings)))
-        ranks = np.arange(n, dtype=np.float32)  # 0-based FAISS order, as the ranker was trained
-        return self.backend.rank(cand, sims, ranks, hist, rats, timeout_s=self.timeout(deadline, "ranking"))
+        ranks = np.arange(n, dtype=np.float32)  # 0-based merge order, as the ranker was trained
+        return self.backend.rank(cand, sims, ranks, hist, rats, sources, timeout_s=self.timeout(deadline, "ranking"))
 
     def rerank(self, cand: np.ndarray, scores: np.ndarray, k: int, options: RerankOptions) -> np.ndarray:
         """Positions into ``cand`` after MMR, freshness and the per-genre quota."""
@@ -260,8 +263,8 @@ class Recommender:
             deadline = Deadline(None, max(self.settings.triton_timeout_s, 1.0))
             try:
                 user = self.user_vector(query, window, deadline)
-                cand, sims = self.catalog.retrieve(user, self.settings.retrieve_k, None, window.seen)
-                scores = self.rank(cand, sims, window, deadline)
+                cand, sims, sources = self.catalog.candidates(user, window.items, self.settings.retrieve_k, None, window.seen)
+                scores = self.rank(cand, sims, sources, window, deadline)
                 self.rerank(cand, scores, query.k, query.rerank)
             except (ModelUnavailable, DeadlineExceeded) as exc:
                 log.warning("warm-up call failed (%s); serving continues cold", exc)

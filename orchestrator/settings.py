@@ -57,8 +57,8 @@ class ServeSettings:
         triton_timeout_s: Longest one Triton call may take before Recommend falls back to
             the popular movies (the caller's deadline caps it further).
         health_poll_s: How often Triton's readiness is polled for the health service.
-        retrieve_k: Candidates FAISS retrieves and the ranker scores (the ranker was trained
-            on the two-tower's top 200).
+        retrieve_k: Merged candidates the ranker scores (FAISS' list and every other source's
+            are up to this long; the ranker was trained on 200 merged candidates).
         mmr_lambda: Default MMR trade-off (1 relevance only, 0 diversity only).
         mmr_pool: Default number of ranked candidates MMR chooses from.
         mmr_genre_weight: Share of genre cosine (vs embedding cosine) in MMR's similarity.

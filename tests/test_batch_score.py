@@ -59,9 +59,11 @@ def full_run(artifacts, server, tmp_path_factory) -> tuple[pd.DataFrame, dict]:
 
 
 def reference(artifacts: Path, repo: Path, user_ids: np.ndarray, k: int, candidates: int) -> pd.DataFrame:
-    """The same recommendations computed in process: onnxruntime graphs + FAISS + a plain sort."""
-    from export.onnx_export import session
+    """The same recommendations computed in process: onnxruntime graphs + FAISS + the
+    orchestrator's per-user candidate merge + a plain sort."""
     from orchestrator.ann import load_index_bundle
+    from export.onnx_export import session
+    from orchestrator.candidates import TABLES_FILE, CandidateTables, blocked_mask, candidates as merged
 
     data = load_user_data(artifacts)
     tower = session(repo / "user_tower" / "1" / "model.onnx")
@@ -69,6 +71,8 @@ def reference(artifacts: Path, repo: Path, user_ids: np.ndarray, k: int, candida
     ranker = session(repo / "ranker" / "1" / "model.onnx")
     L = tower.get_inputs()[0].shape[1]
     bundle = load_index_bundle(artifacts / "faiss")
+    tables = CandidateTables.load(artifacts / TABLES_FILE)
+    item_vectors = np.load(artifacts / "item_embeddings.npy")
     rows = []
     # the user tower is run on the same 64-user groups as the Triton requests, so that the
     # vectors (and with them FAISS's order) are the same to the last bit
@@ -77,22 +81,24 @@ def reference(artifacts: Path, repo: Path, user_ids: np.ndarray, k: int, candida
         hist, rating = data.histories.last(users, L)
         demo = data.demographics.lookup(users)
         vec = tower.run(["user_embedding"], {"history": hist, "history_rating": rating, "demographics": demo})[0]
-        items, scores = bundle.search(vec, candidates, exclude=data.histories.seen(users))
+        seen = data.histories.seen(users)
+        ann, _ = bundle.search(vec, candidates, exclude=seen)
         for u, user in enumerate(users):
-            ok = items[u] >= 0
-            n = int(ok.sum())
+            cand, sources = merged(tables, ann[u][ann[u] >= 0], hist[u], blocked_mask(data.n_items, seen[u]), candidates)
+            n = len(cand)
             feed = {
-                "item": items[u][ok].reshape(-1, 1),
-                "retrieval_score": scores[u][ok].reshape(-1, 1).astype(np.float32),
+                "item": cand.reshape(-1, 1),
+                "retrieval_score": (item_vectors[cand] @ vec[u]).reshape(-1, 1).astype(np.float32),
                 "retrieval_rank": np.arange(n, dtype=np.float32).reshape(-1, 1),
                 "history": np.repeat(hist[u : u + 1], n, axis=0),
                 "history_rating": np.repeat(rating[u : u + 1], n, axis=0),
+                "candidate_sources": sources,
             }
             f = features.run(["features"], feed)[0]
             s = ranker.run(["score"], {"features": f})[0].reshape(-1)
             ranked = sorted(range(n), key=lambda j: (-float(s[j]), j))[:k]
             for r, j in enumerate(ranked):
-                rows.append((int(user), r + 1, int(data.movie_ids[items[u][ok][j]]), float(s[j])))
+                rows.append((int(user), r + 1, int(data.movie_ids[cand[j]]), float(s[j])))
     return pd.DataFrame(rows, columns=["user_id", "rank", "movie_id", "score"])
 
 

@@ -53,7 +53,12 @@ def graph(repo: Path, name: str, version: int = 1) -> Path:
 
 def candidate_features(features, x: dict[str, np.ndarray]) -> np.ndarray:
     return features.compute(
-        x["item"].reshape(-1), x["retrieval_score"].reshape(-1), x["retrieval_rank"].reshape(-1), x["history"], x["history_rating"]
+        x["item"].reshape(-1),
+        x["retrieval_score"].reshape(-1),
+        x["retrieval_rank"].reshape(-1),
+        x["history"],
+        x["history_rating"],
+        x["candidate_sources"],
     )
 
 
@@ -150,7 +155,7 @@ def test_graphs_have_pinned_names_and_dynamic_batch(tiny_repository):
     expected = {
         "user_tower": (["history", "history_rating", "demographics"], ["user_embedding"]),
         "item_tower": (["item"], ["item_embedding"]),
-        "ranker_features": (["item", "retrieval_score", "retrieval_rank", "history", "history_rating"], ["features"]),
+        "ranker_features": (["item", "retrieval_score", "retrieval_rank", "history", "history_rating", "candidate_sources"], ["features"]),
         "ranker": (["features"], ["score"]),
     }
     for name, (inputs, outputs) in expected.items():

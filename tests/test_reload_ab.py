@@ -20,6 +20,7 @@ import pytest
 
 from clients.client import RecsysClient
 from export.onnx_export import export_repository
+from orchestrator.candidates import SOURCES
 from orchestrator.deployment import CONTROL, TREATMENT, ReloadError, ReloadWatcher, ab_bucket, artifacts_of
 from orchestrator.service import create_server
 from orchestrator.settings import ServeSettings
@@ -124,7 +125,10 @@ def test_hot_reload_on_triton_pins_versions_and_loses_nothing(tiny_artifacts, re
         backend = server.recommender.backend
         h = np.full((3, 10), -1, np.int64)
         h[:, -2:] = [[1, 2]] * 3
-        args = (np.array([3, 4, 5]), np.ones(3, np.float32), np.arange(3, dtype=np.float32), h, np.zeros((3, 10), np.float32))
+        args = (
+            np.array([3, 4, 5]), np.ones(3, np.float32), np.arange(3, dtype=np.float32), h, np.zeros((3, 10), np.float32),
+            np.full((3, len(SOURCES)), -1.0, np.float32),
+        )
         old = backend.rank(*args, timeout_s=5, version=first)
         latest = backend.rank(*args, timeout_s=5, version=new)
         assert old.shape == latest.shape == (3,)

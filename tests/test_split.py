@@ -13,6 +13,7 @@ from export.items import Catalog, item_stats
 from export.pipeline import Period
 from export.ranker import candidate_labels
 from export.split import RELEVANCE_MIN_RATING, relevant_items, time_split
+from orchestrator.candidates import SOURCES
 
 DATA = Path(__file__).parents[1] / "data" / "ml-latest-small"
 
@@ -72,7 +73,7 @@ def test_features_do_not_change_with_future_interactions(ml, catalog):
         hist, hist_r = period.histories.last(users, 50)
         items = np.arange(20)
         f = RankerFeatures(catalog, period.stats, vectors, period.cf_vectors).compute(
-            items, np.zeros(20, np.float32), np.zeros(20, np.float32), hist, hist_r
+            items, np.zeros(20, np.float32), np.zeros(20, np.float32), hist, hist_r, np.full((20, len(SOURCES)), -1.0, np.float32)
         )
         feats.append(f)
     assert feats[0].shape == (20, len(FEATURE_NAMES))

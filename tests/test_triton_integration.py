@@ -27,7 +27,7 @@ from orchestrator.tritonserver import EmbeddedTriton, check
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
 ROOT = Path(__file__).resolve().parents[1]
-CANDIDATE_INPUTS = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating")
+from orchestrator.contract import CANDIDATE_INPUTS  # noqa: E402
 TRITON_TYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
 
 

@@ -165,16 +165,23 @@ def make_inputs(
     if n_items != data.n_items:
         raise ValueError(f"item_embeddings.npy has {n_items} rows, items.parquet {data.n_items}")
 
-    # candidates of the first `ranker_users` users: exact top-N, seen items excluded
+    # candidates of the first `ranker_users` users: exact top-N, seen items excluded, merged
+    # with the other candidate sources as the orchestrator merges them
+    from export.candidates import merged_from_ann
+    from export.retrieval import top_k
+    from orchestrator.candidates import TABLES_FILE, CandidateTables
+
     who = np.arange(min(ranker_users, len(chosen)))
-    scores = vectors[who] @ item_vectors.T
-    for row, seen in zip(who, data.histories.seen(chosen[who])):
-        scores[row, seen] = -np.inf
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :candidates]
-    top_scores = np.take_along_axis(scores, top, axis=1)
-    keep = np.isfinite(top_scores)
+    seen = data.histories.seen(chosen[who])
+    ann, _ = top_k(vectors[who], item_vectors, candidates, seen)
+    tables = CandidateTables.load(artifacts / TABLES_FILE)
+    top, top_scores, sources = merged_from_ann(tables, ann, x[HISTORY][who], seen, vectors[who], item_vectors, candidates)
+    keep = top >= 0
     user_row, rank = np.nonzero(keep)
-    rows = candidate_feeds(top[user_row, rank], top_scores[user_row, rank], rank, x[HISTORY][who][user_row], x[HISTORY_RATING][who][user_row])
+    rows = candidate_feeds(
+        top[user_row, rank], top_scores[user_row, rank], rank, x[HISTORY][who][user_row], x[HISTORY_RATING][who][user_row],
+        sources[user_row, rank],
+    )
     features_version = latest_version(repo / RANKER_FEATURES)
     features = _session(features_version / "model.onnx").run([FEATURES], rows)[0]
     if features.shape[1] != n_features:
