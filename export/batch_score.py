@@ -61,6 +61,8 @@ USER_TOWER = "user_tower"
 ENSEMBLE = "ranker_ensemble"
 USER_INPUTS = ("history", "history_rating", "demographics")
 CANDIDATE_INPUTS = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating")
+MAX_ROWS_PER_CALL = 4096
+"""Rows per ``ranker_ensemble`` call (the ensemble has no batch axis, so no max_batch_size says it)."""
 STATE_VERSION = 1
 SCHEMA = pa.schema(
     [
@@ -71,7 +73,7 @@ SCHEMA = pa.schema(
         ("model_version", pa.int64()),
     ]
 )
-_TRITON_DTYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+_TRITON_DTYPES = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
 
 
 class BatchScoreError(ValueError):
@@ -252,6 +254,9 @@ def candidate_rows(
     (:func:`export.ranker.candidate_features`). Padding (-1) candidates are dropped rather
     than scored: they are not items.
 
+    Users keep different numbers of valid candidates, so every row carries its own history
+    row (the graph's U = N, C = 1 layout): any split of the rows is a valid call.
+
     Returns:
         ``(inputs, user_row, rank)``: the tensors [R, ...], the position in the chunk of each
         row's user and each row's retrieval rank (int64).
@@ -259,11 +264,11 @@ def candidate_rows(
     valid = cand_items >= 0
     user_row, rank = np.nonzero(valid)  # row-major: grouped by user, ranks ascending
     inputs = {
-        "item": cand_items[user_row, rank].reshape(-1, 1).astype(np.int64),
-        "retrieval_score": cand_scores[user_row, rank].reshape(-1, 1).astype(np.float32),
-        "retrieval_rank": rank.reshape(-1, 1).astype(np.float32),
-        "history": history[user_row],
-        "history_rating": history_rating[user_row],
+        "item": cand_items[user_row, rank].astype(np.int32),
+        "retrieval_score": cand_scores[user_row, rank].astype(np.float32),
+        "retrieval_rank": rank.astype(np.float32),
+        "history": history[user_row].astype(np.int32),
+        "history_rating": history_rating[user_row].astype(np.float32),
     }
     return inputs, user_row.astype(np.int64), rank.astype(np.int64)
 
@@ -608,7 +613,7 @@ def _score_chunk(
 
     t = time.perf_counter()
     rows, user_row, rank = candidate_rows(cand_items, cand_scores, x["history"], x["history_rating"])
-    max_rows = ensemble.max_batch_size or len(user_row) or 1
+    max_rows = ensemble.max_batch_size or MAX_ROWS_PER_CALL
     scores = triton.infer_rows(ensemble, rows, "score", user_bounds(user_row, len(users), max_rows)).reshape(-1)
     timings.ranker += time.perf_counter() - t
 
@@ -630,8 +635,9 @@ def _check_shapes(tower: ModelInfo, ensemble: ModelInfo, history_len: int, n_ite
     problems = []
     for info in (tower, ensemble):
         for name in ("history", "history_rating"):
-            if info.dims.get(name) != [history_len]:
-                problems.append(f"{info.name} input {name} has dims {info.dims.get(name)}, expected [{history_len}]")
+            dims = info.dims.get(name)
+            if not dims or dims[-1] != history_len:  # [L] with a batch axis, [-1, L] without
+                problems.append(f"{info.name} input {name} has dims {dims}, expected a last dim of {history_len}")
     if int(bundle.index.ntotal) != n_items:
         problems.append(f"the FAISS index holds {bundle.index.ntotal} items, items.parquet {n_items}")
     if problems:

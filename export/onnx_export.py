@@ -17,10 +17,12 @@ graph's inputs and outputs are checked against *both* configs of its model and t
 ensemble's wiring is checked; a mismatch refuses the whole publish with a message naming
 the model, the tensor and the difference.
 
-Tensor layout: candidates (ranker) and users/items (towers) are the batch dimension, so
-Triton's dynamic batcher can merge requests. Per-row scalars (``item``, ``retrieval_score``,
-``retrieval_rank``, ``score``) have dims ``[1]``: what Triton's config says is exactly what
-the graph takes, without ``reshape`` tricks.
+Tensor layout: users (``user_tower``), items (``item_tower``) and feature rows (``ranker``)
+are the batch dimension, so Triton's dynamic batcher can merge requests. ``ranker_features``
+(and so ``ranker_ensemble``) has ``max_batch_size: 0``: it takes U users' histories once
+([U, L], compact INT32 ids) and their N = U * C candidates ([N] per-candidate tensors), a shape
+that has no single batch axis; the orchestrator merges users itself (BatchRecommend), and the
+``ranker`` step behind it still batches feature rows across requests.
 """
 
 from __future__ import annotations
@@ -64,11 +66,12 @@ CONFIG_NAMES = ("config.pbtxt", "configs/cpu.pbtxt")
 TREE_IMPLEMENTATIONS = ("gemm", "tree_trav", "perf_tree_trav")
 TIMING_ROWS = (200, 500)
 """Batch sizes the tree strategies are timed at: one to two users' worth of candidates."""
-PARITY_BATCHES = {"user_tower": (1, 7, 256), "ranker_features": (1, 7, 256), "ranker": (1, 7, 200, 4096)}
+PARITY_BATCHES = {"user_tower": (1, 7, 256), "ranker_features": ((1, 1), (7, 7), (200, 1), (256, 4)), "ranker": (1, 7, 200, 4096)}
+"""Batch sizes each graph is checked at (``ranker_features``: (candidates, users))."""
 SERVING_THREADS = 1
 """onnxruntime intra-op threads inside Triton's Python backend (and for the timings, to match)."""
 
-_ONNX_TO_TRITON = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYPE_FP32"}
+_ONNX_TO_TRITON = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.FLOAT: "TYPE_FP32"}
 
 
 class ExportError(ValueError):
@@ -203,13 +206,15 @@ def _export_graph(
     path: Path,
     input_names: Sequence[str],
     output_names: Sequence[str],
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> None:
     """Traces ``module`` to ONNX with the legacy exporter and a dynamic batch axis.
 
     ``dynamo=False`` because the dynamo exporter names outputs after internal nodes, which
     onnxruntime rejects as duplicate definitions (FIELD-NOTES).
+    ``dynamic_axes`` replaces the default (axis 0 of every tensor is one ``batch`` axis).
     """
-    axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
+    axes = dynamic_axes or {name: {0: "batch"} for name in (*input_names, *output_names)}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected here
         torch.onnx.export(
@@ -251,17 +256,19 @@ def export_item_tower(model: TwoTower, path: Path) -> None:
 
 
 def export_ranker_features(module: RankerFeatures, history_len: int, path: Path) -> None:
-    """Writes ``ranker_features`` ONNX: one row per candidate -> features [B, F]."""
+    """Writes ``ranker_features`` ONNX: U histories [U, L] + N = U * C candidates [N] -> features [N, F]."""
     L = history_len
+    # traced with U=2, C=3 so neither axis is mistaken for a constant
     args = (
-        torch.zeros(2, 1, dtype=torch.long),
-        torch.zeros(2, 1),
-        torch.zeros(2, 1),
-        torch.full((2, L), -1, dtype=torch.long),
+        torch.zeros(6, dtype=torch.int32),
+        torch.zeros(6),
+        torch.zeros(6),
+        torch.full((2, L), -1, dtype=torch.int32),
         torch.zeros(2, L),
     )
+    axes = {"item": {0: "n"}, "retrieval_score": {0: "n"}, "retrieval_rank": {0: "n"}, "history": {0: "u"}, "history_rating": {0: "u"}, "features": {0: "n"}}
     names = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating")
-    _export_graph(module, args, path, names, ("features",))
+    _export_graph(module, args, path, names, ("features",), dynamic_axes=axes)
 
 
 def float32_exact_booster(booster: lgb.Booster) -> lgb.Booster:
@@ -380,26 +387,32 @@ def sample_user_inputs(n: int, n_items: int, history_len: int, demo_cardinalitie
     return {"history": history, "history_rating": rating, "demographics": demo}
 
 
-def sample_candidate_inputs(n: int, n_items: int, history_len: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random but valid ``ranker_features`` inputs, one row per candidate ([B, 1] scalars)."""
+def sample_candidate_inputs(n: int, n_items: int, history_len: int, seed: int = 0, users: int | None = None) -> dict[str, np.ndarray]:
+    """Random but valid ``ranker_features`` inputs: ``n`` candidates of ``users`` users (default: one each)."""
     rng = np.random.default_rng(seed)
-    user = sample_user_inputs(n, n_items, history_len, (1, 1, 1), seed)
+    users = n if users is None else users
+    if users <= 0 or n % users:
+        raise ValueError(f"{n} candidates do not split evenly over {users} users")
+    user = sample_user_inputs(users, n_items, history_len, (1, 1, 1), seed)
     return {
-        "item": rng.integers(0, n_items, (n, 1)).astype(np.int64),
-        "retrieval_score": rng.uniform(-1, 1, (n, 1)).astype(np.float32),
-        "retrieval_rank": rng.integers(0, 200, (n, 1)).astype(np.float32),
-        "history": user["history"],
+        "item": rng.integers(0, n_items, n).astype(np.int32),
+        "retrieval_score": rng.uniform(-1, 1, n).astype(np.float32),
+        "retrieval_rank": rng.integers(0, 200, n).astype(np.float32),
+        "history": user["history"].astype(np.int32),
         "history_rating": user["history_rating"],
     }
 
 
 def _features_torch(module: RankerFeatures, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The PyTorch reference, each candidate with its own user's history row (U = N, C = 1)."""
+    n, users = len(inputs["item"]), len(inputs["history"])
+    per_row = np.repeat(np.arange(users), n // users)
     return module.compute(
         inputs["item"].reshape(-1),
         inputs["retrieval_score"].reshape(-1),
         inputs["retrieval_rank"].reshape(-1),
-        inputs["history"],
-        inputs["history_rating"],
+        inputs["history"][per_row],
+        inputs["history_rating"][per_row],
     )
 
 
@@ -536,7 +549,8 @@ class ModelSpec:
         name: Model (folder) name.
         inputs: Input tensors.
         outputs: Output tensors.
-        max_batch_size: Largest batch Triton may form (rows: users, items or candidates).
+        max_batch_size: Largest batch Triton may form (rows: users, items or feature rows); 0: no
+            batch axis, the dims are the full shapes.
         preferred_batch_sizes: Batch sizes the dynamic batcher aims for.
         max_queue_delay_us: How long a request may wait for others to batch with.
     """
@@ -557,12 +571,14 @@ def model_specs(shapes: Shapes) -> dict[str, ModelSpec]:
     # one request carries one user's candidates; preferring multiples of it lets the batcher
     # send a lone request at once and merge 2, 4, 8 users' worth under load
     ranker_pref = tuple(sorted({min(c * k, ranker_max) for k in (1, 2, 4, 8)}))
-    cand_inputs = (
-        Tensor("item", "TYPE_INT64", (1,)),
-        Tensor("retrieval_score", "TYPE_FP32", (1,)),
-        Tensor("retrieval_rank", "TYPE_FP32", (1,)),
-        Tensor("history", "TYPE_INT64", (L,)),
-        Tensor("history_rating", "TYPE_FP32", (L,)),
+    # no batch axis (max_batch_size 0): per-candidate tensors [N, ...], per-user tensors [U, L]
+    # sent once per user; INT32 ids halve the bytes of INT64 (catalogs are far below 2^31)
+    feature_inputs = (
+        Tensor("item", "TYPE_INT32", (-1,)),
+        Tensor("retrieval_score", "TYPE_FP32", (-1,)),
+        Tensor("retrieval_rank", "TYPE_FP32", (-1,)),
+        Tensor("history", "TYPE_INT32", (-1, L)),
+        Tensor("history_rating", "TYPE_FP32", (-1, L)),
     )
     return {
         "user_tower": ModelSpec(
@@ -582,9 +598,7 @@ def model_specs(shapes: Shapes) -> dict[str, ModelSpec]:
             preferred_batch_sizes=(256, 1024, 4096),
             max_queue_delay_us=500,
         ),
-        "ranker_features": ModelSpec(
-            "ranker_features", cand_inputs, (Tensor("features", "TYPE_FP32", (F,)),), ranker_max, ranker_pref, 500
-        ),
+        "ranker_features": ModelSpec("ranker_features", feature_inputs, (Tensor("features", "TYPE_FP32", (-1, F)),), max_batch_size=0),
         "ranker": ModelSpec(
             "ranker", (Tensor("features", "TYPE_FP32", (F,)),), (Tensor("score", "TYPE_FP32", (1,)),), ranker_max, ranker_pref, 500
         ),
@@ -627,6 +641,8 @@ def render_config(spec: ModelSpec, cpu: bool) -> str:
         f"  preferred_batch_size: [ {pref} ]\n"
         f"  max_queue_delay_microseconds: {spec.max_queue_delay_us}\n"
         "}\n"
+        if spec.max_batch_size > 0
+        else ""  # no batch axis, nothing to batch
     )
     # two versions side by side: the one being replaced keeps serving its pinned requests
     # while the next loads (hot reload), and an A/B test can route users to either
@@ -647,13 +663,16 @@ def render_ensemble_config(specs: dict[str, ModelSpec]) -> str:
     """The text of ``ranker_ensemble``'s config (identical under both config names)."""
     feats, ranker = specs["ranker_features"], specs["ranker"]
     in_map = "\n".join(f'      input_map {{ key: "{t.name}", value: "{t.name}" }}' for t in feats.inputs)
+    batch = min(feats.max_batch_size, ranker.max_batch_size)
+    # an unbatched ensemble states the ranker's outputs with their batch axis ([N, 1])
+    outputs = ranker.outputs if batch > 0 else tuple(Tensor(t.name, t.data_type, (-1, *t.dims)) for t in ranker.outputs)
     return (
-        "# ranker_features -> ranker in one call; candidates are the batch dimension.\n"
+        "# ranker_features -> ranker in one call: U users' histories [U, L] + their N = U * C candidates [N].\n"
         "# Generated by recsys export; checked in (the same text serves both config names).\n"
         f'name: "{ENSEMBLE}"\nplatform: "ensemble"\n'
-        f"max_batch_size: {min(feats.max_batch_size, ranker.max_batch_size)}\n"
+        f"max_batch_size: {batch}\n"
         + _tensor_block("input", feats.inputs)
-        + _tensor_block("output", ranker.outputs)
+        + _tensor_block("output", outputs)
         + "ensemble_scheduling {\n  step [\n"
         "    {\n"
         '      model_name: "ranker_features"\n      model_version: -1\n'
@@ -732,6 +751,11 @@ def read_config(path: str | Path):
         return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
     except text_format.ParseError as exc:
         raise ExportError(f"{path}: does not parse as a Triton ModelConfig: {exc}") from exc
+
+
+def full_dims(config, tensor: Tensor) -> tuple[int, ...]:
+    """A tensor's whole shape as a caller sends it: the batch axis (``-1``) first when the model batches."""
+    return ((-1,) if config.max_batch_size > 0 else ()) + tuple(tensor.dims)
 
 
 def config_tensors(config) -> tuple[list[Tensor], list[Tensor]]:
@@ -821,13 +845,18 @@ def check_ensemble(name: str, config, leaf_configs: dict) -> list[str]:
     if config.platform != "ensemble":
         return [f"{name}: platform is {config.platform!r}, not 'ensemble'"]
     ens_in, ens_out = config_tensors(config)
-    available: dict[str, Tensor] = {t.name: t for t in ens_in}
+    # whole shapes, batch axis included: an unbatched ensemble may feed a batching step
+    # ([N, F] into a ranker with dims [F]), which is the layout Triton checks too
+    available: dict[str, Tensor] = {t.name: Tensor(t.name, t.data_type, full_dims(config, t)) for t in ens_in}
     for i, step in enumerate(config.ensemble_scheduling.step):
         where = f"{name} step {i} ({step.model_name})"
         if step.model_name not in leaf_configs:
             problems.append(f"{where}: unknown model")
             continue
-        s_in, s_out = config_tensors(leaf_configs[step.model_name])
+        leaf = leaf_configs[step.model_name]
+        s_in, s_out = config_tensors(leaf)
+        s_in = [Tensor(t.name, t.data_type, full_dims(leaf, t)) for t in s_in]
+        s_out = [Tensor(t.name, t.data_type, full_dims(leaf, t)) for t in s_out]
         s_in_by, s_out_by = {t.name: t for t in s_in}, {t.name: t for t in s_out}
         for t in s_in:
             if t.name not in step.input_map:
@@ -849,6 +878,7 @@ def check_ensemble(name: str, config, leaf_configs: dict) -> list[str]:
                 problems.append(f"{where}: output_map key '{model_tensor}' is not an output of the model")
             else:
                 available[ens_tensor] = Tensor(ens_tensor, s_out_by[model_tensor].data_type, s_out_by[model_tensor].dims)
+    ens_out = [Tensor(t.name, t.data_type, full_dims(config, t)) for t in ens_out]
     for t in ens_out:
         if t.name not in available or t.name in {x.name for x in ens_in}:
             problems.append(f"{name}: output '{t.name}' is produced by no step")
@@ -954,8 +984,8 @@ def _parity(graphs: dict[str, Path], model: TwoTower, features: RankerFeatures, 
     out["item_tower"]["1"] = _max_diff(sess.run(["item_embedding"], {"item": items[:1]})[0], ref[:1])
     out["item_tower"][str(n_items)] = _max_diff(sess.run(["item_embedding"], {"item": items})[0], ref)
     sess = session(graphs["ranker_features"])
-    for b in PARITY_BATCHES["ranker_features"]:
-        x = sample_candidate_inputs(b, n_items, cfg.history_len, seed=b)
+    for b, users in PARITY_BATCHES["ranker_features"]:
+        x = sample_candidate_inputs(b, n_items, cfg.history_len, seed=b, users=users)
         out["ranker_features"][str(b)] = _max_diff(sess.run(["features"], x)[0], _features_torch(features, x))
     sess = session(graphs["ranker"])
     feats = _features_torch(features, cands)

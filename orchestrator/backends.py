@@ -4,8 +4,10 @@ The pipeline calls two models and nothing else:
 
 * ``user_tower``: (history [B, L] int64, history_rating [B, L] fp32, demographics [B, 3]
   int64) -> user_embedding [B, dim] fp32;
-* ``ranker_ensemble``: one row per candidate (item, retrieval_score, retrieval_rank,
-  history, history_rating) -> score [N, 1] fp32 (features + LightGBM trees in one call).
+* ``ranker_ensemble``: U users' history windows once (history [U, L] int32, history_rating
+  [U, L] fp32) and their N = U * C candidates, C per user, grouped by user (item [N] int32,
+  retrieval_score [N] fp32, retrieval_rank [N] fp32) -> score [N, 1] fp32 (features +
+  LightGBM trees in one call).
 
 :class:`TritonBackend` sends them to Triton over gRPC; :class:`InProcessBackend` runs the
 same ``model.onnx`` files of the repository with onnxruntime (service tests, and the floor
@@ -71,7 +73,7 @@ class InferenceBackend(Protocol):
         timeout_s: float,
         version: int | None = None,
     ) -> np.ndarray:
-        """float32 [N] ranker scores of N candidates of one user (history windows [N, L])."""
+        """float32 [N] ranker scores of N = U * C candidates of U users (history windows [U, L], C candidates each, grouped by user)."""
         ...
 
     def load_version(self, version: int, timeout_s: float) -> None:
@@ -95,14 +97,21 @@ def user_tower_feeds(history: np.ndarray, ratings: np.ndarray, demographics: np.
 def candidate_feeds(
     items: np.ndarray, retrieval_scores: np.ndarray, retrieval_ranks: np.ndarray, history: np.ndarray, ratings: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """The ranker's input tensors: candidates are the batch axis, per-row scalars have dims [1]."""
-    n = len(items)
+    """The ranker's input tensors: per-candidate [N], per-user [U, L] (N a multiple of U), compact dtypes.
+
+    Raises:
+        ValueError: The candidates do not split evenly over the users (a caller's defect).
+    """
+    history = np.ascontiguousarray(np.atleast_2d(history), dtype=np.int32)
+    n, users = len(items), len(history)
+    if users == 0 or n % users:
+        raise ValueError(f"{n} candidates do not split evenly over {users} history rows")
     return {
-        "item": np.asarray(items, np.int64).reshape(n, 1),
-        "retrieval_score": np.asarray(retrieval_scores, np.float32).reshape(n, 1),
-        "retrieval_rank": np.asarray(retrieval_ranks, np.float32).reshape(n, 1),
-        "history": np.ascontiguousarray(history, dtype=np.int64),
-        "history_rating": np.ascontiguousarray(ratings, dtype=np.float32),
+        "item": np.ascontiguousarray(items, np.int32).reshape(n),
+        "retrieval_score": np.ascontiguousarray(retrieval_scores, np.float32).reshape(n),
+        "retrieval_rank": np.ascontiguousarray(retrieval_ranks, np.float32).reshape(n),
+        "history": history,
+        "history_rating": np.ascontiguousarray(np.atleast_2d(ratings), dtype=np.float32),
     }
 
 

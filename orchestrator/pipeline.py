@@ -206,16 +206,11 @@ class Recommender:
         return min(self.settings.triton_timeout_s, deadline.check(stage))
 
     def rank(self, cand: np.ndarray, sims: np.ndarray, window: Window, deadline: Deadline) -> np.ndarray:
-        """Ranker scores of the candidates (one row each, the history window repeated)."""
+        """Ranker scores of the candidates (the history window sent once, not once per candidate)."""
         if len(cand) == 0:
             return np.zeros(0, np.float32)
-        n = len(cand)
-        # one row per candidate (candidates are the batch axis, so Triton can batch users);
-        # broadcast views, copied once when serialised
-        hist = np.broadcast_to(window.items, (n, len(window.items)))
-        rats = np.broadcast_to(window.ratings, (n, len(window.ratings)))
-        ranks = np.arange(n, dtype=np.float32)  # 0-based FAISS order, as the ranker was trained
-        return self.backend.rank(cand, sims, ranks, hist, rats, timeout_s=self.timeout(deadline, "ranking"))
+        ranks = np.arange(len(cand), dtype=np.float32)  # 0-based FAISS order, as the ranker was trained
+        return self.backend.rank(cand, sims, ranks, window.items[None], window.ratings[None], timeout_s=self.timeout(deadline, "ranking"))
 
     def rerank(self, cand: np.ndarray, scores: np.ndarray, k: int, options: RerankOptions) -> np.ndarray:
         """Positions into ``cand`` after MMR, freshness and the per-genre quota."""
