@@ -30,6 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from orchestrator.admission import Admission, AdmissionInterceptor
 from orchestrator.auth import ApiKeyInterceptor, load_keys, server_credentials
 from orchestrator.backends import InferenceBackend, InProcessBackend, TritonBackend
 from orchestrator.catalog import YEAR_RANGE, Catalog, Filters
@@ -602,11 +603,16 @@ def create_server(
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
     if keys:
         interceptors.append(ApiKeyInterceptor(keys))
-    # so_reuseport off: a second server on a taken port must fail, not share it silently
+    # after the key check: an unauthenticated caller never takes a slot
+    admission = Admission(min(settings.max_in_flight, settings.workers), settings.admission_wait_ms / 1e3, settings.retry_after_ms)
+    interceptors.append(AdmissionInterceptor(admission, metrics.count_shed))
+    # so_reuseport off: a second server on a taken port must fail, not share it silently;
+    # maximum_concurrent_rpcs = the pool: no call waits in the executor's unbounded queue
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="recsys"),
         interceptors=interceptors,
         options=[("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=settings.workers,
     )
     request_log = None
     if settings.request_log:
