@@ -605,6 +605,12 @@ def model_specs(shapes: Shapes) -> dict[str, ModelSpec]:
     }
 
 
+QUEUE_MAX_REQUESTS = 64
+"""Requests one model's dynamic batcher may hold waiting; more are rejected at once."""
+QUEUE_TIMEOUT_US = 200_000
+"""Longest a request may wait in a model's queue before Triton rejects it (a client timeout
+shorter than this overrides it: ``allow_timeout_override``)."""
+
 ENSEMBLE_FEATURES = "candidate_features"
 """The ensemble's intermediate tensor between ``ranker_features`` and ``ranker``."""
 
@@ -636,10 +642,20 @@ def render_config(spec: ModelSpec, cpu: bool) -> str:
         group = "instance_group [ { kind: KIND_GPU, count: 1 } ]\n"
         params = ""
     pref = ", ".join(str(p) for p in spec.preferred_batch_sizes)
+    # queue policy: past QUEUE_MAX_REQUESTS waiting requests, or after QUEUE_TIMEOUT_US in the
+    # queue, Triton rejects (UNAVAILABLE) instead of letting latency grow without bound; the
+    # orchestrator answers such a call with its fallback, and its own admission gate keeps
+    # the queue short in the first place
     batching = (
         "dynamic_batching {\n"
         f"  preferred_batch_size: [ {pref} ]\n"
         f"  max_queue_delay_microseconds: {spec.max_queue_delay_us}\n"
+        "  default_queue_policy {\n"
+        "    timeout_action: REJECT\n"
+        f"    default_timeout_microseconds: {QUEUE_TIMEOUT_US}\n"
+        "    allow_timeout_override: true\n"
+        f"    max_queue_size: {QUEUE_MAX_REQUESTS}\n"
+        "  }\n"
         "}\n"
         if spec.max_batch_size > 0
         else ""  # no batch axis, nothing to batch

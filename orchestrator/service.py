@@ -313,22 +313,36 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
             n = len(request.requests)
             if not 1 <= n <= self.settings.max_batch:
                 raise InvalidArgument(f"requests must hold 1..{self.settings.max_batch} requests, got {n}")
-            results = []
+            # parse every request first (a bad one becomes its Failure), then run the valid
+            # ones through the batched pipeline: one user-tower call, few ranker calls
+            results: dict[int, pb.BatchRecommendResult] = {}
+            queries: list[tuple[int, Query]] = []
             for i, sub in enumerate(request.requests):
-                deadline.check(f"request {i} of the batch")  # an expired batch fails whole
+                try:
+                    queries.append((i, parse_recommend(sub, self.settings)))
+                except RecsysError as exc:
+                    code, message = describe(exc)
+                    results[i] = pb.BatchRecommendResult(index=i, failure=pb.Failure(code=code.value[0], message=message))
+            if queries:
+                deadline.check("the batch")  # an expired batch fails whole
                 t0 = time.perf_counter()
                 try:
-                    query = parse_recommend(sub, self.settings)
-                    result = self.rec.recommend(query, deadline)
-                    res = recommend_response(self.catalog, result, t0)
-                    self._observe(request_id, "BatchRecommend", query.user_id, result, res.items, res.latency_ms)
-                    results.append(pb.BatchRecommendResult(index=i, response=res))
+                    answers = self.rec.recommend_many([q for _, q in queries], deadline)
                 except RecsysError as exc:
                     code, message = describe(exc)
                     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                         raise  # the caller stops listening: partial results would reach nobody
-                    results.append(pb.BatchRecommendResult(index=i, failure=pb.Failure(code=code.value[0], message=message)))
-            return pb.BatchRecommendResponse(results=results, latency_ms=(time.perf_counter() - started) * 1e3)
+                    answers = [exc] * len(queries)
+                for (i, query), result in zip(queries, answers):
+                    if isinstance(result, RecsysError):
+                        code, message = describe(result)
+                        results[i] = pb.BatchRecommendResult(index=i, failure=pb.Failure(code=code.value[0], message=message))
+                        continue
+                    res = recommend_response(self.catalog, result, t0)
+                    self._observe(request_id, "BatchRecommend", query.user_id, result, res.items, res.latency_ms)
+                    results[i] = pb.BatchRecommendResult(index=i, response=res)
+            ordered = [results[i] for i in range(n)]
+            return pb.BatchRecommendResponse(results=ordered, latency_ms=(time.perf_counter() - started) * 1e3)
 
         return self._handle(context, work)
 

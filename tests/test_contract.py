@@ -88,6 +88,9 @@ def test_checked_in_configs_parse(model, config_name):
         return
     assert config.HasField("dynamic_batching")
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    policy = config.dynamic_batching.default_queue_policy  # overload: reject, never queue without bound
+    assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
+    assert policy.max_queue_size > 0 and policy.default_timeout_microseconds > 0
     assert all(0 < p <= config.max_batch_size for p in config.dynamic_batching.preferred_batch_size)
 
 
