@@ -9,13 +9,13 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[offline,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: install
-	$(BIN)/recsys evaluate --data data/ml-100k --out reports/eval.json --artifacts artifacts --quiet
+	$(BIN)/recsys evaluate --data data/ml-latest-small --out reports/eval.json --artifacts artifacts --quiet
 	$(BIN)/recsys demo
 
 # the Redis history store is tested against a real redis-server (Debian's); without one

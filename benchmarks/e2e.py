@@ -1,9 +1,9 @@
 """End to end: ``Recommend`` served (gRPC orchestrator + Triton) side by side with the in-process floor.
 
     recsys bench e2e --out reports/benchmarks/e2e.json       # both cases, c1/c4/c16/c32
-    recsys bench e2e --quick                                  # ml-100k only, a smoke run (< 3 min)
+    recsys bench e2e --quick                                  # ml-latest-small only, a smoke run (< 3 min)
 
-``--quick`` measures the ml-100k case with 300 requests per level and reuses the deployment
+``--quick`` measures the ml-latest-small case with 300 requests per level and reuses the deployment
 ``make demo`` left in ``artifacts/`` and ``model_repository/`` when there is one (26 s here);
 without one it first trains and exports one (about 5 more minutes on 2 cores).
 
@@ -11,8 +11,9 @@ What one run does, per case:
 
 1. **A deployment.** ``ml32m-shape``: an 87,585-item catalog (the ML-32M movie count) from
    the synthetic generator, models trained for one epoch (latency does not care how good
-   they are, only how big the catalog and the graphs are), exported. ``ml-100k``: the
-   bundled data, the same way. Each is built once into ``--work`` and reused; ``--artifacts``
+   they are, only how big the catalog and the graphs are), exported. ``ml-latest-small``:
+   the bundled data, the same way. ``ml-100k`` (not run by default) reads ``data/ml-100k``,
+   which users download themselves (``recsys data download ml-100k``). Each is built once into ``--work`` and reused; ``--artifacts``
    and ``--repo`` take an existing one instead.
 2. **Served.** ``recsys serve`` in its own process (it starts the embedded Triton), the
    asyncio client in this one, ``--warmup`` calls, then ``--requests`` ``Recommend`` calls at
@@ -50,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import REPORTS, LoadWatch, conditions, conditions_line, log, markdown_table, write_json
+from export import DEFAULT_DATA_DIR
 
 DEFAULT_OUT = REPORTS / "e2e.json"
 DEFAULT_WORK = REPORTS / "e2e-work"
@@ -79,7 +81,7 @@ class Case:
     """One deployment to measure.
 
     Attributes:
-        name: ``ml32m-shape`` or ``ml-100k``.
+        name: ``ml32m-shape``, ``ml-latest-small`` or ``ml-100k``.
         data: How to get its data: ``synth`` (arguments below) or a MovieLens folder.
         synth: ``recsys data synth`` arguments for ``synth`` cases.
         epochs: Two-tower epochs (latency only needs the shapes right).
@@ -96,8 +98,11 @@ CASES = {
     "ml32m-shape": Case(
         "ml32m-shape", "synth", ("--users", "20000", "--items", "87585", "--ratings", "400000", "--span-days", "1095")
     ),
+    "ml-latest-small": Case("ml-latest-small", DEFAULT_DATA_DIR),
+    # the figures in BENCHMARKS.md were measured on it; it may not be shipped, so users download it
     "ml-100k": Case("ml-100k", "data/ml-100k"),
 }
+DEFAULT_CASES = ("ml32m-shape", "ml-latest-small")
 
 
 # ---------------------------------------------------------------------------- deployment
@@ -122,6 +127,8 @@ def build_deployment(case: Case, work: Path) -> tuple[Path, Path]:
         log(f"{case.name}: reusing the deployment in {root}")
         return artifacts, repo
     data = Path(case.data)
+    if case.data != "synth" and not (data / "ratings.csv").is_file():
+        raise FileNotFoundError(f"{case.name}: no {data}/ratings.csv; download it first: recsys data download {case.name} --out {data}")
     if case.data == "synth":
         data = root / "data"
         if not (data / "ratings.csv").is_file():
@@ -138,7 +145,7 @@ def build_deployment(case: Case, work: Path) -> tuple[Path, Path]:
 
 def demo_deployment() -> tuple[Path, Path] | None:
     """``(artifacts, model_repository)`` of ``make demo`` when its latest export is of those artifacts."""
-    from orchestrator.serve import exported_from
+    from orchestrator.artifacts import exported_from
 
     artifacts, repo = Path("artifacts"), Path("model_repository")
     if (artifacts / "manifest.json").is_file() and (artifacts / "faiss" / "index.json").is_file() and exported_from(artifacts, repo):
@@ -520,7 +527,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``recsys bench e2e``."""
-    p.add_argument("--case", action="append", choices=tuple(CASES), help="repeatable (default: ml32m-shape then ml-100k)")
+    p.add_argument("--case", action="append", choices=tuple(CASES), help="repeatable (default: ml32m-shape then ml-latest-small)")
     p.add_argument("--artifacts", default=None, help="measure this deployment instead of building one (one case)")
     p.add_argument("--repo", default=None, help="its model repository (with --artifacts)")
     p.add_argument("--work", default=str(DEFAULT_WORK), help="where built deployments live (default: %(default)s)")
@@ -531,7 +538,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="client deadline per call, seconds (default: %(default)s)")
     p.add_argument("--serve-arg", action="append", default=[], help="extra `recsys serve` argument (repeatable, e.g. --serve-arg=--workers=16)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="smoke run: ml-100k (the demo's deployment when there is one), 300 requests per level, 50 warm-up")
+    p.add_argument("--quick", action="store_true", help="smoke run: ml-latest-small (the demo's deployment when there is one), 300 requests per level, 50 warm-up")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON report; the PNG goes beside it (default: %(default)s)")
     p.set_defaults(func=main)
 
@@ -540,8 +547,8 @@ def main(args: argparse.Namespace) -> int:
     levels = tuple(int(c) for c in str(args.concurrency).split(","))
     if args.quick:
         args.requests, args.warmup = min(args.requests, 300), min(args.warmup, 50)
-        args.case = args.case or ["ml-100k"]
-    names = args.case or list(CASES)
+        args.case = args.case or ["ml-latest-small"]
+    names = args.case or list(DEFAULT_CASES)
     if args.artifacts:
         names = ["custom"]
     report: dict[str, Any] = {"cases": {}}
@@ -549,7 +556,7 @@ def main(args: argparse.Namespace) -> int:
         for name in names:
             if name == "custom":
                 artifacts, repo = Path(args.artifacts), Path(args.repo or "model_repository")
-            elif args.quick and name == "ml-100k" and demo_deployment() is not None:
+            elif args.quick and name == "ml-latest-small" and demo_deployment() is not None:
                 artifacts, repo = demo_deployment()
                 log(f"{name}: reusing the demo's deployment ({artifacts}, {repo})")
             else:

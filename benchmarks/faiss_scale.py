@@ -5,7 +5,7 @@
 Cases, each measured with :func:`export.faiss_index.measure` (one query per call, one
 OpenMP thread, recall@k against the exact ``flat`` index on the same queries):
 
-* ``trained``: the two-tower's ``artifacts/item_embeddings.npy`` (1,682 items for ml-100k:
+* ``trained``: the two-tower's ``artifacts/item_embeddings.npy`` (9,742 items for ml-latest-small:
   the only real embeddings there are, so the only size they can speak for).
 * ``synthetic``: unit vectors from a Zipf-weighted Gaussian mixture, the shape of trained
   embeddings (clustered, unbalanced) without training a model per size
@@ -58,7 +58,6 @@ from benchmarks.common import (
     write_json,
 )
 from export.faiss_index import (
-    KINDS,
     IndexSet,
     _new_index,  # the served index construction; reused so the benchmark builds what is served
     _tune,  # the served nprobe / efSearch tuning rule
@@ -68,6 +67,7 @@ from export.faiss_index import (
     measure,
     synthetic_vectors,
 )
+from orchestrator.ann import KINDS
 
 SIZES = (87_585, 1_000_000, 10_000_000)
 """ML-32M's catalog, then 10x and 100x that."""

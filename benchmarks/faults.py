@@ -3,14 +3,14 @@ reloaded, the orchestrator killed, and hostile requests.
 
     recsys bench faults [--artifacts DIR --repo DIR] [--out FILE] [--quick] [--skip PHASE ...]
 
-Everything runs as real processes on loopback: the embedded Triton (``export/triton.py``) runs
+Everything runs as real processes on loopback: the embedded Triton (``orchestrator/tritonserver.py``) runs
 under a ``recsys triton`` subprocess on fixed ports, so that its ``tritonserver`` pid can be
 SIGKILLed, SIGSTOPped and restarted on the same ports; the orchestrator is a ``recsys serve
 --triton-url ...`` subprocess on a fixed port and history file, so that it can be SIGKILLed
 and restarted on both. The deployment is a *copy*
 (the reload phase publishes a new version into the repository and rebuilds the FAISS bundle
 in the artifacts); without ``--artifacts``/``--repo`` a tiny model is trained on
-``data/ml-100k`` first.
+``data/ml-latest-small`` first.
 
 Phases, in this order (each can be skipped; its JSON section then says ``"skipped": true``):
 
@@ -81,6 +81,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import REPORTS, LoadWatch, conditions, conditions_line, latency_summary, log, markdown_table, write_json
+from export import DEFAULT_DATA_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("load", "triton_killed", "deadline", "reload", "durability", "fuzz")
@@ -260,7 +261,7 @@ class Stack:
     """
 
     def __init__(self, artifacts: Path, repo: Path, workdir: Path, env: dict[str, str], serve_flags: tuple[str, ...] = ()):
-        from export.triton import free_port
+        from orchestrator.tritonserver import free_port
 
         self.artifacts = artifacts
         self.repo = repo
@@ -1261,7 +1262,7 @@ def skipped_section(phase: str) -> dict[str, Any]:
     return {**{k: None for k in SECTION_KEYS[phase]}, "skipped": True}
 
 
-def run_benchmark(s: FaultSettings, artifacts: str | None = None, repo: str | None = None, data: str = "data/ml-100k",
+def run_benchmark(s: FaultSettings, artifacts: str | None = None, repo: str | None = None, data: str = DEFAULT_DATA_DIR,
                   keep: bool = False, in_place: bool = False) -> dict[str, Any]:
     """Every phase not skipped, in order, on one stack; the report (see the module docstring)."""
     import pandas as pd
@@ -1411,7 +1412,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``recsys bench faults`` (``python -m benchmarks.faults`` takes the same)."""
     p.add_argument("--artifacts", default=None, help="artifacts folder (copied); default: train a tiny model on --data")
     p.add_argument("--repo", default=None, help="model repository (copied); give it with --artifacts")
-    p.add_argument("--data", default="data/ml-100k", help="data for the tiny model (default: %(default)s)")
+    p.add_argument("--data", default=DEFAULT_DATA_DIR, help="data for the tiny model (default: %(default)s)")
     p.add_argument("--in-place", action="store_true", help="serve --artifacts/--repo without copying (reload writes into them)")
     p.add_argument("--out", default=str(REPORTS / "faults.json"), help="JSON report (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="load 2,000, deadline 100, durability 100, fuzz 1,000")

@@ -282,7 +282,7 @@ def triton_backends(url: str) -> list[Backend]:
 @contextlib.contextmanager
 def embedded_triton(repo: Path) -> Iterator[Any]:
     """The embedded Triton with only the three ranker models loaded (less start-up, less memory)."""
-    from export.triton import EmbeddedTriton
+    from orchestrator.tritonserver import EmbeddedTriton
 
     with EmbeddedTriton(repo, load_models=("ranker_features", "ranker", "ranker_ensemble")) as server:
         yield server

@@ -11,6 +11,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from export import DEFAULT_DATA_DIR
+
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from dataclasses import replace
@@ -22,6 +24,19 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         spec = replace(spec, span_days=args.span_days)
     summary = synthesize(spec, args.out, progress=not args.quiet)
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from export.download import DownloadError, download
+
+    try:
+        record = download(args.name, args.out, url=args.base_url, archive=args.archive, force=args.force,
+                          keep_archive=args.keep_archive, progress=not args.quiet)
+    except DownloadError as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(record, indent=2))
     return 0
 
 
@@ -75,18 +90,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from export.onnx_export import export_repository
+    from export.pipeline import publish
 
-    summary = export_repository(
-        args.artifacts, args.repo, tree_implementation=args.tree_implementation, write_configs=args.write_configs
+    published = publish(
+        args.artifacts,
+        args.repo,
+        tree_implementation=args.tree_implementation,
+        write_configs=args.write_configs,
+        index=not args.skip_index,
+        progress=not args.quiet,
     )
+    summary, index_report = published["repository"], published["faiss"]
     faiss_summary = None
-    if not args.skip_index:
-        from export.faiss_index import build_from_artifacts
-
-        # the index lives under artifacts/, outside the Triton repository (Triton would take
-        # every folder of its repository for a model)
-        index_report = build_from_artifacts(args.artifacts, progress=not args.quiet, threads=1)
+    if index_report is not None:
         faiss_summary = {
             "default": index_report["default"],
             "bundle": index_report["bundle"]["dir"],
@@ -118,7 +134,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_triton(args: argparse.Namespace) -> int:
-    from export.triton import EmbeddedTriton, TritonError, check, serve_forever
+    from orchestrator.tritonserver import EmbeddedTriton, TritonError, check, serve_forever
 
     server = EmbeddedTriton(
         args.repo,
@@ -154,7 +170,7 @@ def _cmd_triton(args: argparse.Namespace) -> int:
 
 def _cmd_batch_score(args: argparse.Namespace) -> int:
     from export.batch_score import BatchScoreError, StopRequested, batch_score
-    from export.triton import TritonError
+    from orchestrator.tritonserver import TritonError
 
     on_chunk = None
     if args.stop_after_chunks is not None:
@@ -209,8 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--quiet", action="store_true", help="no progress bars")
     synth.set_defaults(func=_cmd_synth)
 
+    from export.download import BASE_URL_ENV, DATASETS  # no heavy imports: stdlib and tqdm
+
+    dl = data.add_parser("download", help="fetch a MovieLens release from GroupLens, verify it, convert it to the CSV layout")
+    dl.add_argument("name", choices=tuple(DATASETS), help="the release")
+    dl.add_argument("--out", default=None, help="the data set's folder (default: data/NAME)")
+    dl.add_argument("--base-url", default=None, help=f"mirror of GroupLens's movielens folder (default: ${BASE_URL_ENV} or GroupLens)")
+    dl.add_argument("--archive", default=None, help="use this NAME.zip instead of downloading (default: NAME.zip beside --out if there)")
+    dl.add_argument("--force", action="store_true", help="replace an existing --out")
+    dl.add_argument("--keep-archive", action="store_true", help="keep the verified archive as .NAME.zip beside --out")
+    dl.add_argument("--quiet", action="store_true", help="no progress bars")
+    dl.set_defaults(func=_cmd_download)
+
     def training_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data", default="data/ml-100k", help="MovieLens CSV folder (default: %(default)s)")
+        p.add_argument("--data", default=DEFAULT_DATA_DIR, help="MovieLens CSV folder (default: %(default)s)")
         p.add_argument("--epochs", type=int, default=None, help="max two-tower epochs (early stopping may end sooner)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,7 +1,7 @@
 """The online subcommands of ``recsys``: serve, demo, recommend, similar, popular, health,
 delete-user and replay.
 
-Thin shells over :mod:`clients.client` and :mod:`orchestrator.serve`; :func:`add_online_commands`
+Thin shells over :mod:`clients.client` and :mod:`orchestrator.stack`; :func:`add_online_commands`
 registers them on the ``recsys`` parser (``clients/cli.py``). Exit codes: 0 ok, 1 a failed
 call (the status code and the server's message on stderr), 2 usage.
 """
@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from typing import Any
+
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -196,7 +197,7 @@ def _settings(args: argparse.Namespace):
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     """``recsys serve``: foreground until SIGINT/SIGTERM."""
-    from orchestrator.serve import serve
+    from orchestrator.stack import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded is noise here
@@ -209,7 +210,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     def announce(info: dict) -> None:
         print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k:<14}{v}" for k, v in info.items()), flush=True)
 
-    from export.triton import TritonError
+    from orchestrator.tritonserver import TritonError
 
     try:
         # an external Triton (docker-compose) or --in-process: nothing to start here
@@ -221,14 +222,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """``recsys demo [--json]``."""
-    from orchestrator.serve import demo, demo_table
+    from export import DEFAULT_DATA_DIR
+    from export.demo import demo, demo_table
 
     from clients.errors import RecsysRpcError
-    from export.triton import TritonError
+    from orchestrator.tritonserver import TritonError
 
     logging.basicConfig(level=logging.WARNING)  # the demo's output is the answers, not the logs
     try:
-        result = demo(args.artifacts, args.repo, args.data, k=args.k, progress=not args.quiet)
+        result = demo(args.artifacts, args.repo, args.data or DEFAULT_DATA_DIR, k=args.k, progress=not args.quiet)
     except (TritonError, RecsysRpcError) as exc:
         print(f"recsys: error: {exc}", file=sys.stderr)
         return 1
@@ -294,7 +296,7 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     dem = sub.add_parser("demo", help="train/export if needed, start Triton + orchestrator, show three answers, stop")
     dem.add_argument("--artifacts", default="artifacts")
     dem.add_argument("--repo", default="model_repository")
-    dem.add_argument("--data", default="data/ml-100k", help="trained on when the artifacts have no manifest")
+    dem.add_argument("--data", default=None, help="trained on when the artifacts have no manifest (default: the bundled data/ml-latest-small)")
     dem.add_argument("-k", type=int, default=10)
     dem.add_argument("--json", action="store_true", help='print {"recommend", "recommend_by_history", "similar"} as JSON')
     dem.add_argument("--quiet", action="store_true", help="no progress bars")

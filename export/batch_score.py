@@ -10,7 +10,7 @@ of what is actually served. Per chunk of users:
 2. **User tower** over Triton HTTP with binary tensors, in requests of the model's
    ``max_batch_size`` rows, several in flight.
 3. **Retrieval**: FAISS top-``N`` from the ``artifacts/faiss`` bundle, excluding every item
-   the user has interacted with (:meth:`export.faiss_index.IndexBundle.search`).
+   the user has interacted with (:meth:`orchestrator.ann.IndexBundle.search`).
 4. **Ranking**: ``ranker_ensemble`` over Triton HTTP, one row per candidate (candidates are
    the batch dimension); whole users are packed into each request up to the ensemble's
    ``max_batch_size`` rows, so one request carries many users.
@@ -53,14 +53,23 @@ import pyarrow.parquet as pq
 
 from export.history import Histories
 from export.items import Catalog
-from export.two_tower import Demographics
+from orchestrator.artifacts import Demographics, DemographicsMismatch
+from orchestrator.contract import (
+    HISTORY,
+    HISTORY_RATING,
+    ITEM,
+    RANKER_ENSEMBLE,
+    SCORE,
+    USER_EMBEDDING,
+    USER_TOWER,
+    candidate_feeds,
+    user_tower_feeds,
+)
+from orchestrator.artifacts import load_demographics as _load_demographics
 
 log = logging.getLogger(__name__)
 
-USER_TOWER = "user_tower"
-ENSEMBLE = "ranker_ensemble"
-USER_INPUTS = ("history", "history_rating", "demographics")
-CANDIDATE_INPUTS = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating")
+ENSEMBLE = RANKER_ENSEMBLE
 MAX_ROWS_PER_CALL = 4096
 """Rows per ``ranker_ensemble`` call (the ensemble has no batch axis, so no max_batch_size says it)."""
 STATE_VERSION = 1
@@ -131,59 +140,16 @@ def load_catalog(artifacts: str | Path) -> Catalog:
     )
 
 
-def _data_dir(artifacts: Path, data_dir: str | Path | None) -> Path | None:
-    """The data folder holding ``users.csv``: given, or the one the manifest names."""
-    if data_dir is not None:
-        return Path(data_dir)
-    manifest = artifacts / "manifest.json"
-    if not manifest.is_file():
-        return None
-    recorded = json.loads(manifest.read_text()).get("data", {}).get("path")
-    if not recorded:
-        return None
-    # the manifest records the path as given to `recsys train`, usually relative to the
-    # project root; the artifacts usually live in that root too
-    for candidate in (Path(recorded), artifacts.parent / recorded):
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
 def load_demographics(artifacts: str | Path, data_dir: str | Path | None = None) -> Demographics:
-    """Demographic codes as the user tower was trained with them, or an empty table.
-
-    Codes are rebuilt from ``users.csv`` by :meth:`Demographics.from_users`; the occupation
-    vocabulary must equal the one saved at training (``demographics.json``), otherwise an
-    occupation would silently get another code.
-
-    Args:
-        artifacts: Folder written by ``recsys train``.
-        data_dir: Folder with ``users.csv`` (default: the data path in ``manifest.json``).
-
-    Returns:
-        The codes; empty (every user unknown) when there is no ``users.csv``.
+    """Demographic codes as the user tower was trained with them (:func:`orchestrator.artifacts.load_demographics`).
 
     Raises:
         BatchScoreError: The occupations differ from training's.
     """
-    artifacts = Path(artifacts)
-    folder = _data_dir(artifacts, data_dir)
-    path = folder / "users.csv" if folder is not None else None
-    if path is None or not path.is_file():
-        log.info("no users.csv found (%s): every user's demographics are unknown", path)
-        return Demographics.from_users(None)
-    raw = pd.read_csv(path, usecols=["userId", "age", "gender", "occupation"], dtype={"gender": str, "occupation": str})
-    users = raw.rename(columns={"userId": "user_id"})
-    demo = Demographics.from_users(users)
-    saved = artifacts / "demographics.json"
-    if saved.is_file():
-        trained = json.loads(saved.read_text()).get("occupations", [])
-        if trained != demo.occupations:
-            raise BatchScoreError(
-                f"{path}: occupations {demo.occupations} differ from the training vocabulary in {saved}; "
-                "pass --data with the data set the model was trained on"
-            )
-    return demo
+    try:
+        return _load_demographics(artifacts, data_dir)
+    except DemographicsMismatch as exc:
+        raise BatchScoreError(str(exc)) from exc
 
 
 def load_user_data(artifacts: str | Path, data_dir: str | Path | None = None) -> UserData:
@@ -238,11 +204,7 @@ def resolve_users(spec: str | int | Sequence[int] | np.ndarray, histories: Histo
 def user_inputs(data: UserData, user_ids: np.ndarray, history_len: int) -> dict[str, np.ndarray]:
     """The user tower's inputs for ``user_ids``: history window, ratings, demographics."""
     history, rating = data.histories.last(user_ids, history_len)
-    return {
-        "history": history.astype(np.int64),
-        "history_rating": rating.astype(np.float32),
-        "demographics": data.demographics.lookup(user_ids).astype(np.int64),
-    }
+    return user_tower_feeds(history, rating, data.demographics.lookup(user_ids))
 
 
 def candidate_rows(
@@ -263,13 +225,8 @@ def candidate_rows(
     """
     valid = cand_items >= 0
     user_row, rank = np.nonzero(valid)  # row-major: grouped by user, ranks ascending
-    inputs = {
-        "item": cand_items[user_row, rank].astype(np.int32),
-        "retrieval_score": cand_scores[user_row, rank].astype(np.float32),
-        "retrieval_rank": rank.astype(np.float32),
-        "history": history[user_row].astype(np.int32),
-        "history_rating": history_rating[user_row].astype(np.float32),
-    }
+    # each row carries its own user's history row (U = N, C = 1): any split of the rows is a valid call
+    inputs = candidate_feeds(cand_items[user_row, rank], cand_scores[user_row, rank], rank, history[user_row], history_rating[user_row])
     return inputs, user_row.astype(np.int64), rank.astype(np.int64)
 
 
@@ -604,7 +561,7 @@ def _score_chunk(
     timings.inputs += time.perf_counter() - t
 
     t = time.perf_counter()
-    vectors = triton.infer_rows(tower, x, "user_embedding", even_bounds(len(users), tower.max_batch_size or len(users)))
+    vectors = triton.infer_rows(tower, x, USER_EMBEDDING, even_bounds(len(users), tower.max_batch_size or len(users)))
     timings.user_tower += time.perf_counter() - t
 
     t = time.perf_counter()
@@ -612,12 +569,12 @@ def _score_chunk(
     timings.faiss += time.perf_counter() - t
 
     t = time.perf_counter()
-    rows, user_row, rank = candidate_rows(cand_items, cand_scores, x["history"], x["history_rating"])
+    rows, user_row, rank = candidate_rows(cand_items, cand_scores, x[HISTORY], x[HISTORY_RATING])
     max_rows = ensemble.max_batch_size or MAX_ROWS_PER_CALL
-    scores = triton.infer_rows(ensemble, rows, "score", user_bounds(user_row, len(users), max_rows)).reshape(-1)
+    scores = triton.infer_rows(ensemble, rows, SCORE, user_bounds(user_row, len(users), max_rows)).reshape(-1)
     timings.ranker += time.perf_counter() - t
 
-    urow, out_rank, item, score = top_k_per_user(user_row, rank, rows["item"].reshape(-1), scores, len(users), k)
+    urow, out_rank, item, score = top_k_per_user(user_row, rank, rows[ITEM].reshape(-1), scores, len(users), k)
     return pa.table(
         {
             "user_id": pa.array(users[urow], pa.int64()),
@@ -634,7 +591,7 @@ def _check_shapes(tower: ModelInfo, ensemble: ModelInfo, history_len: int, n_ite
     """Refuses a server whose models do not fit the artifacts (before any chunk is scored)."""
     problems = []
     for info in (tower, ensemble):
-        for name in ("history", "history_rating"):
+        for name in (HISTORY, HISTORY_RATING):
             dims = info.dims.get(name)
             if not dims or dims[-1] != history_len:  # [L] with a batch axis, [-1, L] without
                 problems.append(f"{info.name} input {name} has dims {dims}, expected a last dim of {history_len}")
@@ -696,7 +653,7 @@ def batch_score(
     """
     from tqdm.auto import tqdm
 
-    from export.faiss_index import load_index_bundle
+    from orchestrator.ann import load_index_bundle
 
     t_start = time.perf_counter()
     artifacts, out = Path(artifacts), Path(out)
@@ -729,7 +686,7 @@ def batch_score(
             faiss.omp_set_num_threads(int(faiss_threads))
             stack.callback(faiss.omp_set_num_threads, previous)  # a process-wide setting: give it back
         if url is None:
-            from export.triton import EmbeddedTriton
+            from orchestrator.tritonserver import EmbeddedTriton
 
             if repo is None:
                 raise BatchScoreError("give --url or --repo")
@@ -739,7 +696,7 @@ def batch_score(
         triton = TritonHTTP(url, concurrency=concurrency)
         stack.callback(triton.close)
         tower, ensemble = triton.model(USER_TOWER), triton.model(ENSEMBLE)
-        history_len = tower.dims.get("history", [0])[0]
+        history_len = tower.dims.get(HISTORY, [0])[0]
         _check_shapes(tower, ensemble, history_len, data.n_items, bundle)
         versions = {USER_TOWER: tower.version, ENSEMBLE: ensemble.version}
         fingerprint = run_fingerprint(

@@ -1,10 +1,11 @@
 """MovieLens CSV loader with validation.
 
-Reads the CSV layout shared by the bundled ml-100k copy, ml-25m and ml-32m:
+Reads the CSV layout shared by ml-latest-small (bundled), ml-25m and ml-32m, and by ml-100k /
+ml-1m once ``recsys data download`` (``export/download.py``) has converted them:
 
 - ``ratings.csv``: ``userId,movieId,rating,timestamp``
 - ``movies.csv``: ``movieId,title,genres`` (title carries "(YYYY)"; genres ``|``-joined)
-- ``users.csv`` (optional, 100K only): ``userId,age,gender,occupation,zip``
+- ``users.csv`` (optional; 100K and 1M only): ``userId,age,gender,occupation,zip``
 - ``tags.csv`` / ``links.csv`` (optional): only checked to parse and counted.
 
 Two kinds of problems are told apart:
@@ -105,6 +106,7 @@ _TITLE_YEAR_RE = re.compile(_TITLE_YEAR_PATTERN, re.DOTALL)
 
 _LINE_COL = "_line"
 _SCAN_CHUNK_BYTES = 1 << 24
+
 
 
 class DataError(ValueError):

@@ -27,14 +27,14 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from export import baselines
-from export.data import load_movielens
+from export.data import MovieLens
 from export.history import Histories
-from export.metrics import evaluate_rankings, ndcg_at_k
-from export.mmr import blend_vectors, mmr_rerank
-from export.pipeline import Fitted, Period, TrainSettings, fit_models, retrieve, save_artifacts, users_with_history
+from export.ranking_metrics import evaluate_rankings, ndcg_at_k
+from export.pipeline import Fitted, Period, TrainSettings, retrieve, run, users_with_history
 from export.ranker import candidate_features, rerank
 from export.retrieval import top_k_scores
 from export.split import relevant_items
+from orchestrator.mmr import blend_vectors, mmr_rerank
 
 MODEL_NAMES = ("popularity", "item_knn", "ease", "als", "two_tower", "two_tower_ranker", "two_tower_ranker_mmr")
 """Every model in the report, in this order."""
@@ -52,7 +52,7 @@ class EvalSettings:
         mmr_lambda: MMR trade-off (1 = pure relevance, 0 = pure diversity).
         mmr_pool: Candidates (best by ranker score) that MMR chooses from.
         mmr_genre_weight: Share of genre cosine (vs two-tower embedding cosine) in MMR's
-            item similarity (:func:`export.mmr.blend_vectors`).
+            item similarity (:func:`orchestrator.mmr.blend_vectors`).
         mmr_sweep: Extra lambdas reported as a diversity/accuracy curve.
         baselines: Baselines to run (names from :data:`export.baselines.GRIDS`).
     """
@@ -175,8 +175,19 @@ def evaluate(
     """
     settings = settings or EvalSettings()
     started = time.perf_counter()
-    ml = load_movielens(data_dir, progress=progress)
-    fitted = fit_models(ml, settings.train, progress=progress)
+    reports: list[dict] = []
+
+    def inspect(ml: MovieLens, fitted: Fitted) -> None:
+        reports.append(evaluate_fitted(ml, fitted, data_dir, out_path, settings, started, progress))
+
+    run(data_dir, artifacts_dir, None, settings.train, progress, inspect)  # the artifacts are saved after evaluating
+    return reports[0]
+
+
+def evaluate_fitted(
+    ml: MovieLens, fitted: Fitted, data_dir: str | Path, out_path: str | Path, settings: EvalSettings, started: float, progress: bool
+) -> dict:
+    """Evaluates the fitted models of :func:`export.pipeline.run` on the test period; writes JSON (+ PNG)."""
     catalog, split, period = fitted.catalog, fitted.split, fitted.test_period
 
     rel_test = relevant_items(split.test, catalog.index_of())
@@ -245,8 +256,6 @@ def evaluate(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     plot_report(report, out.with_suffix(".png"))
-    if artifacts_dir is not None:
-        save_artifacts(fitted, ml, data_dir, artifacts_dir, settings.train)
     return report
 
 

@@ -14,8 +14,7 @@ import numpy as np
 import pandas as pd
 
 from export.items import Catalog
-
-PAD_ITEM = -1
+from orchestrator.contract import PAD_ITEM, history_windows  # noqa: F401 - PAD_ITEM re-exported
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,9 @@ class Histories:
     def window(self, ends: np.ndarray, starts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
         """Items and ratings at ``[max(start, end - length), end)``, left-padded to ``length``.
 
+        The serving side cuts its windows with the same function
+        (:func:`orchestrator.contract.history_windows`).
+
         Args:
             ends: int64 [n] exclusive end positions in the flat arrays.
             starts: int64 [n] first position that belongs to the same user.
@@ -79,12 +81,7 @@ class Histories:
         Returns:
             ``(items int64 [n, L], ratings float32 [n, L])`` with ``-1`` / ``0`` padding.
         """
-        idx = ends[:, None] - length + np.arange(length)[None, :]
-        valid = idx >= starts[:, None]
-        idx = np.where(valid, idx, 0)
-        items = np.where(valid, self.items[idx], PAD_ITEM) if len(self.items) else np.full(idx.shape, PAD_ITEM)
-        ratings = np.where(valid, self.ratings[idx], 0.0) if len(self.items) else np.zeros(idx.shape)
-        return items.astype(np.int64), ratings.astype(np.float32)
+        return history_windows(self.items, self.ratings, starts, ends, length)
 
     def last(self, user_ids: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
         """The last ``length`` interactions of each user (all padding for unknown users)."""

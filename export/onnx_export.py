@@ -52,14 +52,27 @@ from export.features import FEATURE_NAMES, RankerFeatures
 from export.items import Catalog, ItemStats
 from export.pipeline import git_sha
 from export.two_tower import TwoTower, TwoTowerConfig
-from export.files import file_sha256
+from orchestrator.artifacts import EXPORTED_FILES, file_sha256
+from orchestrator.contract import (  # noqa: F401 - MODEL_NAMES, Tensor, ENSEMBLE_FEATURES: re-exported for the tests
+    ENSEMBLE_FEATURES,
+    GRAPH_MODELS,
+    ITEM_TOWER,
+    MODEL_NAMES,
+    RANKER_ENSEMBLE,
+    RANKER_FEATURES,
+    RANKER_TREES,
+    USER_TOWER,
+    VERSION_INFO,
+    Tensor,
+    model_tensors,
+    published_versions,
+)
 
 OPSET = 17
 """ONNX opset of every graph: supported by onnxruntime 1.32 and by Triton 2.51's onnxruntime backend."""
 
-ENSEMBLE = "ranker_ensemble"
-LEAF_MODELS = ("user_tower", "item_tower", "ranker_features", "ranker")
-MODEL_NAMES = (*LEAF_MODELS, ENSEMBLE)
+ENSEMBLE = RANKER_ENSEMBLE
+LEAF_MODELS = GRAPH_MODELS
 CONFIG_NAMES = ("config.pbtxt", "configs/cpu.pbtxt")
 """Both configurations every model carries: native (default name) and ``--model-config-name=cpu``."""
 
@@ -533,15 +546,6 @@ def choose_tree_implementation(
 
 
 @dataclass(frozen=True)
-class Tensor:
-    """A tensor as Triton's config describes it: name, Triton data type, dims without the batch axis."""
-
-    name: str
-    data_type: str
-    dims: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class ModelSpec:
     """What a model's two configs say.
 
@@ -565,43 +569,31 @@ class ModelSpec:
 
 def model_specs(shapes: Shapes) -> dict[str, ModelSpec]:
     """The four graph-backed models' tensors and batching, for ``shapes``."""
-    L, D, F = shapes.history_len, shapes.dim, shapes.n_features
+    tensors = model_tensors(shapes.history_len, shapes.dim, shapes.n_features)
     c = max(1, shapes.candidates)
     ranker_max = 4096
     # one request carries one user's candidates; preferring multiples of it lets the batcher
     # send a lone request at once and merge 2, 4, 8 users' worth under load
     ranker_pref = tuple(sorted({min(c * k, ranker_max) for k in (1, 2, 4, 8)}))
-    # no batch axis (max_batch_size 0): per-candidate tensors [N, ...], per-user tensors [U, L]
-    # sent once per user; INT32 ids halve the bytes of INT64 (catalogs are far below 2^31)
-    feature_inputs = (
-        Tensor("item", "TYPE_INT32", (-1,)),
-        Tensor("retrieval_score", "TYPE_FP32", (-1,)),
-        Tensor("retrieval_rank", "TYPE_FP32", (-1,)),
-        Tensor("history", "TYPE_INT32", (-1, L)),
-        Tensor("history_rating", "TYPE_FP32", (-1, L)),
-    )
     return {
-        "user_tower": ModelSpec(
-            "user_tower",
-            (Tensor("history", "TYPE_INT64", (L,)), Tensor("history_rating", "TYPE_FP32", (L,)), Tensor("demographics", "TYPE_INT64", (3,))),
-            (Tensor("user_embedding", "TYPE_FP32", (D,)),),
+        USER_TOWER: ModelSpec(
+            USER_TOWER,
+            *tensors[USER_TOWER],
             max_batch_size=64,
             preferred_batch_sizes=(8, 16, 32),
             # one user per request: a lone request waits at most this long for company
             max_queue_delay_us=200,
         ),
-        "item_tower": ModelSpec(
-            "item_tower",
-            (Tensor("item", "TYPE_INT64", (1,)),),
-            (Tensor("item_embedding", "TYPE_FP32", (D,)),),
+        ITEM_TOWER: ModelSpec(
+            ITEM_TOWER,
+            *tensors[ITEM_TOWER],
             max_batch_size=4096,
             preferred_batch_sizes=(256, 1024, 4096),
             max_queue_delay_us=500,
         ),
-        "ranker_features": ModelSpec("ranker_features", feature_inputs, (Tensor("features", "TYPE_FP32", (-1, F)),), max_batch_size=0),
-        "ranker": ModelSpec(
-            "ranker", (Tensor("features", "TYPE_FP32", (F,)),), (Tensor("score", "TYPE_FP32", (1,)),), ranker_max, ranker_pref, 500
-        ),
+        # no batch axis: histories [U, L] once per user with [N] candidates (orchestrator/contract.py)
+        RANKER_FEATURES: ModelSpec(RANKER_FEATURES, *tensors[RANKER_FEATURES], max_batch_size=0),
+        RANKER_TREES: ModelSpec(RANKER_TREES, *tensors[RANKER_TREES], ranker_max, ranker_pref, 500),
     }
 
 
@@ -610,9 +602,6 @@ QUEUE_MAX_REQUESTS = 64
 QUEUE_TIMEOUT_US = 200_000
 """Longest a request may wait in a model's queue before Triton rejects it (a client timeout
 shorter than this overrides it: ``allow_timeout_override``)."""
-
-ENSEMBLE_FEATURES = "candidate_features"
-"""The ensemble's intermediate tensor between ``ranker_features`` and ``ranker``."""
 
 
 def _tensor_block(kind: str, tensors: Sequence[Tensor]) -> str:
@@ -935,13 +924,6 @@ def check_repository(repo: str | Path, graphs: dict[str, Path]) -> list[str]:
 # --------------------------------------------------------------------------- publishing
 
 
-def published_versions(model_dir: Path) -> list[int]:
-    """Numeric version folders of a model, ascending."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 @contextlib.contextmanager
 def repository_lock(repo: Path) -> Iterator[None]:
     """Exclusive lock on the repository folder so two exports cannot claim the same version."""
@@ -957,8 +939,7 @@ def repository_lock(repo: Path) -> Iterator[None]:
 
 
 
-ARTIFACT_FILES = ("two_tower.pt", "ranker_features.pt", "ranker.lgb", "item_embeddings.npy", "items.parquet")
-"""Artifact files whose hashes are recorded with each version (the orchestrator serves the last two)."""
+ARTIFACT_FILES = EXPORTED_FILES
 
 
 def _artifacts_record(artifacts: Path, manifest: dict) -> dict:
@@ -1126,7 +1107,7 @@ def export_repository(
                     info["tree_implementation"] = chosen
                 if m == ENSEMBLE:
                     info["steps"] = {"ranker_features": version, "ranker": version}
-                (staging[m] / "version.json").write_text(json.dumps(info, indent=2))
+                (staging[m] / VERSION_INFO).write_text(json.dumps(info, indent=2))
             # leaf models first: a poller that sees the new ensemble version finds its steps in place
             for m in MODEL_NAMES:
                 target = repo / m / str(version)

@@ -8,9 +8,12 @@ Reads like the diagram::
     LambdaRank ranker on the two-tower's candidates for val users, labels from val
     two-tower refit on train+val for the best epoch count   (what is served and tested)
     save_artifacts(...)                                  # checkpoints, item table, manifest
+    publish(...)                                         # ONNX + configs -> model_repository/N,
+                                                         # tuned FAISS bundle -> artifacts/faiss
 
-:func:`fit_models` is shared by ``recsys train`` and ``recsys evaluate`` so that the models
-that are evaluated are exactly the ones that are published.
+:func:`run` is that sequence, and the only one: ``recsys train``, ``recsys evaluate`` and
+``recsys demo`` call it (``recsys export`` calls its last stage, :func:`publish`), so the
+models that are evaluated are exactly the ones that are published and served.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any, Callable
 
 import lightgbm as lgb
 import numpy as np
@@ -37,6 +41,7 @@ from export.ranker import RankerConfig, candidate_features, candidate_labels, tr
 from export.retrieval import top_k
 from export.split import Split, relevant_items, time_split
 from export.two_tower import Demographics, TrainResult, TwoTower, TwoTowerConfig, train_two_tower
+from orchestrator.artifacts import FAISS_DIR, ITEM_EMBEDDINGS, MANIFEST, exported_from, file_sha256
 
 MANIFEST_VERSION = 1
 
@@ -309,7 +314,107 @@ def save_artifacts(fitted: Fitted, ml: MovieLens, data_dir: str | Path, out_dir:
 
 def train(data_dir: str | Path, out_dir: str | Path, settings: TrainSettings | None = None, progress: bool = True) -> dict:
     """``recsys train``: load, split, fit both stages, write the artifacts. Returns the manifest."""
+    return run(data_dir, out_dir, None, settings, progress)["manifest"]
+
+
+# ------------------------------------------------------------------- the one composition
+
+
+def run(
+    data_dir: str | Path,
+    artifacts_dir: str | Path | None,
+    repo: str | Path | None = None,
+    settings: TrainSettings | None = None,
+    progress: bool = True,
+    inspect: Callable[[MovieLens, Fitted], None] | None = None,
+) -> dict[str, Any]:
+    """The offline path, in the order of the diagram: load -> split -> fit -> save -> publish.
+
+    Every command runs this one function (``recsys train``: up to save; ``recsys evaluate``:
+    with ``inspect``; ``recsys demo``: all of it), so what is evaluated, saved and served are
+    the same models. ``recsys export`` runs its last stage, :func:`publish`.
+
+    Args:
+        data_dir: MovieLens CSV folder.
+        artifacts_dir: Where the artifacts are written (None: not saved, nor published).
+        repo: Model repository to publish into (None: stop after saving).
+        settings: Training settings.
+        progress: Show progress bars.
+        inspect: Called with the data and the fitted models before saving (evaluation).
+
+    Returns:
+        ``{"manifest": ... or None, "published": ... or None}``.
+    """
     settings = settings or TrainSettings()
     ml = load_movielens(data_dir, progress=progress)
-    fitted = fit_models(ml, settings, progress=progress)
-    return save_artifacts(fitted, ml, data_dir, out_dir, settings)
+    fitted = fit_models(ml, settings, progress=progress)  # split, two-tower, ranker, refit
+    if inspect is not None:
+        inspect(ml, fitted)
+    manifest = save_artifacts(fitted, ml, data_dir, artifacts_dir, settings) if artifacts_dir is not None else None
+    published = publish(artifacts_dir, repo, progress=progress) if artifacts_dir is not None and repo is not None else None
+    return {"manifest": manifest, "published": published}
+
+
+def publish(
+    artifacts_dir: str | Path,
+    repo: str | Path,
+    *,
+    tree_implementation: str = "auto",
+    write_configs: bool = False,
+    repository: bool = True,
+    index: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The last offline stage: the ONNX graphs into ``repo`` as version N+1, the tuned FAISS bundle into ``artifacts/faiss``.
+
+    The index lives under the artifacts, outside the Triton repository (Triton takes every
+    folder of its repository for a model).
+
+    Args:
+        artifacts_dir: Folder written by :func:`run` / ``recsys train``.
+        repo: Model repository.
+        tree_implementation: Hummingbird strategy ("auto": measured).
+        write_configs: Regenerate the checked-in configs from the artifacts' shapes.
+        repository: Export the graphs (False: the repository is current).
+        index: Build, tune and write the FAISS bundle (False: keep the one there).
+        progress: Show progress bars.
+
+    Returns:
+        ``{"repository": export summary or None, "faiss": index report or None}``.
+    """
+    from export.faiss_index import build_from_artifacts
+    from export.onnx_export import export_repository  # imports this module: imported here
+
+    summary = (
+        export_repository(artifacts_dir, repo, tree_implementation=tree_implementation, write_configs=write_configs)
+        if repository
+        else None
+    )
+    report = build_from_artifacts(artifacts_dir, progress=progress, threads=1) if index else None
+    return {"repository": summary, "faiss": report}
+
+
+def index_is_current(artifacts_dir: str | Path) -> bool:
+    """Whether ``artifacts/faiss`` holds a bundle built from the current item embeddings."""
+    art = Path(artifacts_dir)
+    meta_path = art / FAISS_DIR / "index.json"
+    if not meta_path.is_file() or not (art / ITEM_EMBEDDINGS).is_file():
+        return False
+    recorded = json.loads(meta_path.read_text()).get("vectors", {}).get("sha256")
+    return recorded == file_sha256(art / ITEM_EMBEDDINGS)
+
+
+def prepare_serving(data_dir: str | Path, artifacts_dir: str | Path, repo: str | Path, progress: bool = True) -> dict[str, bool]:
+    """What ``recsys demo`` needs before serving: trains when there is no manifest, publishes what is stale.
+
+    Returns:
+        ``{"trained": ..., "exported": ..., "indexed": ...}``: which stages ran.
+    """
+    art, repo = Path(artifacts_dir), Path(repo)
+    if not (art / MANIFEST).is_file():
+        run(data_dir, art, repo, progress=progress)
+        return {"trained": True, "exported": True, "indexed": True}
+    stale_repo, stale_index = not exported_from(art, repo), not index_is_current(art)
+    if stale_repo or stale_index:
+        publish(art, repo, repository=stale_repo, index=stale_index, progress=progress)
+    return {"trained": False, "exported": stale_repo, "indexed": stale_index}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
@@ -29,10 +29,7 @@ from tqdm.auto import tqdm
 
 from export.history import Histories
 from export.items import POP_BUCKETS, YEAR_BUCKETS, Catalog, ItemStats
-
-AGE_BUCKETS = (0, 18, 25, 35, 45, 50, 56)
-"""Lower edges of the age buckets of MovieLens' users.csv; bucket 0 = unknown."""
-
+from orchestrator.artifacts import AGE_BUCKETS, Demographics  # noqa: F401 - the codes the tower embeds; re-exported
 
 @dataclass(frozen=True)
 class TwoTowerConfig:
@@ -76,51 +73,6 @@ class TwoTowerConfig:
     demo_dropout: float = 0.3
     min_target_rating: float = 0.0
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class Demographics:
-    """Categorical user attributes, aligned with a user id array; 0 means unknown.
-
-    Attributes:
-        user_ids: int64 [n] sorted.
-        codes: int64 [n, 3]: age bucket, gender, occupation.
-        occupations: Occupation vocabulary (code = position + 1).
-    """
-
-    user_ids: np.ndarray
-    codes: np.ndarray
-    occupations: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_users(cls, users) -> "Demographics":
-        """Builds codes from the loader's ``users`` frame (or an empty table when None)."""
-        if users is None or len(users) == 0:
-            return cls(np.empty(0, np.int64), np.empty((0, 3), np.int64), [])
-        users = users.sort_values("user_id")
-        edges = np.asarray(AGE_BUCKETS[1:])
-        age = users.age.to_numpy()
-        age_b = np.where(age > 0, np.searchsorted(edges, age, side="right") + 1, 0)
-        gender = users.gender.map({"M": 1, "F": 2}).fillna(0).to_numpy(np.int64)
-        occupations = sorted(users.occupation.dropna().astype(str).unique().tolist())
-        occ = users.occupation.map({o: i + 1 for i, o in enumerate(occupations)}).fillna(0).to_numpy(np.int64)
-        codes = np.stack([age_b, gender, occ], axis=1).astype(np.int64)
-        return cls(users.user_id.to_numpy(np.int64), codes, occupations)
-
-    @property
-    def cardinalities(self) -> tuple[int, int, int]:
-        return (len(AGE_BUCKETS) + 1, 3, len(self.occupations) + 1)
-
-    def lookup(self, user_ids: np.ndarray) -> np.ndarray:
-        """Codes for ``user_ids`` (zeros for users without demographics)."""
-        user_ids = np.asarray(user_ids, dtype=np.int64)
-        out = np.zeros((len(user_ids), 3), dtype=np.int64)
-        if len(self.user_ids) == 0:
-            return out
-        pos = np.clip(np.searchsorted(self.user_ids, user_ids), 0, len(self.user_ids) - 1)
-        hit = self.user_ids[pos] == user_ids
-        out[hit] = self.codes[pos[hit]]
-        return out
 
 
 class ItemEncoder(nn.Module):

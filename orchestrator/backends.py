@@ -29,18 +29,27 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from orchestrator.contract import (  # noqa: F401 - KEPT_VERSIONS, CANDIDATE_INPUTS: re-exported for the service
+    CANDIDATE_INPUTS,
+    FEATURES,
+    KEPT_VERSIONS,
+    RANKER_ENSEMBLE,
+    RANKER_FEATURES,
+    RANKER_TREES,
+    SCORE,
+    SERVED_LEAF_MODELS,
+    USER_EMBEDDING,
+    USER_TOWER,
+    candidate_feeds,
+    latest_version,
+    user_tower_feeds,
+)
 from orchestrator.errors import ModelError, ModelTimeout, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
-USER_TOWER = "user_tower"
-RANKER = "ranker_ensemble"
-LEAF_MODELS = (USER_TOWER, "ranker_features", "ranker")
-"""The graphs the online path runs (the ensemble chains the last two)."""
-KEPT_VERSIONS = 2
-"""Versions served side by side (the configs' ``version_policy: latest 2``): the one being
-replaced keeps answering its pinned requests while the next one loads, and A/B tests compare two."""
-CANDIDATE_INPUTS = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating")
+RANKER = RANKER_ENSEMBLE
+LEAF_MODELS = SERVED_LEAF_MODELS
 
 
 class InferenceBackend(Protocol):
@@ -83,52 +92,6 @@ class InferenceBackend(Protocol):
     def close(self) -> None:
         """Releases connections / sessions."""
         ...
-
-
-def user_tower_feeds(history: np.ndarray, ratings: np.ndarray, demographics: np.ndarray) -> dict[str, np.ndarray]:
-    """The user tower's input tensors, in the dtypes of its configs."""
-    return {
-        "history": np.ascontiguousarray(history, np.int64),
-        "history_rating": np.ascontiguousarray(ratings, np.float32),
-        "demographics": np.ascontiguousarray(demographics, np.int64),
-    }
-
-
-def candidate_feeds(
-    items: np.ndarray, retrieval_scores: np.ndarray, retrieval_ranks: np.ndarray, history: np.ndarray, ratings: np.ndarray
-) -> dict[str, np.ndarray]:
-    """The ranker's input tensors: per-candidate [N], per-user [U, L] (N a multiple of U), compact dtypes.
-
-    Raises:
-        ValueError: The candidates do not split evenly over the users (a caller's defect).
-    """
-    history = np.ascontiguousarray(np.atleast_2d(history), dtype=np.int32)
-    n, users = len(items), len(history)
-    if users == 0 or n % users:
-        raise ValueError(f"{n} candidates do not split evenly over {users} history rows")
-    return {
-        "item": np.ascontiguousarray(items, np.int32).reshape(n),
-        "retrieval_score": np.ascontiguousarray(retrieval_scores, np.float32).reshape(n),
-        "retrieval_rank": np.ascontiguousarray(retrieval_ranks, np.float32).reshape(n),
-        "history": history,
-        "history_rating": np.ascontiguousarray(np.atleast_2d(ratings), dtype=np.float32),
-    }
-
-
-def latest_version(repo: Path, models: tuple[str, ...]) -> int:
-    """The highest version number every one of ``models`` has in ``repo``.
-
-    Raises:
-        FileNotFoundError: No common version (run ``recsys export``).
-    """
-    common: set[int] | None = None
-    for m in models:
-        folder = repo / m
-        found = {int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()} if folder.is_dir() else set()
-        common = found if common is None else common & found
-    if not common:
-        raise FileNotFoundError(f"{repo}: no version exported for all of {models} (run `recsys export`)")
-    return max(common)
 
 
 class InProcessBackend:
@@ -201,14 +164,14 @@ class InProcessBackend:
 
     def user_embedding(self, history, ratings, demographics, timeout_s, version=None):
         feeds = user_tower_feeds(history, ratings, demographics)
-        return self._run(USER_TOWER, "user_embedding", feeds, timeout_s, version)
+        return self._run(USER_TOWER, USER_EMBEDDING, feeds, timeout_s, version)
 
     def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s, version=None):
         t0 = time.monotonic()
         feeds = candidate_feeds(items, retrieval_scores, retrieval_ranks, history, ratings)
-        features = self._run("ranker_features", "features", feeds, timeout_s, version)
+        features = self._run(RANKER_FEATURES, FEATURES, feeds, timeout_s, version)
         left = timeout_s - (time.monotonic() - t0)
-        return self._run("ranker", "score", {"features": features}, left, version).reshape(-1)
+        return self._run(RANKER_TREES, SCORE, {FEATURES: features}, left, version).reshape(-1)
 
     def close(self) -> None:
         self._sessions.clear()
@@ -297,7 +260,7 @@ class TritonBackend:
             if ok:
                 meta = self.client.get_model_metadata(USER_TOWER, client_timeout=timeout_s, as_json=True)
                 versions = meta.get("versions") or []
-                ranker = self.client.get_model_metadata("ranker", client_timeout=timeout_s, as_json=True).get("versions") or []
+                ranker = self.client.get_model_metadata(RANKER_TREES, client_timeout=timeout_s, as_json=True).get("versions") or []
                 with self._lock:
                     self._version = str(max(versions, key=int)) if versions else "unknown"
                     if not self._loading:
@@ -334,7 +297,7 @@ class TritonBackend:
 
     def user_embedding(self, history, ratings, demographics, timeout_s, version=None):
         feeds = user_tower_feeds(history, ratings, demographics)
-        return self._infer(USER_TOWER, feeds, "user_embedding", timeout_s, version)
+        return self._infer(USER_TOWER, feeds, USER_EMBEDDING, timeout_s, version)
 
     def rank(self, items, retrieval_scores, retrieval_ranks, history, ratings, timeout_s, version=None):
         """The ensemble when it runs ``version`` (one call), else its two steps pinned to ``version``.
@@ -345,11 +308,11 @@ class TritonBackend:
         """
         feeds = candidate_feeds(items, retrieval_scores, retrieval_ranks, history, ratings)
         if version is None or version == self._ensemble_version:
-            return self._infer(RANKER, feeds, "score", timeout_s).reshape(-1)
+            return self._infer(RANKER, feeds, SCORE, timeout_s).reshape(-1)
         t0 = time.monotonic()
-        features = self._infer("ranker_features", feeds, "features", timeout_s, version)
+        features = self._infer(RANKER_FEATURES, feeds, FEATURES, timeout_s, version)
         left = timeout_s - (time.monotonic() - t0)
-        return self._infer("ranker", {"features": features}, "score", left, version).reshape(-1)
+        return self._infer(RANKER_TREES, {FEATURES: features}, SCORE, left, version).reshape(-1)
 
     def load_version(self, version: int, timeout_s: float) -> None:
         """Asks Triton to (re)load every model, then waits until ``version`` of each is READY.

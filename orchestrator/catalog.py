@@ -13,14 +13,15 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
 import pandas as pd
 
-from export.faiss_index import IndexBundle, ItemFilter, load_index_bundle, to_device
-from export.mmr import blend_vectors
+from orchestrator.ann import IndexBundle, ItemFilter, load_index_bundle, to_device
+from orchestrator.mmr import blend_vectors
+from orchestrator.artifacts import Demographics
+from orchestrator.artifacts import load_demographics as read_demographics
 from orchestrator.errors import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Filters:
     include_seen: bool = False
 
 
-def load_demographics(artifacts: Path, manifest: dict) -> Any | None:
+def load_demographics(artifacts: Path, manifest: dict) -> Demographics | None:
     """The training users' demographic codes, when the data folder the manifest names is here.
 
     Known MovieLens users then get the codes the tower was trained with, and the online
@@ -64,10 +65,8 @@ def load_demographics(artifacts: Path, manifest: dict) -> Any | None:
     folder = next((p for p in (Path(recorded), artifacts.parent / recorded) if (p / "users.csv").is_file()), None)
     if folder is None:
         return None
-    from export.batch_score import load_demographics as load  # imports torch: only when needed
-
     try:
-        demo = load(artifacts, folder)
+        demo = read_demographics(artifacts, folder)
     except Exception as exc:  # a vocabulary mismatch must not stop serving: codes become unknown
         log.warning("demographics from %s not used: %s", folder, exc)
         return None
@@ -90,7 +89,7 @@ class Catalog:
         index: The FAISS bundle searched by :meth:`retrieve`.
         history_len: The user tower's history window ``L`` (from the manifest).
         manifest: The artifacts' ``manifest.json``.
-        demographics: ``export.two_tower.Demographics`` of the training data's users, or
+        demographics: :class:`~orchestrator.artifacts.Demographics` of the training data's users, or
             None (every user's codes unknown).
     """
 
@@ -101,7 +100,7 @@ class Catalog:
         index: IndexBundle,
         manifest: dict,
         mmr_genre_weight: float,
-        demographics: Any | None = None,
+        demographics: Demographics | None = None,
     ):
         items = items.sort_values("item").reset_index(drop=True)
         if not np.array_equal(items["item"].to_numpy(), np.arange(len(items))):

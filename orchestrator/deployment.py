@@ -25,14 +25,14 @@ to the service:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.files import file_sha256
-from orchestrator.backends import KEPT_VERSIONS, LEAF_MODELS, RANKER, USER_TOWER, InferenceBackend, latest_version
+from orchestrator.artifacts import file_sha256
+from orchestrator.backends import InferenceBackend
+from orchestrator.contract import KEPT_VERSIONS, SERVED_MODELS, latest_version, read_version_info
 from orchestrator.catalog import Catalog
 from orchestrator.errors import Deadline, ModelUnavailable, RecsysError
 from orchestrator.pipeline import Query, Recommender, Result
@@ -59,7 +59,7 @@ def ab_bucket(user_id: int, salt: str) -> float:
 def published_version(repo: Path) -> int | None:
     """The newest version every served model (the ensemble included) has, or None."""
     try:
-        return latest_version(repo, (*LEAF_MODELS, RANKER))
+        return latest_version(repo, SERVED_MODELS)
     except FileNotFoundError:
         return None
 
@@ -76,10 +76,10 @@ def artifacts_of(repo: Path, version: int, fallback: Path) -> Path:
     Raises:
         ReloadError: Neither folder holds the files this version was exported from.
     """
-    info_path = repo / USER_TOWER / str(version) / "version.json"
-    if not info_path.is_file():
-        raise ReloadError(f"{info_path}: missing; cannot tell which artifacts version {version} serves")
-    recorded = json.loads(info_path.read_text()).get("artifacts", {})
+    try:
+        recorded = read_version_info(repo, version).get("artifacts", {})
+    except FileNotFoundError as exc:
+        raise ReloadError(str(exc)) from exc
     hashes = recorded.get("files_sha256", {})
     candidates = [Path(recorded["path"])] if recorded.get("path") else []
     candidates.append(Path(fallback))

@@ -25,6 +25,7 @@ import numpy as np
 
 from orchestrator.backends import InferenceBackend
 from orchestrator.catalog import Catalog, Filters
+from orchestrator.contract import history_window
 from orchestrator.errors import Deadline, DeadlineExceeded, ModelTimeout, ModelUnavailable, RecsysError, Unavailable
 from orchestrator.rerank import RerankOptions, rerank
 from orchestrator.settings import ServeSettings
@@ -276,13 +277,7 @@ class Recommender:
         # reported only for request histories: stored ones may name movies a retrain dropped
         ignored = sorted(set(movies[~known].tolist())) if q.history is not None else []
         items, ratings = items[known], ratings[known]
-        L = self.catalog.history_len
-        win_items = np.full(L, -1, np.int64)
-        win_ratings = np.zeros(L, np.float32)
-        n = min(L, len(items))
-        if n:
-            win_items[L - n :] = items[-n:]
-            win_ratings[L - n :] = ratings[-n:]
+        win_items, win_ratings = history_window(items, ratings, self.catalog.history_len)  # as in training
         return Window(win_items, win_ratings, np.unique(items), ignored), reason
 
     def user_vector(self, q: Query, window: Window, deadline: Deadline) -> np.ndarray:
@@ -341,9 +336,9 @@ class Recommender:
         t0 = time.perf_counter()
         L = self.catalog.history_len
         items, _ = self.catalog.popular(L, False, None, np.zeros(0, np.int64))
-        hist = np.full(L, -1, np.int64)
-        hist[L - len(items) :] = items[::-1]  # the most popular last, as the most recent
-        window = Window(hist, np.where(hist >= 0, 4.0, 0.0).astype(np.float32), np.unique(items), [])
+        # the most popular last, as the most recent, each rated 4
+        hist, rats = history_window(items[::-1], np.full(len(items), 4.0, np.float32), L)
+        window = Window(hist, rats, np.unique(items), [])
         query = Query(k=10, filters=Filters(), rerank=RerankOptions(self.settings.mmr_lambda, self.settings.mmr_pool))
         for _ in range(calls):
             deadline = Deadline(None, max(self.settings.triton_timeout_s, 1.0))

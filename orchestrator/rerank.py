@@ -1,7 +1,7 @@
 """The last stage: MMR for diversity, then the business rules (freshness, per-genre quota).
 
 Pure numpy over one user's ranked candidates; :func:`rerank` returns positions into them.
-MMR itself is :func:`export.mmr.mmr_rerank` (Carbonell & Goldstein 1998), the code the
+MMR itself is :func:`orchestrator.mmr.mmr_rerank` (Carbonell & Goldstein 1998), the code the
 offline evaluation measured.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export.mmr import mmr_rerank
+from orchestrator.mmr import mmr_rerank
 
 
 @dataclass(frozen=True)

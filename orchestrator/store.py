@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.errors import Unavailable
-from export.files import file_sha256
+from orchestrator.artifacts import file_sha256
 
 log = logging.getLogger(__name__)
 

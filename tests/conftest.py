@@ -69,7 +69,7 @@ def start_triton():
 
     Skips the module when the tritonserver binary of the nvidia-pytriton wheel is missing.
     """
-    from export.triton import EmbeddedTriton, TritonError, find_triton
+    from orchestrator.tritonserver import EmbeddedTriton, TritonError, find_triton
 
     try:
         find_triton()

@@ -1,7 +1,7 @@
 """Tests for the classical baselines in :mod:`export.baselines`.
 
 Most tests use tiny hand-built matrices whose correct ranking is obvious; one sanity test
-runs every baseline on the bundled MovieLens 100K with a per-user temporal holdout.
+runs every baseline on the bundled MovieLens latest-small with a per-user temporal holdout.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from export.baselines import ALS, EASE, GRIDS, ItemKNN, Popularity, Recommender, make
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RATINGS = REPO_ROOT / "data" / "ml-100k" / "ratings.csv"
+RATINGS = REPO_ROOT / "data" / "ml-latest-small" / "ratings.csv"
 
 # Small settings so the synthetic tests run in milliseconds.
 FAST = {
@@ -294,7 +294,7 @@ def test_als_fit_is_quiet(recwarn: pytest.WarningsRecorder, capsys: pytest.Captu
     assert not [w for w in recwarn if "implicit" in str(w.filename) or "BLAS" in str(w.message)]
 
 
-# --------------------------------------------------------------------------- MovieLens 100K
+# -------------------------------------------------------------------- MovieLens latest-small
 
 
 def _recall_at_k(scores: np.ndarray, train: sp.csr_matrix, test: sp.csr_matrix, k: int = 20) -> float:
@@ -312,7 +312,7 @@ def _recall_at_k(scores: np.ndarray, train: sp.csr_matrix, test: sp.csr_matrix, 
 
 
 @pytest.fixture(scope="module")
-def ml100k_split() -> tuple[sp.csr_matrix, sp.csr_matrix]:
+def small_split() -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """Per-user temporal split: each user's last 10% of ratings (by timestamp) held out."""
     ratings = pd.read_csv(RATINGS)
     users = ratings["userId"].astype("category").cat.codes.to_numpy()
@@ -336,10 +336,10 @@ def ml100k_split() -> tuple[sp.csr_matrix, sp.csr_matrix]:
     return build(~is_test), build(is_test)
 
 
-def test_ml100k_every_baseline_beats_random_and_ease_beats_popularity(
-    ml100k_split: tuple[sp.csr_matrix, sp.csr_matrix],
+def test_ml_latest_small_every_baseline_beats_random_and_ease_beats_popularity(
+    small_split: tuple[sp.csr_matrix, sp.csr_matrix],
 ) -> None:
-    train, test = ml100k_split
+    train, test = small_split
     users = np.arange(train.shape[0])
     random_scores = np.random.default_rng(0).random(train.shape, dtype=np.float32)
     recall = {"random": _recall_at_k(random_scores, train, test)}

@@ -60,7 +60,7 @@ def full_run(artifacts, server, tmp_path_factory) -> tuple[pd.DataFrame, dict]:
 
 def reference(artifacts: Path, repo: Path, user_ids: np.ndarray, k: int, candidates: int) -> pd.DataFrame:
     """The same recommendations computed in process: onnxruntime graphs + FAISS + a plain sort."""
-    from export.faiss_index import load_index_bundle
+    from orchestrator.ann import load_index_bundle
     from export.onnx_export import session
 
     data = load_user_data(artifacts)

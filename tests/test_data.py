@@ -10,7 +10,7 @@ import pytest
 
 from export.data import DROP_REASONS, DataError, MovieLens, load_movielens, parse_title
 
-ML100K = Path(__file__).parents[1] / "data" / "ml-100k"
+ML_LATEST_SMALL = Path(__file__).parents[1] / "data" / "ml-latest-small"
 
 RATINGS_HEADER = "userId,movieId,rating,timestamp\n"
 MOVIES = (
@@ -31,56 +31,65 @@ def write_dataset(root: Path, ratings: str | None, movies: str | None = MOVIES) 
     return root
 
 
-# ---------------------------------------------------------------- the real ml-100k
+# -------------------------------------------------------- the bundled ml-latest-small
 
 
 @pytest.fixture(scope="module")
-def ml100k() -> MovieLens:
-    return load_movielens(ML100K, progress=False)
+def small() -> MovieLens:
+    return load_movielens(ML_LATEST_SMALL, progress=False)
 
 
-def test_ml100k_counts(ml100k: MovieLens) -> None:
-    assert ml100k.n_ratings == 100_000
-    assert ml100k.ratings["user_id"].nunique() == 943
-    assert len(ml100k.movies) == 1_682
-    assert ml100k.users is not None and len(ml100k.users) == 943
-    assert ml100k.report.rows_read["ratings.csv"] == 100_000
-    assert ml100k.report.dropped == dict.fromkeys(DROP_REASONS, 0)
-    assert ml100k.report.first_line == {}
+def test_ml_latest_small_counts(small: MovieLens) -> None:
+    # the figures of its README.txt: 100,836 ratings and 3,683 tags by 610 users, 9,742 movies
+    assert small.n_ratings == 100_836
+    assert small.ratings["user_id"].nunique() == 610
+    assert len(small.movies) == 9_742
+    assert small.users is None  # no demographics in the newer releases
+    assert small.report.rows_read == {"ratings.csv": 100_836, "movies.csv": 9_742, "tags.csv": 3_683, "links.csv": 9_742}
+    assert small.report.dropped == dict.fromkeys(DROP_REASONS, 0)
+    assert small.report.first_line == {}
+    assert (ML_LATEST_SMALL / "README.txt").is_file()  # its licence travels with it
 
 
-def test_ml100k_frames(ml100k: MovieLens) -> None:
-    ratings = ml100k.ratings
+def test_ml_latest_small_frames(small: MovieLens) -> None:
+    ratings = small.ratings
     assert list(ratings.columns) == ["user_id", "movie_id", "rating", "timestamp"]
     assert [str(t) for t in ratings.dtypes] == ["int64", "int64", "float32", "int64"]
     keys = ratings[["timestamp", "user_id", "movie_id"]].to_numpy()
     assert (np.lexsort(keys.T[::-1]) == np.arange(len(keys))).all()  # already sorted
     assert ratings.index.equals(pd.RangeIndex(len(ratings)))
+    # half stars, 0.5 to 5
+    assert sorted(ratings["rating"].unique().tolist()) == [x / 2 for x in range(1, 11)]
 
-    movies = ml100k.movies
+    movies = small.movies
     assert list(movies.columns) == ["movie_id", "title", "year", "genres"]
     assert movies["movie_id"].is_monotonic_increasing
     assert str(movies["year"].dtype) == "int32"
     toy = movies.iloc[0]
     assert toy["movie_id"] == 1 and toy["title"] == "Toy Story" and toy["year"] == 1995
-    assert toy["genres"] == "Animation|Children's|Comedy"
+    assert toy["genres"] == "Adventure|Animation|Children|Comedy|Fantasy"
 
-    assert "Comedy" in ml100k.genres and ml100k.genres == sorted(ml100k.genres)
-    assert ml100k.genre_matrix.shape == (1_682, len(ml100k.genres))
-    assert ml100k.genre_matrix.dtype == np.float32
-    assert ml100k.genre_matrix[0].sum() == 3
-    assert ml100k.genre_matrix[0, ml100k.genres.index("Comedy")] == 1
+    assert "Comedy" in small.genres and small.genres == sorted(small.genres)
+    assert "(no genres listed)" not in small.genres
+    assert small.genre_matrix.shape == (9_742, len(small.genres))
+    assert small.genre_matrix.dtype == np.float32
+    assert small.genre_matrix[0].sum() == 5
+    assert small.genre_matrix[0, small.genres.index("Comedy")] == 1
 
-    users = ml100k.users
+
+def test_summary_lists_every_reason(small: MovieLens) -> None:
+    text = small.report.summary()
+    for reason in DROP_REASONS:
+        assert reason in text
+
+
+def test_users_csv_in_the_100k_layout_is_read(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path, RATINGS_HEADER + "1,1,4.0,100\n2,2,3.5,200\n")
+    (root / "users.csv").write_text("userId,age,gender,occupation,zip\n2,53,F,other,94043\n1,24,M,technician,85711\n")
+    users = load_movielens(root, now=NOW, progress=False).users
     assert users is not None
     assert list(users.columns) == ["user_id", "age", "gender", "occupation"]
     assert users.iloc[0].to_dict() == {"user_id": 1, "age": 24, "gender": "M", "occupation": "technician"}
-
-
-def test_summary_lists_every_reason(ml100k: MovieLens) -> None:
-    text = ml100k.report.summary()
-    for reason in DROP_REASONS:
-        assert reason in text
 
 
 # ----------------------------------------------------------------- structural errors

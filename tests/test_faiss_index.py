@@ -14,24 +14,26 @@ import pandas as pd
 import pytest
 
 from export.faiss_index import (
-    GPU_KINDS,
-    KINDS,
-    IndexBundle,
-    ItemFilter,
     build_from_artifacts,
     build_indexes,
     choose_default,
     default_params,
+    make_queries,
+    measure,
+    synthetic_vectors,
+    write_index_bundle,
+)
+from orchestrator.ann import (
+    GPU_KINDS,
+    KINDS,
+    IndexBundle,
+    ItemFilter,
     filter_mask,
     gpu_available,
     index_params,
     load_index_bundle,
-    make_queries,
-    measure,
     search_filtered,
-    synthetic_vectors,
     to_device,
-    write_index_bundle,
 )
 
 N, DIM = 5000, 64
@@ -351,7 +353,7 @@ def test_selective_filter_takes_several_overfetch_rounds(indexes, vectors):
 
 
 def test_gpu_path_never_asks_for_more_than_gpu_max_k(indexes, vectors):
-    from export.faiss_index import GPU_MAX_K
+    from orchestrator.ann import GPU_MAX_K
 
     query = make_queries(vectors, 3, seed=15)
     allowed = np.zeros(N, dtype=bool)

@@ -1,4 +1,4 @@
-"""Tests for export.metrics: hand-computed cases, edge cases, and agreement of
+"""Tests for export.ranking_metrics: hand-computed cases, edge cases, and agreement of
 the vectorised evaluate_rankings with the per-user definitions."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from export.metrics import (
+from export.ranking_metrics import (
     average_precision_at_k,
     catalog_coverage,
     evaluate_rankings,

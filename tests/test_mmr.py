@@ -1,4 +1,4 @@
-"""Tests for export.mmr.mmr_rerank."""
+"""Tests for orchestrator.mmr.mmr_rerank."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from export.metrics import intra_list_diversity
-from export.mmr import mmr_rerank
+from export.ranking_metrics import intra_list_diversity
+from orchestrator.mmr import mmr_rerank
 
 E1, E2, E3 = np.eye(3)
 
@@ -161,7 +161,7 @@ def test_property_unique_indices_of_right_length(case: tuple) -> None:
 
 
 def test_blend_vectors_cosine_is_the_weighted_sum():
-    from export.mmr import blend_vectors
+    from orchestrator.mmr import blend_vectors
 
     a = np.array([[1.0, 0.0], [0.0, 2.0]])  # cos(a0, a1) = 0
     g = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])  # cos(g0, g1) = 1

@@ -25,7 +25,7 @@ from test_service import make_api
 
 from clients import errors as E
 from clients.client import RecsysClient
-from export.triton import free_port
+from orchestrator.tritonserver import free_port
 from protos.recsys.v1 import recsys_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]

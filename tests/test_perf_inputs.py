@@ -3,7 +3,7 @@
 perf_analyzer sends exactly what these files hold (``-b B`` takes ``B`` consecutive entries
 as the rows of one request), so every entry must name every config input with the config's
 element count and type, and every id must index inside its table. Checked for the
-checked-in ml-100k set against the checked-in configs, and for files generated from the
+checked-in ml-latest-small set against the checked-in configs, and for files generated from the
 tiny model against its repository. No network and no perf_analyzer binary needed.
 """
 
@@ -89,7 +89,7 @@ def test_checked_in_inputs_fit_the_checked_in_configs():
 
 
 def test_checked_in_inputs_match_local_artifacts():
-    """Where the ml-100k artifacts are present, the files index the same catalog."""
+    """Where the bundled data's artifacts are present, the files index the same catalog."""
     items = ROOT / "artifacts" / "items.parquet"
     if not items.is_file():
         pytest.skip("no local artifacts")

@@ -14,7 +14,7 @@ from export.pipeline import Period
 from export.ranker import candidate_labels
 from export.split import RELEVANCE_MIN_RATING, relevant_items, time_split
 
-DATA = Path(__file__).parents[1] / "data" / "ml-100k"
+DATA = Path(__file__).parents[1] / "data" / "ml-latest-small"
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 
 from export.features import FEATURE_NAMES
 from export.onnx_export import MODEL_NAMES, sample_candidate_inputs, sample_user_inputs, session
-from export.triton import EmbeddedTriton, check
+from orchestrator.tritonserver import EmbeddedTriton, check
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 

@@ -25,7 +25,8 @@ model's batch size for ``run``.
     python -m benchmarks.perf_analyzer.make_inputs --artifacts artifacts --repo model_repository \\
         --out benchmarks/perf_analyzer/inputs
 
-The checked-in ``inputs/`` were generated this way from the bundled ml-100k model.
+The checked-in ``inputs/`` were generated this way from the bundled ml-latest-small model
+(``make demo``'s artifacts and repository).
 """
 
 from __future__ import annotations
@@ -41,9 +42,25 @@ import pandas as pd
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-MODELS = ("user_tower", "item_tower", "ranker_features", "ranker", "ranker_ensemble")
-CANDIDATE_MODELS = ("ranker_features", "ranker", "ranker_ensemble")
-REQUEST_MODELS = ("ranker_features", "ranker_ensemble")
+from orchestrator.contract import (
+    FEATURES,
+    HISTORY,
+    HISTORY_RATING,
+    ITEM,
+    ITEM_TOWER,
+    MODEL_NAMES,
+    RANKER_ENSEMBLE,
+    RANKER_FEATURES,
+    RANKER_TREES,
+    USER_EMBEDDING,
+    USER_TOWER,
+    candidate_feeds,
+    published_versions,
+)
+
+MODELS = MODEL_NAMES
+CANDIDATE_MODELS = (RANKER_FEATURES, RANKER_TREES, RANKER_ENSEMBLE)
+REQUEST_MODELS = (RANKER_FEATURES, RANKER_ENSEMBLE)
 """Models without a batch axis: one entry is one whole request, shapes given explicitly."""
 CPU_CONFIG = "configs/cpu.pbtxt"
 DEFAULT_OUT = Path(__file__).resolve().parent / "inputs"
@@ -67,10 +84,10 @@ def input_specs(config: model_config_pb2.ModelConfig) -> dict[str, tuple[type, l
 
 def latest_version(model_dir: Path) -> Path:
     """The highest numeric version folder of a model."""
-    versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    versions = published_versions(model_dir)
     if not versions:
         raise FileNotFoundError(f"{model_dir}: no version folder (run `recsys export` first)")
-    return versions[-1][1]
+    return model_dir / str(versions[-1])
 
 
 def _session(path: Path):
@@ -136,8 +153,8 @@ def make_inputs(
     artifacts, repo, out = Path(artifacts), Path(repo), Path(out)
     configs = {m: read_config(repo / m / CPU_CONFIG) for m in MODELS}
     specs = {m: input_specs(c) for m, c in configs.items()}
-    history_len = specs["user_tower"]["history"][1][0]
-    n_features = specs["ranker"]["features"][1][0]
+    history_len = specs[USER_TOWER][HISTORY][1][0]
+    n_features = specs[RANKER_TREES][FEATURES][1][0]
     manifest = json.loads((artifacts / "manifest.json").read_text())
     if candidates is None:
         candidates = int(manifest.get("ranker", {}).get("config", {}).get("candidates", 200))
@@ -148,8 +165,8 @@ def make_inputs(
     chosen = np.sort(rng.choice(active, size=min(users, len(active)), replace=False))
     x = user_inputs(data, chosen, history_len)
 
-    version = latest_version(repo / "user_tower")
-    vectors = _session(version / "model.onnx").run(["user_embedding"], x)[0]
+    version = latest_version(repo / USER_TOWER)
+    vectors = _session(version / "model.onnx").run([USER_EMBEDDING], x)[0]
     item_vectors = np.load(artifacts / "item_embeddings.npy").astype(np.float32)
     n_items = len(item_vectors)
     if n_items != data.n_items:
@@ -163,30 +180,26 @@ def make_inputs(
     top = np.argsort(-scores, axis=1, kind="stable")[:, :candidates]
     top_scores = np.take_along_axis(scores, top, axis=1)
     keep = np.isfinite(top_scores)
-    features_session = _session(latest_version(repo / "ranker_features") / "model.onnx")
+    features_session = _session(latest_version(repo / RANKER_FEATURES) / "model.onnx")
     requests, feature_rows = [], []
     for row in who:  # one request per user: its candidates [N], its window once [1, L]
         n = int(keep[row].sum())
-        request = {
-            "item": top[row, :n].astype(np.int32),
-            "retrieval_score": top_scores[row, :n].astype(np.float32),
-            "retrieval_rank": np.arange(n, dtype=np.float32),
-            "history": x["history"][row : row + 1].astype(np.int32),
-            "history_rating": x["history_rating"][row : row + 1].astype(np.float32),
-        }
+        request = candidate_feeds(
+            top[row, :n], top_scores[row, :n], np.arange(n), x[HISTORY][row : row + 1], x[HISTORY_RATING][row : row + 1]
+        )
         requests.append(request)
-        feature_rows.append(features_session.run(["features"], request)[0])
+        feature_rows.append(features_session.run([FEATURES], request)[0])
     features = np.concatenate(feature_rows)
     if features.shape[1] != n_features:
         raise ValueError(f"ranker_features returns {features.shape[1]} features, the ranker config wants {n_features}")
 
     item_ids = np.sort(rng.choice(n_items, size=min(items, n_items), replace=False)).reshape(-1, 1).astype(np.int64)
     payloads = {
-        "user_tower": x,
-        "item_tower": {"item": item_ids},
-        "ranker_features": requests,
-        "ranker": {"features": features.astype(np.float32)},
-        "ranker_ensemble": requests,
+        USER_TOWER: x,
+        ITEM_TOWER: {ITEM: item_ids},
+        RANKER_FEATURES: requests,
+        RANKER_TREES: {FEATURES: features.astype(np.float32)},
+        RANKER_ENSEMBLE: requests,
     }
     out.mkdir(parents=True, exist_ok=True)
     models: dict[str, dict[str, Any]] = {}

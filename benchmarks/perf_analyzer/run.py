@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     url = args.url
     if url is None:
-        from export.triton import EmbeddedTriton
+        from orchestrator.tritonserver import EmbeddedTriton
 
         server = EmbeddedTriton(args.repo).start()
         url = server.grpc_url
