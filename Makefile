@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test clean redis
+.PHONY: install demo test clean redis browser scaleout-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,21 @@ redis:
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
 		|| echo "redis-server not installed: the Redis store test will be skipped"
 
-test: install redis
+# the explorer page (`recsys explore`) is tested in Debian's headless Chromium through its
+# chromedriver; without them (no root, no apt) those tests are skipped and say so
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+		|| echo "chromium/chromedriver not installed: the explorer's browser tests will be skipped"
+
+# `recsys bench scaleout` and its test also need a packaged load balancer: Debian's HAProxy
+# (and redis-server, above); without them that test is skipped and says so
+scaleout-deps: redis
+	@command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; } \
+		|| echo "haproxy not installed: the scale-out test will be skipped"
+
+test: install redis browser scaleout-deps
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -14,6 +14,28 @@ from collections.abc import Sequence
 from export import DEFAULT_DATA_DIR
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a usage error, exit 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a share strictly between 0 and 1 (a usage error, exit 2, otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -78,9 +100,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         settings = replace(settings, mmr_lambda=args.mmr_lambda)
     if args.mmr_pool is not None:
         settings = replace(settings, mmr_pool=args.mmr_pool)
+    settings = replace(
+        settings,
+        windows=args.windows,
+        train=replace(settings.train, test_fraction=args.window_fraction, val_fraction=args.window_fraction),
+    )
     report = evaluate(args.data, args.out, settings, artifacts_dir=args.artifacts, progress=not args.quiet)
     if args.json:
-        print(json.dumps({"protocol": report["protocol"], "models": report["models"], "targets": report["targets"]}, indent=2))
+        keys = ("protocol", "models", "significance", "candidates", "targets")
+        print(json.dumps({key: report[key] for key in keys}, indent=2))
     else:
         print(comparison_table(report))
         print()
@@ -252,6 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     training_flags(ev)
     ev.add_argument("--out", default="reports/eval.json", help="report JSON; the PNG chart goes beside it")
     ev.add_argument("--artifacts", default=None, help="also publish the trained models into this folder")
+    ev.add_argument(
+        "--windows",
+        type=_positive_int,
+        default=1,
+        help="rolling-origin test windows, the latest last (default: %(default)s = one time split)",
+    )
+    ev.add_argument(
+        "--window-fraction",
+        type=_fraction,
+        default=0.1,
+        help="share of the interactions in each test window and in its validation period (default: %(default)s)",
+    )
     ev.add_argument("--mmr-lambda", type=float, default=None)
     ev.add_argument("--mmr-pool", type=int, default=None)
     ev.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -267,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hummingbird tree strategy; auto measures them and keeps the fastest correct one",
     )
     exp.add_argument(
-        "--write-configs", action="store_true", help="regenerate config.pbtxt, configs/cpu.pbtxt and model.py from the artifacts' shapes"
+        "--write-configs", action="store_true", help="regenerate config.pbtxt, configs/cpu.pbtxt, configs/onnx_cpu.pbtxt and model.py from the artifacts' shapes"
     )
     exp.add_argument("--skip-index", action="store_true", help="do not (re)build the FAISS indexes under ARTIFACTS/faiss")
     exp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -311,10 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmarks.faults import add_arguments as add_faults_arguments
 
     add_faults_arguments(bench.add_parser("faults", help="load, Triton killed, deadlines, hot reload, durability, fuzz"))
+    from benchmarks.scaleout import add_arguments as add_scaleout_arguments
+
+    add_scaleout_arguments(bench.add_parser("scaleout", help="2 orchestrators + 2 Tritons, Redis, HAProxy; SIGKILLs under load"))
 
     from clients.online_cli import add_online_commands  # serve, demo, recommend, similar, popular, health
 
     add_online_commands(sub)
+    from clients.explore.cli import add_explore_command  # explore: the page in the browser
+
+    add_explore_command(sub)
     return parser
 
 

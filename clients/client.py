@@ -27,12 +27,12 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar, Unpack
+from typing import Any, NamedTuple, TypedDict, TypeVar, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.errors import DeadlineExceeded, from_rpc_error
+from clients.errors import DeadlineExceeded, from_rpc_error, request_id_of
 from protos.recsys.v1 import recsys_pb2 as pb
 from protos.recsys.v1 import recsys_pb2_grpc
 
@@ -120,6 +120,22 @@ def popular_request(*, k: int = 10, recent: bool = False, **filters: Unpack[Filt
     return pb.PopularRequest(k=k, window=window, filters=flt)
 
 
+ReadRequest = pb.RecommendRequest | pb.SimilarRequest | pb.PopularRequest
+"""The requests :meth:`RecsysClient.answer` sends (the read-only RPCs)."""
+
+
+class Answer(NamedTuple):
+    """A response with the id the server logged the call under.
+
+    Attributes:
+        response: The RPC's response message.
+        request_id: The call's ``x-request-id`` (32 hex digits), or None when the server sent none.
+    """
+
+    response: Any
+    request_id: str | None
+
+
 def channel_credentials(tls: bool = False, tls_ca: str | Path | bytes | None = None) -> grpc.ChannelCredentials | None:
     """TLS credentials for a channel: None (plaintext) unless ``tls`` or ``tls_ca``.
 
@@ -160,6 +176,15 @@ class _Base:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self._metadata = ((API_KEY_HEADER, api_key),) if api_key else None
+
+    def _read_rpc(self, request: ReadRequest) -> Any:
+        """The stub method of a Recommend, Similar or Popular request (for ``answer``)."""
+        stub = self._stub  # type: ignore[attr-defined]  # set by each subclass
+        rpc = {pb.RecommendRequest: stub.Recommend, pb.SimilarRequest: stub.Similar, pb.PopularRequest: stub.Popular}
+        try:
+            return rpc[type(request)]
+        except KeyError:
+            raise TypeError(f"answer() sends Recommend, Similar or Popular requests, not {type(request).__name__}") from None
 
     def _next_wait(self, exc: grpc.RpcError, attempt: int, expires: float, trailers: Any = None) -> float | None:
         """Seconds to wait before retrying, or None when the error is final."""
@@ -255,6 +280,17 @@ class RecsysClient(_Base):
     def batch_recommend(self, requests: Sequence[pb.RecommendRequest], *, timeout_s: float | None = None) -> pb.BatchRecommendResponse:
         """Many Recommends in one call (build them with :func:`recommend_request`)."""
         return self._call(self._stub.BatchRecommend, pb.BatchRecommendRequest(requests=list(requests)), timeout_s)
+
+    def answer(self, request: ReadRequest, *, timeout_s: float | None = None) -> Answer:
+        """Recommend, Similar or Popular (by the request's type) with the call's request id.
+
+        For tools that show a person where to find the call in the request log (build the
+        request with :func:`recommend_request`, :func:`similar_request`, :func:`popular_request`).
+        Failures raise like the other methods; their ``request_id`` is on the exception.
+        """
+        # with_call: the same call, plus the Call object whose trailing metadata carries the id
+        response, call = self._call(self._read_rpc(request).with_call, request, timeout_s)
+        return Answer(response, request_id_of(call.trailing_metadata()))
 
     def record_interaction(
         self, user_id: int, movie_id: int, rating: float = 0.0, timestamp_s: int = 0, *, timeout_s: float | None = None
@@ -372,6 +408,17 @@ class AsyncRecsysClient(_Base):
     async def batch_recommend(self, requests: Sequence[pb.RecommendRequest], *, timeout_s: float | None = None) -> pb.BatchRecommendResponse:
         """See :meth:`RecsysClient.batch_recommend`."""
         return await self._call(self._stub.BatchRecommend, pb.BatchRecommendRequest(requests=list(requests)), timeout_s)
+
+    async def answer(self, request: ReadRequest, *, timeout_s: float | None = None) -> Answer:
+        """See :meth:`RecsysClient.answer`."""
+        method = self._read_rpc(request)
+
+        async def with_call(req: Any, timeout: float, metadata: Any) -> tuple[Any, Any]:
+            call = method(req, timeout=timeout, metadata=metadata)
+            return await call, await call.trailing_metadata()
+
+        response, trailing = await self._call(with_call, request, timeout_s)
+        return Answer(response, request_id_of(trailing))
 
     async def record_interaction(
         self, user_id: int, movie_id: int, rating: float = 0.0, timestamp_s: int = 0, *, timeout_s: float | None = None

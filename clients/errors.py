@@ -7,7 +7,17 @@ kept as :attr:`RecsysRpcError.details` and the original ``grpc.RpcError`` as ``_
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
+
+REQUEST_ID_HEADER = "x-request-id"
+"""Trailing metadata key of the id a call is kept under in the server's request log."""
+
+
+def request_id_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The ``x-request-id`` of a call's trailing metadata, or None when it has none."""
+    return next((str(v) for k, v in metadata or () if k == REQUEST_ID_HEADER), None)
 
 
 class RecsysRpcError(Exception):
@@ -109,6 +119,6 @@ def from_rpc_error(exc: grpc.RpcError) -> RecsysRpcError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(code)
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    request_id = next((str(v) for k, v in trailing or () if k == "x-request-id"), None)
+    request_id = request_id_of(trailing)
     cls = ERRORS.get(code, RecsysRpcError)
     return cls(details, request_id=request_id) if cls is not RecsysRpcError else RecsysRpcError(details, code, request_id)

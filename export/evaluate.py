@@ -1,16 +1,24 @@
-"""``recsys evaluate``: every model on the same split, through the same harness, in one run.
+"""``recsys evaluate``: every model on the same splits, through the same harness, in one run.
 
 Protocol (also written into the report):
 
-* Global time split (:mod:`export.split`); relevance = rating >= 4 in the test period.
+* Rolling-origin time split (:func:`export.split.rolling_splits`): ``windows`` consecutive
+  test periods (10 % of the interactions each by default); window k validates on the slice
+  before its test period and trains on everything earlier. Nothing at or after a window's
+  test period reaches that window's training, tuning or features. ``windows=1`` is the
+  single global time split. Relevance = rating >= 4 in the test period.
 * Test users = users with at least one relevant test item and some history before the test
   period (a personal model has nothing to read otherwise; cold users are served by the
   popularity fallback in production).
 * Full ranking over all items; everything the user interacted with before the test period
   is excluded from the ranking.
-* Baseline hyper-parameters are tuned on validation (fit on train, NDCG@10 on validation
-  users), then every model is refit on train+val with the chosen hyper-parameters and
-  evaluated on test. The two-tower is tuned (early-stopped) the same way.
+* Per window, baseline hyper-parameters are tuned on validation (fit on train, NDCG@10 on
+  validation users), then every model is refit on train+val with the chosen
+  hyper-parameters and evaluated on test. The two-tower is tuned (early-stopped) the same
+  way, and the ranker is trained on the validation period.
+* Pooled metrics are means over all (user, window) pairs (a user active in two test windows
+  counts twice); coverage, a catalogue-level measure, is the mean over windows. Intervals are
+  a paired bootstrap over the same (user, window) pairs.
 * Diversity (ILD) is measured on genre vectors, so it is comparable across models;
   novelty uses popularity before the test period.
 """
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +37,20 @@ from tqdm.auto import tqdm
 from export import baselines
 from export.data import MovieLens
 from export.history import Histories
-from export.ranking_metrics import evaluate_rankings, ndcg_at_k
 from export.pipeline import Fitted, Period, TrainSettings, retrieve, run, users_with_history
 from export.ranker import candidate_features, rerank
 from export.retrieval import top_k_scores
+from export.ranking_metrics import evaluate_rankings, ndcg_at_k
 from export.split import relevant_items
 from orchestrator.mmr import blend_vectors, mmr_rerank
 
 MODEL_NAMES = ("popularity", "item_knn", "ease", "als", "two_tower", "two_tower_ranker", "two_tower_ranker_mmr")
 """Every model in the report, in this order."""
 
-KS = (10, 20, 100)
-MAIN_METRICS = ("ndcg@10", "recall@20", "recall@100", "map@10", "coverage@10", "ild@10")
+KS = (10, 20, 100, 200)
+MAIN_METRICS = ("ndcg@10", "recall@20", "recall@100", "recall@200", "coverage@10", "ild@10")
+CANDIDATE_K = 200
+"""Cut-off of the candidate-set recall in the report (``candidates.recall@200``)."""
 
 
 @dataclass(frozen=True)
@@ -48,21 +58,25 @@ class EvalSettings:
     """Settings of an evaluation run.
 
     Attributes:
-        train: Model training settings.
+        train: Model training settings (its ``test_fraction`` is each window's share).
+        windows: Rolling-origin test windows (1 = the single global time split).
         mmr_lambda: MMR trade-off (1 = pure relevance, 0 = pure diversity).
         mmr_pool: Candidates (best by ranker score) that MMR chooses from.
         mmr_genre_weight: Share of genre cosine (vs two-tower embedding cosine) in MMR's
             item similarity (:func:`orchestrator.mmr.blend_vectors`).
         mmr_sweep: Extra lambdas reported as a diversity/accuracy curve.
         baselines: Baselines to run (names from :data:`export.baselines.GRIDS`).
+        bootstrap_samples: Resamples of the paired bootstrap.
     """
 
     train: TrainSettings = field(default_factory=TrainSettings)
+    windows: int = 1
     mmr_lambda: float = 0.4
     mmr_pool: int = 50
     mmr_genre_weight: float = 0.8
     mmr_sweep: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
     baselines: tuple[str, ...] = ("popularity", "item_knn", "ease", "als")
+    bootstrap_samples: int = 2000
 
 
 def interaction_matrix(histories: Histories, user_ids: np.ndarray, n_items: int) -> sp.csr_matrix:
@@ -110,32 +124,41 @@ def tune_baseline(name: str, fitted: Fitted, progress: bool) -> tuple[dict, list
     return best["params"], trials
 
 
-@dataclass
-class TestRankings:
-    """Top-100 lists of every model for the test users."""
-
-    users: np.ndarray
-    relevant: list[np.ndarray]
-    lists: dict[str, np.ndarray]
-    extra: dict[str, np.ndarray]
+def _pad(lists: np.ndarray, width: int) -> np.ndarray:
+    """Right-pads ranked lists with ``-1`` to ``width`` columns (a catalogue smaller than
+    ``max(KS)``, or a ranker given fewer candidates, returns shorter lists; the missing
+    slots count as misses)."""
+    if lists.shape[1] >= width:
+        return lists[:, :width]
+    out = np.full((lists.shape[0], width), -1, dtype=np.int64)
+    out[:, : lists.shape[1]] = lists
+    return out
 
 
 def our_rankings(fitted: Fitted, users: np.ndarray, settings: EvalSettings) -> dict[str, np.ndarray]:
-    """two_tower, two_tower_ranker, two_tower_ranker_mmr (and the MMR sweep) for test users."""
+    """two_tower, two_tower_ranker, two_tower_ranker_mmr (and the MMR sweep) for test users.
+
+    Also returns ``"candidates"``: the candidate set the ranker receives (its width is the
+    ranker's ``candidates`` setting), whose recall caps what the ranker can reach.
+    """
     period: Period = fitted.test_period
     model = fitted.two_tower.model
-    n_cand = max(settings.train.ranker.candidates, max(KS))
-    cand, cand_scores, hist, hist_r = retrieve(model, period, fitted.demographics, users, n_cand)
-    out = {"two_tower": cand[:, : max(KS)]}
+    n_ranker = settings.train.ranker.candidates
+    width = max(KS)
+    cand, cand_scores, hist, hist_r = retrieve(model, period, fitted.demographics, users, max(n_ranker, width))
+    out = {"two_tower": _pad(cand, width)}
+    # the ranker sees exactly what it sees when served: the first `candidates` retrieved items
+    cand, cand_scores = cand[:, :n_ranker], cand_scores[:, :n_ranker]
+    out["candidates"] = cand
     features = fitted.ranker_features(period, model)
     feats = candidate_features(features, hist, hist_r, cand, cand_scores)
     ranked, scores = rerank(fitted.ranker, feats, cand)
-    out["two_tower_ranker"] = ranked[:, : max(KS)]
+    out["two_tower_ranker"] = _pad(ranked, width)
     vectors = blend_vectors(
         [features.vectors.numpy(), fitted.catalog.genre_matrix], [1.0 - settings.mmr_genre_weight, settings.mmr_genre_weight]
     )
     for lam in sorted(set(settings.mmr_sweep) | {settings.mmr_lambda}, reverse=True):
-        out[f"mmr@{lam:g}"] = mmr_lists(ranked, scores, vectors, lam, settings.mmr_pool, max(KS))
+        out[f"mmr@{lam:g}"] = mmr_lists(ranked, scores, vectors, lam, settings.mmr_pool, width)
     out["two_tower_ranker_mmr"] = out[f"mmr@{settings.mmr_lambda:g}"]
     return out
 
@@ -153,6 +176,131 @@ def mmr_lists(ranked: np.ndarray, scores: np.ndarray, vectors: np.ndarray, lam: 
     return out
 
 
+def candidate_recall(candidates: np.ndarray, relevant: list[np.ndarray], k: int | None = None) -> np.ndarray:
+    """Per-user share of the relevant items found in the first ``k`` candidates (all when None)."""
+    top = candidates if k is None else candidates[:, :k]
+    return np.array([np.isin(rel, row[row >= 0]).sum() / len(rel) for row, rel in zip(top, relevant)])
+
+
+@dataclass
+class WindowResult:
+    """What one rolling-origin window contributes to the report.
+
+    Attributes:
+        entry: The window's JSON entry (``test_starts``, ``test_users``, ``models``, ...).
+        ndcg: Per-user NDCG@10 of every model, aligned with the window's test users.
+        sweep: MMR sweep metrics (lambda -> metrics).
+        candidate_recall: Per-user recall@200 of the ranker's candidate set.
+        users: The window's test users.
+    """
+
+    entry: dict
+    ndcg: dict[str, np.ndarray]
+    sweep: dict[str, dict[str, float]]
+    candidate_recall: np.ndarray
+    users: np.ndarray
+
+
+def evaluate_window(fitted: Fitted, settings: EvalSettings, progress: bool) -> WindowResult:
+    """Tunes and refits the baselines, ranks for the window's test users, measures every model.
+
+    Args:
+        fitted: The two-tower and ranker trained on this window's split.
+        settings: Evaluation settings.
+        progress: Show progress bars.
+
+    Returns:
+        The window's :class:`WindowResult`.
+
+    Raises:
+        ValueError: When the window has no test user.
+    """
+    t_start = time.perf_counter()
+    catalog, split, period = fitted.catalog, fitted.split, fitted.test_period
+    rel_test = relevant_items(split.test, catalog.index_of())
+    users = users_with_history(rel_test, period)
+    if len(users) == 0:
+        raise ValueError(
+            f"no test user from {split.protocol()['test_starts']} has both history and a relevant item: "
+            "data set too small for this split (use fewer --windows)"
+        )
+    relevant = [rel_test[u] for u in users]
+    seen = period.histories.seen(users)
+
+    lists: dict[str, np.ndarray] = {}
+    tuning: dict[str, dict] = {}
+    matrix = interaction_matrix(period.histories, period.histories.user_ids, catalog.n_items)
+    rows = period.histories.positions(users)
+    for name in settings.baselines:
+        t0 = time.perf_counter()
+        params, trials = tune_baseline(name, fitted, progress)
+        model = baselines.make(name, **params).fit(matrix)
+        lists[name] = _pad(rank_with(model, matrix, rows, seen, max(KS)), max(KS))
+        tuning[name] = {"chosen": params, "trials": trials, "seconds": round(time.perf_counter() - t0, 2)}
+    ours = our_rankings(fitted, users, settings)
+    for name in ("two_tower", "two_tower_ranker", "two_tower_ranker_mmr"):
+        lists[name] = ours[name]
+
+    def metrics(ranked: np.ndarray) -> dict[str, float]:
+        return evaluate_rankings(
+            ranked, relevant, n_items=catalog.n_items, ks=KS, item_vectors=catalog.genre_matrix,
+            item_popularity=period.stats.count,
+        )
+
+    models = {name: metrics(lists[name]) for name in lists}
+    sweep = {k.split("@", 1)[1]: metrics(v) for k, v in ours.items() if k.startswith("mmr@")}
+    ndcg = {name: per_user_ndcg(lists[name], relevant) for name in lists}
+    cand_recall = candidate_recall(ours["candidates"], relevant, CANDIDATE_K)
+    proto = split.protocol()
+    entry = {
+        "test_starts": proto["test_starts"],
+        "test_ends": proto["test_ends"],
+        "test_users": int(len(users)),
+        "models": models,
+        "candidates": {
+            "recall@200": float(cand_recall.mean()),
+            "recall": float(candidate_recall(ours["candidates"], relevant).mean()),
+            "size": int(ours["candidates"].shape[1]),
+        },
+        "significance": {
+            f"two_tower_ranker - {name} ndcg@10": bootstrap_diff(
+                ndcg["two_tower_ranker"] - ndcg[name], settings.bootstrap_samples
+            )
+            for name in lists
+            if name != "two_tower_ranker"
+        },
+        "split": proto,
+        "mmr_sweep": sweep,
+        "tuning": tuning,
+        "two_tower": {"best_epoch": fitted.two_tower_val.best_epoch, "training_log": fitted.two_tower_val.history},
+        "seconds": {
+            **{k: round(v, 2) for k, v in fitted.seconds.items()},
+            "baselines_and_ranking": round(time.perf_counter() - t_start, 2),
+        },
+    }
+    return WindowResult(entry, ndcg, sweep, cand_recall, users)
+
+
+def per_user_ndcg(ranked: np.ndarray, relevant: list[np.ndarray], k: int = 10) -> np.ndarray:
+    """NDCG@k of each user's list (the unit the bootstrap resamples)."""
+    return np.array([ndcg_at_k(r, rel, k) for r, rel in zip(ranked, relevant)], dtype=np.float64)
+
+
+def pool_metrics(per_window: list[dict[str, float]], users: list[int]) -> dict[str, float]:
+    """Pools one model's window metrics over all (user, window) pairs.
+
+    Every per-user metric is a mean over a window's users, so the mean over all pairs is the
+    user-weighted mean of the window means. Coverage is a catalogue-level measure, not a
+    per-user one: it is averaged over windows instead.
+    """
+    weights = np.asarray(users, dtype=np.float64)
+    out = {}
+    for key in per_window[0]:
+        values = np.array([m[key] for m in per_window], dtype=np.float64)
+        out[key] = float(values.mean() if key.startswith("coverage@") else (values * weights).sum() / weights.sum())
+    return out
+
+
 def evaluate(
     data_dir: str | Path,
     out_path: str | Path,
@@ -160,14 +308,15 @@ def evaluate(
     artifacts_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Trains what it needs, evaluates every model on the test period, writes JSON (+ PNG).
+    """Trains what it needs per window, evaluates every model, writes JSON (+ PNG charts).
 
     Args:
         data_dir: MovieLens CSV folder.
-        out_path: Report JSON path; the bar chart goes beside it with a ``.png`` suffix.
-        settings: Evaluation settings.
-        artifacts_dir: When given, the trained two-tower + ranker are also published there
-            (as ``recsys train`` would).
+        out_path: Report JSON path; the pooled chart goes beside it with a ``.png`` suffix,
+            and with several windows one chart per window as ``<stem>.window<k>.png``.
+        settings: Evaluation settings (``settings.windows`` rolling-origin windows).
+        artifacts_dir: When given, the models trained for the latest window (the same split
+            as ``recsys train``) are also published there.
         progress: Show progress bars.
 
     Returns:
@@ -175,162 +324,250 @@ def evaluate(
     """
     settings = settings or EvalSettings()
     started = time.perf_counter()
-    reports: list[dict] = []
+    results: list[WindowResult] = []
+    last: list[tuple[MovieLens, Fitted]] = []
 
     def inspect(ml: MovieLens, fitted: Fitted) -> None:
-        reports.append(evaluate_fitted(ml, fitted, data_dir, out_path, settings, started, progress))
+        results.append(evaluate_window(fitted, settings, progress))
+        last[:] = [(ml, fitted)]
 
-    run(data_dir, artifacts_dir, None, settings.train, progress, inspect)  # the artifacts are saved after evaluating
-    return reports[0]
-
-
-def evaluate_fitted(
-    ml: MovieLens, fitted: Fitted, data_dir: str | Path, out_path: str | Path, settings: EvalSettings, started: float, progress: bool
-) -> dict:
-    """Evaluates the fitted models of :func:`export.pipeline.run` on the test period; writes JSON (+ PNG)."""
-    catalog, split, period = fitted.catalog, fitted.split, fitted.test_period
-
-    rel_test = relevant_items(split.test, catalog.index_of())
-    users = users_with_history(rel_test, period)
-    if len(users) == 0:
-        raise ValueError("no test user has both history and a relevant item: data set too small for this split")
-    relevant = [rel_test[u] for u in users]
-    seen = period.histories.seen(users)
-
-    lists: dict[str, np.ndarray] = {}
-    tuning: dict[str, dict] = {}
-    all_users = period.histories.user_ids
-    matrix = interaction_matrix(period.histories, all_users, catalog.n_items)
-    rows = period.histories.positions(users)
-    for name in settings.baselines:
-        t0 = time.perf_counter()
-        params, trials = tune_baseline(name, fitted, progress)
-        model = baselines.make(name, **params).fit(matrix)
-        lists[name] = rank_with(model, matrix, rows, seen, max(KS))
-        tuning[name] = {"chosen": params, "trials": trials, "seconds": round(time.perf_counter() - t0, 2)}
-    ours = our_rankings(fitted, users, settings)
-
-    def metrics(ranked: np.ndarray) -> dict[str, float]:
-        return evaluate_rankings(
-            ranked,
-            relevant,
-            n_items=catalog.n_items,
-            ks=KS,
-            item_vectors=catalog.genre_matrix,
-            item_popularity=period.stats.count,
-        )
-
-    report_models = {name: metrics(lists[name]) for name in settings.baselines}
-    for name in ("two_tower", "two_tower_ranker", "two_tower_ranker_mmr"):
-        report_models[name] = metrics(ours[name])
-    sweep = {k.split("@", 1)[1]: metrics(v) for k, v in ours.items() if k.startswith("mmr@")}
-    report = {
-        "protocol": {
-            **split.protocol(),
-            "test_users": int(len(users)),
-            "items": int(catalog.n_items),
-            "ranking": "full ranking over all items; items seen before the test period excluded",
-            "test_user_rule": "users with >= 1 relevant test item and >= 1 interaction before the test period",
-            "tuning": "baselines tuned on validation NDCG@10 (fit on train), then refit on train+val",
-            "diversity": "ILD on genre multi-hot vectors (1 - cosine); novelty = mean -log2 popularity share",
-            "mmr": {"lambda": settings.mmr_lambda, "pool": settings.mmr_pool, "genre_weight": settings.mmr_genre_weight},
-            "data": str(data_dir),
-            "report": {"rows_read": ml.report.rows_read, "dropped": ml.report.dropped},
-        },
-        "models": report_models,
-        "mmr_sweep": sweep,
-        "tuning": tuning,
-        "two_tower": {
-            "best_epoch": fitted.two_tower_val.best_epoch,
-            "training_log": fitted.two_tower_val.history,
-        },
-        "targets": targets(report_models),
-        "significance": {
-            f"two_tower_ranker - {name} ndcg@10": paired_bootstrap(ours["two_tower_ranker"], lists[name], relevant)
-            for name in settings.baselines
-        },
-        "seconds": {**{k: round(v, 2) for k, v in fitted.seconds.items()}, "total": round(time.perf_counter() - started, 2)},
-        "settings": asdict(settings),
-    }
+    # the one offline composition: fit per window, evaluate each, save the latest window's models
+    run(data_dir, artifacts_dir, None, settings.train, progress, inspect, windows=settings.windows)
+    ml, fitted = last[0]
+    report = build_report(results, settings, ml, fitted, data_dir)
+    report["seconds"] = {"total": round(time.perf_counter() - started, 2)}
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     plot_report(report, out.with_suffix(".png"))
+    if len(results) > 1:
+        for k, window in enumerate(report["windows"]):
+            plot_window(report, k, out.with_name(f"{out.stem}.window{k + 1}.png"))
     return report
 
 
-def paired_bootstrap(
-    a: np.ndarray, b: np.ndarray, relevant: list[np.ndarray], k: int = 10, samples: int = 2000, seed: int = 0
-) -> dict[str, float]:
-    """Paired bootstrap over test users of NDCG@k(a) - NDCG@k(b).
+def build_report(results: list[WindowResult], settings: EvalSettings, ml: MovieLens, fitted: Fitted, data_dir) -> dict:
+    """The report dict: pooled models, significance and candidates, plus every window's entry."""
+    users = [r.entry["test_users"] for r in results]
+    names = list(results[0].entry["models"])
+    models = {name: pool_metrics([r.entry["models"][name] for r in results], users) for name in names}
+    sweep = {lam: pool_metrics([r.sweep[lam] for r in results], users) for lam in results[0].sweep}
+    ndcg = {name: np.concatenate([r.ndcg[name] for r in results]) for name in names}
+    cand = np.concatenate([r.candidate_recall for r in results])
+    windows = [r.entry for r in results]
+    protocol = {
+        "split": "global time split" if len(results) == 1 else f"rolling-origin time split, {len(results)} windows",
+        "windows": len(results),
+        "window_fraction": settings.train.test_fraction,
+        "val_fraction": settings.train.val_fraction,
+        "val_starts": windows[0]["split"]["val_starts"],
+        "test_starts": windows[0]["test_starts"],
+        "test_ends": windows[-1]["test_ends"],
+        "test_users": int(sum(users)),
+        "distinct_test_users": int(len(set().union(*(set(r.users.tolist()) for r in results)))),
+        "items": int(fitted.catalog.n_items),
+        "relevance": windows[0]["split"]["relevance"],
+        "ranking": "full ranking over all items; items seen before the test period excluded",
+        "test_user_rule": "users with >= 1 relevant test item and >= 1 interaction before the test period",
+        "tuning": "per window: baselines tuned on validation NDCG@10 (fit on train), then refit on train+val; "
+        "two-tower early-stopped on validation, refit on train+val; ranker trained on validation",
+        "leakage": "a window's models, tuning and features read only interactions before its test period",
+        "pooling": "per-user metrics averaged over all (user, window) pairs; coverage averaged over windows",
+        "bootstrap": f"paired, {settings.bootstrap_samples} resamples of the (user, window) pairs, 2.5/97.5 percentiles",
+        "diversity": "ILD on genre multi-hot vectors (1 - cosine); novelty = mean -log2 popularity share",
+        "mmr": {"lambda": settings.mmr_lambda, "pool": settings.mmr_pool, "genre_weight": settings.mmr_genre_weight},
+        "data": str(data_dir),
+        "report": {"rows_read": ml.report.rows_read, "dropped": ml.report.dropped},
+    }
+    if len(results) == 1:
+        protocol.update({key: windows[0]["split"][key] for key in ("train", "val", "test")})
+    return {
+        "protocol": protocol,
+        "models": models,
+        "significance": {
+            f"two_tower_ranker - {name} ndcg@10": bootstrap_diff(
+                ndcg["two_tower_ranker"] - ndcg[name], settings.bootstrap_samples
+            )
+            for name in names
+            if name != "two_tower_ranker"
+        },
+        "candidates": {
+            "recall@200": float(cand.mean()),
+            "recall": pool_metrics([{"recall": w["candidates"]["recall"]} for w in windows], users)["recall"],
+            "size": int(windows[-1]["candidates"]["size"]),
+        },
+        "targets": targets(models, windows, settings.baselines),
+        "mmr_sweep": sweep,
+        "windows": windows,
+        "settings": asdict(settings),
+    }
 
-    Resamples users with replacement ``samples`` times and reports the mean difference and the
-    2.5/97.5 percentiles: with a few dozen test users (MovieLens 100K) a gap of a few percent
-    can be noise, and the interval says so.
+
+def bootstrap_diff(diff: np.ndarray, samples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Paired bootstrap of a mean per-unit difference (a unit = one (user, window) pair).
+
+    Resamples the units with replacement ``samples`` times and reports the mean difference and
+    the 2.5/97.5 percentiles: with a few dozen test users (one window of MovieLens 100K) a gap
+    of a few percent can be noise, and the interval says so.
     """
-    per_a = np.array([ndcg_at_k(r, rel, k) for r, rel in zip(a, relevant)])
-    per_b = np.array([ndcg_at_k(r, rel, k) for r, rel in zip(b, relevant)])
-    diff = per_a - per_b
+    diff = np.asarray(diff, dtype=np.float64)
     rng = np.random.default_rng(seed)
     boot = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return {"mean_diff": float(diff.mean()), "ci95_low": float(lo), "ci95_high": float(hi), "users": int(len(diff))}
 
 
-def targets(models: dict[str, dict[str, float]]) -> dict:
-    """The issue's targets, computed (not asserted): ratios and whether each is met."""
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, relevant: list[np.ndarray], k: int = 10, samples: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """Paired bootstrap over test users of NDCG@k(a) - NDCG@k(b) (see :func:`bootstrap_diff`)."""
+    return bootstrap_diff(per_user_ndcg(a, relevant, k) - per_user_ndcg(b, relevant, k), samples, seed)
+
+
+def targets(models: dict[str, dict[str, float]], windows: list[dict], baseline_names: tuple[str, ...]) -> dict:
+    """The issues' targets, computed on the pooled metrics (not asserted): ratios and whether each is met."""
     ranker = models["two_tower_ranker"]
     mmr = models["two_tower_ranker_mmr"]
 
     def ratio(a: float, b: float) -> float | None:
         return round(a / b, 4) if b else None
 
+    best = max(baseline_names, key=lambda b: models[b]["ndcg@10"]) if baseline_names else None
+    best_recall = max((models[b]["recall@200"] for b in baseline_names), default=None)
+    per_window = [
+        ratio(w["models"]["two_tower_ranker"]["ndcg@10"], max(w["models"][b]["ndcg@10"] for b in baseline_names))
+        for w in windows
+    ] if baseline_names else []
     out = {
         "ranker_vs_ease_ndcg@10": ratio(ranker["ndcg@10"], models["ease"]["ndcg@10"]) if "ease" in models else None,
         "ranker_vs_als_ndcg@10": ratio(ranker["ndcg@10"], models["als"]["ndcg@10"]) if "als" in models else None,
+        "best_baseline": best,
+        "ranker_vs_best_baseline_ndcg@10": ratio(ranker["ndcg@10"], models[best]["ndcg@10"]) if best else None,
+        "ranker_vs_best_baseline_ndcg@10_per_window": per_window,
+        "best_baseline_recall@200": best_recall,
         "mmr_ild@10_gain": ratio(mmr["ild@10"], ranker["ild@10"]),
         "mmr_ndcg@10_ratio": ratio(mmr["ndcg@10"], ranker["ndcg@10"]),
     }
     out["met"] = {
         "ranker >= 1.05 x ease": out["ranker_vs_ease_ndcg@10"] is not None and out["ranker_vs_ease_ndcg@10"] >= 1.05,
         "ranker >= 1.15 x als": out["ranker_vs_als_ndcg@10"] is not None and out["ranker_vs_als_ndcg@10"] >= 1.15,
+        "ranker >= 1.05 x best baseline": out["ranker_vs_best_baseline_ndcg@10"] is not None
+        and out["ranker_vs_best_baseline_ndcg@10"] >= 1.05,
         "mmr ild +20%": out["mmr_ild@10_gain"] is not None and out["mmr_ild@10_gain"] >= 1.2,
         "mmr ndcg loss <= 3%": out["mmr_ndcg@10_ratio"] is not None and out["mmr_ndcg@10_ratio"] >= 0.97,
     }
     return out
 
 
+def _bars(ax, models: dict[str, dict[str, float]], metric: str, reference: float | None = None) -> None:
+    """One panel: ``metric`` per model (grey = baselines, blue = ours); ``reference`` is drawn
+    as a dashed line (the candidate-set recall on the recall@200 panel)."""
+    names = list(models)
+    values = [models[m].get(metric, 0.0) for m in names]
+    colors = ["#9e9e9e" if m in baselines.GRIDS else "#1f77b4" for m in names]
+    bars = ax.bar(range(len(names)), values, color=colors)
+    ax.set_title(metric)
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+    for bar, v in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    if reference is not None:
+        ax.axhline(reference, color="#d62728", linestyle="--", linewidth=1)
+        ax.text(len(names) - 0.5, reference, f"candidates {reference:.3f}", color="#d62728", ha="right", va="bottom", fontsize=7)
+
+
 def plot_report(report: dict, path: str | Path) -> None:
-    """Bar chart of the main metrics per model, one panel per metric."""
+    """Pooled chart: the main metrics per model, NDCG@10 per window, and the paired-bootstrap
+    intervals of two_tower_ranker minus each other model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(report["models"])
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    colors = ["#9e9e9e" if m in ("popularity", "item_knn", "ease", "als") else "#1f77b4" for m in models]
-    for ax, metric in zip(axes.ravel(), MAIN_METRICS):
-        values = [report["models"][m].get(metric, 0.0) for m in models]
-        bars = ax.bar(range(len(models)), values, color=colors)
-        ax.set_title(metric)
-        ax.set_xticks(range(len(models)), models, rotation=35, ha="right", fontsize=8)
-        for bar, v in zip(bars, values):
-            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
+    flat = axes.ravel()
+    for ax, metric in zip(flat, MAIN_METRICS):
+        _bars(ax, report["models"], metric, report["candidates"]["recall@200"] if metric == "recall@200" else None)
+    ax = flat[6]
+    windows = report["windows"]
+    x = np.arange(1, len(windows) + 1)
+    for name in report["models"]:
+        style = "--" if name in baselines.GRIDS else "-"
+        ax.plot(x, [w["models"][name]["ndcg@10"] for w in windows], style, marker="o", label=name)
+    ax.set_xticks(x, [f"{k}\n{w['test_starts'][:10]}\n{w['test_users']} u" for k, w in zip(x, windows)], fontsize=7)
+    ax.set_title("ndcg@10 per window (test start, users)")
+    ax.legend(fontsize=6)
+    ax = flat[7]
+    sig = report["significance"]
+    labels = [key.split(" - ", 1)[1].removesuffix(" ndcg@10") for key in sig]
+    means = np.array([v["mean_diff"] for v in sig.values()])
+    err = np.array([[v["mean_diff"] - v["ci95_low"] for v in sig.values()], [v["ci95_high"] - v["mean_diff"] for v in sig.values()]])
+    ax.errorbar(means, range(len(labels)), xerr=err, fmt="o", capsize=4)
+    ax.axvline(0, color="k", linewidth=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_title("two_tower_ranker - model, ndcg@10 (95 % CI)")
     proto = report["protocol"]
     fig.suptitle(
-        f"{proto['data']}: {proto['test_users']} test users, {proto['items']} items, test from {proto['test_starts'][:10]} "
-        "(grey = baselines, blue = ours)"
+        f"{proto['data']}: pooled over {proto['windows']} window(s), {proto['test_users']} (user, window) pairs, "
+        f"{proto['items']} items, tests from {proto['test_starts'][:10]} (grey = baselines, blue = ours)"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def comparison_table(report: dict, metrics: tuple[str, ...] = ("ndcg@10", "recall@20", "recall@100", "map@10", "mrr", "coverage@10", "ild@10", "novelty@10")) -> str:
-    """A fixed-width text table of the report's models x metrics."""
+def plot_window(report: dict, k: int, path: str | Path) -> None:
+    """Chart of one window: the main metrics per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = report["windows"][k]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, metric in zip(axes.ravel(), MAIN_METRICS):
+        _bars(ax, window["models"], metric, window["candidates"]["recall@200"] if metric == "recall@200" else None)
+    end = (window["test_ends"] or "end")[:10]
+    fig.suptitle(
+        f"{report['protocol']['data']}: window {k + 1} of {len(report['windows'])}, test {window['test_starts'][:10]} "
+        f"to {end}, {window['test_users']} test users (grey = baselines, blue = ours)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+TABLE_METRICS = ("ndcg@10", "recall@20", "recall@100", "recall@200", "map@10", "mrr", "coverage@10", "ild@10", "novelty@10")
+
+
+def comparison_table(report: dict, metrics: tuple[str, ...] = TABLE_METRICS) -> str:
+    """A fixed-width text table of the report's pooled models x metrics, the candidate set's
+    recall and the paired-bootstrap intervals."""
     head = f"{'model':<22}" + "".join(f"{m:>12}" for m in metrics)
     lines = [head, "-" * len(head)]
     for name, vals in report["models"].items():
         lines.append(f"{name:<22}" + "".join(f"{vals.get(m, float('nan')):>12.4f}" for m in metrics))
+    cand = report["candidates"]
+    proto = report["protocol"]
+    lines.append(
+        f"ranker candidates: {cand['size']} per user, recall@200 {cand['recall@200']:.4f}; "
+        f"{proto['windows']} window(s), {proto['test_users']} (user, window) pairs"
+    )
+    for key, v in report["significance"].items():
+        lines.append(f"{key:<42} {v['mean_diff']:+.4f}  [{v['ci95_low']:+.4f}, {v['ci95_high']:+.4f}]")
+    return "\n".join(lines)
+
+
+def markdown_table(report: dict, metrics: tuple[str, ...] = ("ndcg@10", "recall@20", "recall@100", "recall@200", "coverage@10", "ild@10")) -> str:
+    """The pooled table in Markdown, with two_tower_ranker's NDCG@10 difference to each model
+    and its 95 % interval, and the candidate set's recall as a last row."""
+    sig = report["significance"]
+    head = "| model | " + " | ".join(metrics) + " | ranker - model NDCG@10 [95 % CI] |"
+    lines = [head, "|" + "---|" * (len(metrics) + 2)]
+    for name, vals in report["models"].items():
+        s = sig.get(f"two_tower_ranker - {name} ndcg@10")
+        diff = f"{s['mean_diff']:+.4f} [{s['ci95_low']:+.4f}, {s['ci95_high']:+.4f}]" if s else ""
+        lines.append(f"| {name} | " + " | ".join(f"{vals[m]:.4f}" for m in metrics) + f" | {diff} |")
+    cand = report["candidates"]
+    cells = [f"{cand['recall@200']:.4f}" if m == "recall@200" else "" for m in metrics]
+    lines.append(f"| ranker's candidate set ({cand['size']}) | " + " | ".join(cells) + " | |")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from export.data import MovieLens, load_movielens
 from export.features import FEATURE_NAMES, RankerFeatures, cf_item_vectors
@@ -39,7 +40,7 @@ from export.history import Histories
 from export.items import Catalog, ItemStats, item_stats
 from export.ranker import RankerConfig, candidate_features, candidate_labels, train_ranker
 from export.retrieval import top_k
-from export.split import Split, relevant_items, time_split
+from export.split import Split, relevant_items, rolling_splits, time_split
 from export.two_tower import Demographics, TrainResult, TwoTower, TwoTowerConfig, train_two_tower
 from orchestrator.artifacts import FAISS_DIR, ITEM_EMBEDDINGS, MANIFEST, exported_from, file_sha256
 
@@ -136,13 +137,15 @@ def users_with_history(relevant: dict[int, np.ndarray], period: Period) -> np.nd
     return users[period.histories.positions(users) >= 0]
 
 
-def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True) -> Fitted:
+def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True, split: Split | None = None) -> Fitted:
     """Trains the two-tower and the ranker on a time split of ``ml``.
 
     Args:
         ml: Loaded MovieLens data.
         settings: Hyper-parameters.
         progress: Show progress bars.
+        split: The split to train on (a rolling-origin window); default: the single time
+            split of ``settings``' fractions. Only ``split``'s rows are read.
 
     Returns:
         The :class:`Fitted` models.
@@ -150,7 +153,8 @@ def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True) ->
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     catalog = Catalog.from_movies(ml.movies, ml.genres, ml.genre_matrix)
-    split = time_split(ml.ratings, settings.val_fraction, settings.test_fraction)
+    if split is None:
+        split = time_split(ml.ratings, settings.val_fraction, settings.test_fraction)
     demographics = Demographics.from_users(ml.users)
     val_period = Period.at(split.train, catalog, split.t_val)
     test_period = Period.at(split.train_val, catalog, split.t_test)
@@ -327,6 +331,7 @@ def run(
     settings: TrainSettings | None = None,
     progress: bool = True,
     inspect: Callable[[MovieLens, Fitted], None] | None = None,
+    windows: int = 1,
 ) -> dict[str, Any]:
     """The offline path, in the order of the diagram: load -> split -> fit -> save -> publish.
 
@@ -340,16 +345,24 @@ def run(
         repo: Model repository to publish into (None: stop after saving).
         settings: Training settings.
         progress: Show progress bars.
-        inspect: Called with the data and the fitted models before saving (evaluation).
+        inspect: Called with the data and each window's fitted models before saving (evaluation).
+        windows: Rolling-origin windows (:func:`export.split.rolling_splits`), oldest first;
+            models are fitted per window and only the latest window's are saved and published
+            (with one window, the single time split of ``recsys train``).
 
     Returns:
         ``{"manifest": ... or None, "published": ... or None}``.
     """
     settings = settings or TrainSettings()
     ml = load_movielens(data_dir, progress=progress)
-    fitted = fit_models(ml, settings, progress=progress)  # split, two-tower, ranker, refit
-    if inspect is not None:
-        inspect(ml, fitted)
+    splits = rolling_splits(ml.ratings, windows, settings.val_fraction, settings.test_fraction)
+    fitted: Fitted | None = None
+    for split in tqdm(splits, desc="windows", unit="window", disable=not progress or len(splits) == 1):
+        fitted = None  # only the latest window's models are kept: free the previous ones first
+        fitted = fit_models(ml, settings, progress=progress, split=split)  # two-tower, ranker, refit
+        if inspect is not None:
+            inspect(ml, fitted)
+    assert fitted is not None
     manifest = save_artifacts(fitted, ml, data_dir, artifacts_dir, settings) if artifacts_dir is not None else None
     published = publish(artifacts_dir, repo, progress=progress) if artifacts_dir is not None and repo is not None else None
     return {"manifest": manifest, "published": published}

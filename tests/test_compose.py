@@ -1,17 +1,22 @@
 """The docker-compose stack, its Dockerfile and the Prometheus / Grafana provisioning.
 
 No Docker engine runs in CI: these tests read the files and check that they agree with each
-other (service names, ports, mounts, health checks, scrape targets). The YAML is read with
-PyYAML when it is installed and otherwise with :func:`mini_yaml`, a small reader for the
-block-style subset these files are written in (it fails loudly on anything else).
+other (service names, ports, mounts, health checks, scrape targets), and validate
+docker-compose.yml against the Compose specification's JSON schema (the copy vendored, with
+its Apache-2.0 licence, in the pinned ``check-jsonschema`` package). docker-compose.yml uses
+YAML anchors (the cpu profile reuses the gpu profile's orchestrator settings), so it is read
+with PyYAML (a dev dependency); the Prometheus and Grafana files are also read with
+:func:`mini_yaml`, a small reader for the block-style subset they are written in (it fails
+loudly on anything else).
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +165,8 @@ def load_yaml(path: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return load_yaml(COMPOSE)
+    yaml = pytest.importorskip("yaml", reason="docker-compose.yml uses anchors: PyYAML (the dev extra) reads it")
+    return yaml.safe_load(COMPOSE.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -232,9 +238,9 @@ f:
 
 def test_files_parse_with_the_subset_reader_too():
     # The fallback must read the real files the same way PyYAML would: spot-check shapes.
-    for path in (COMPOSE, PROMETHEUS, *sorted(GRAFANA.glob("provisioning/*/*.yml"))):
+    for path in (PROMETHEUS, *sorted(GRAFANA.glob("provisioning/*/*.yml"))):
         assert isinstance(mini_yaml(path.read_text()), dict), path
-    assert mini_yaml(COMPOSE.read_text()) == load_yaml(COMPOSE)
+    assert mini_yaml(PROMETHEUS.read_text()) == load_yaml(PROMETHEUS)
 
 
 # ----------------------------------------------------------------------------- compose
@@ -286,15 +292,14 @@ def test_orchestrator_service(services):
     assert {port, metrics} <= _container_ports(orch)
     assert _mounts(orch)["/artifacts"] == ("./artifacts", "ro")
     assert orch["depends_on"]["triton"]["condition"] == "service_healthy"
-    test = " ".join(orch["healthcheck"]["test"])
-    assert "grpc_health" in test or "recsys health" in test
-    assert f"localhost:{port}" in test
+    # the probe (orchestrator/healthcheck.py) asks localhost on the server's port (default 50051)
+    assert port == 50051
 
 
-def test_orchestrator_healthcheck_is_valid_python(services):
-    test = services["orchestrator"]["healthcheck"]["test"]
-    if test[:3] == ["CMD", "python", "-c"]:
-        ast.parse(test[3])
+@pytest.mark.parametrize("name", ["orchestrator", "orchestrator-cpu"])
+def test_orchestrator_healthcheck_is_the_project_probe(services, name):
+    assert services[name]["healthcheck"]["test"] == ["CMD", "python", "-m", "orchestrator.healthcheck"]
+    assert (ROOT / "orchestrator" / "healthcheck.py").is_file()
 
 
 def test_every_depends_on_names_a_service_with_a_known_condition(services):
@@ -307,9 +312,90 @@ def test_every_depends_on_names_a_service_with_a_known_condition(services):
                 assert "healthcheck" in services[dep], f"{dep} has no healthcheck to wait for"
 
 
-def test_published_ports_are_unique(services):
-    published = [spec.split(":")[-2] for svc in services.values() for spec in svc.get("ports", []) if ":" in spec]
+def _profile(services: dict, profile: str) -> dict:
+    """The services ``docker compose --profile PROFILE up`` starts."""
+    return {n: s for n, s in services.items() if not s.get("profiles") or profile in s["profiles"]}
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_published_ports_are_unique_within_a_profile(services, profile):
+    published = [spec.split(":")[-2] for svc in _profile(services, profile).values() for spec in svc.get("ports", []) if ":" in spec]
     assert len(published) == len(set(published))
+
+
+def test_every_port_is_published_on_loopback_only(services):
+    """Safe by default: nothing (the API with DeleteUser included) faces the network until opened."""
+    for name, svc in services.items():
+        for spec in svc.get("ports", []):
+            assert spec.startswith("127.0.0.1:"), f"{name} publishes {spec} beyond loopback"
+
+
+def test_compose_file_matches_the_compose_specification_schema(compose):
+    """The Compose specification's JSON schema (vendored in check-jsonschema with its licence)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("check_jsonschema", reason="the dev extra pins check-jsonschema (it ships the compose-spec schema)")
+    from importlib.resources import files
+
+    schema = json.loads(files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text())
+    errors = sorted(jsonschema.validators.validator_for(schema)(schema).iter_errors(compose), key=lambda e: list(e.path))
+    assert not errors, [f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors]
+    # and a broken file is caught, so the check above can fail
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["orchestrator"]["healthcheck"]["intervall"] = "10s"
+    broken["services"]["triton"]["restart_policy"] = "always"
+    assert len(list(jsonschema.validators.validator_for(schema)(schema).iter_errors(broken))) >= 2
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_each_profile_has_one_triton_and_one_orchestrator_under_the_shared_names(services, profile):
+    chosen = _profile(services, profile)
+    for alias in ("triton", "orchestrator"):
+        holders = [n for n, s in chosen.items() if alias in s.get("networks", {}).get("default", {}).get("aliases", [])]
+        assert len(holders) == 1, (profile, alias, holders)
+    assert {"prometheus", "grafana"} <= set(chosen)
+    if profile == "cpu":
+        for name in ("triton-cpu", "orchestrator-cpu"):
+            assert "deploy" not in chosen[name], f"{name} must not reserve a GPU"
+
+
+def test_cpu_triton_runs_the_same_image_with_the_onnx_cpu_configs(services):
+    gpu, cpu = services["triton"], services["triton-cpu"]
+    assert cpu["image"] == gpu["image"] == TRITON_IMAGE
+    cmd = _command(cpu["command"])
+    name = _flag(cmd, "--model-config-name")
+    assert name == "onnx_cpu"
+    assert _flag(_command(gpu["command"]), "--model-config-name") is None  # config.pbtxt, KIND_GPU
+    for model in ("user_tower", "item_tower", "ranker_features", "ranker", "ranker_ensemble"):
+        config = (ROOT / "model_repository" / model / "configs" / f"{name}.pbtxt").read_text()
+        assert "KIND_GPU" not in config, model
+    # otherwise the very same server command
+    assert [c for c in cmd if not c.startswith("--model-config-name")] == _command(gpu["command"])
+    assert _mounts(cpu) == _mounts(gpu) and cpu["healthcheck"] == gpu["healthcheck"]
+
+
+@pytest.mark.parametrize("name", ["orchestrator", "orchestrator-cpu"])
+def test_orchestrator_state_lives_on_a_named_volume(compose, services, name):
+    """History DB and request log: set by the image under /state, /state a named volume."""
+    from orchestrator.settings import ENV_PREFIX, ServeSettings
+
+    instructions = "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#"))
+    env = dict(re.findall(r"(RECSYS_\w+)=(\S+)", instructions))
+    settings = ServeSettings.from_env({k: v for k, v in env.items() if k != "RECSYS_HOST"})
+    mounts = _mounts(services[name])
+    state_source, mode = mounts["/state"]
+    assert state_source in compose["volumes"] and mode == "rw", "a named volume, writable"
+    for path in (settings.history_db(), settings.request_log_db()):
+        assert path.parent == Path("/state"), path
+    assert f"{ENV_PREFIX}HISTORY_DB_PATH" in env and f"{ENV_PREFIX}REQUEST_LOG_PATH" in env
+    assert re.search(r"chown recsys\S* /state", DOCKERFILE.read_text()), "the unprivileged user owns /state"
+
+
+@pytest.mark.parametrize("name", ["orchestrator", "orchestrator-cpu"])
+def test_orchestrator_sees_the_training_data_for_demographics(services, name):
+    """orchestrator/catalog.py looks for users.csv in <artifacts>/../<manifest data path>."""
+    source, mode = _mounts(services[name])["/data"]
+    assert (source, mode) == ("./data", "ro")
+    assert (ROOT / "data").is_dir()
 
 
 def test_bind_mount_sources_exist_or_are_generated(services):
@@ -373,7 +459,7 @@ def test_orchestrator_dockerfile_installs_the_project():
     text = DOCKERFILE.read_text()
     instructions = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert instructions[0] == "FROM python:3.11-slim"
-    assert re.search(r"pip install\s+\"?\.\[gpu\]\"?", text), "installs the project with the gpu extra"
+    assert re.search(r"pip install\s+\"?\.\[gpu,redis\]\"?", text), "installs the project with the gpu and redis extras"
     assert "COPY pyproject.toml" in text
     packages = re.search(r"packages\s*=\s*\[(.*?)\]", (ROOT / "pyproject.toml").read_text()).group(1)
     for package in re.findall(r'"(\w+)"', packages):

@@ -1,4 +1,4 @@
-"""The Triton contract: configs (both names) vs ONNX graphs, ensemble wiring, checked-in files.
+"""The Triton contract: configs (all three names) vs ONNX graphs, ensemble wiring, checked-in files.
 
 The comparisons here parse the configs with Triton's own protobuf schema and read the ONNX
 graphs directly, independently of the export's checking code (which is tested too).
@@ -17,6 +17,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.onnx_export import (
     CONFIG_NAMES,
+    CONFIG_VARIANTS,
+    ONNX_CPU_INTER_OP_THREADS,
+    ONNX_CPU_INTRA_OP_THREADS,
     ENSEMBLE,
     LEAF_MODELS,
     MODEL_NAMES,
@@ -80,7 +83,7 @@ def test_checked_in_configs_parse(model, config_name):
         assert config.platform == "ensemble"
         return
     cpu = config_name != "config.pbtxt"
-    assert config.backend == ("python" if cpu else "onnxruntime")
+    assert config.backend == ("python" if config_name == "configs/cpu.pbtxt" else "onnxruntime")
     kind = mc.ModelInstanceGroup.KIND_CPU if cpu else mc.ModelInstanceGroup.KIND_GPU
     assert [g.kind for g in config.instance_group] == [kind]
     if unbatched:
@@ -95,12 +98,36 @@ def test_checked_in_configs_parse(model, config_name):
 
 
 @pytest.mark.parametrize("model", LEAF_MODELS)
-def test_both_configs_of_a_model_describe_the_same_tensors(model):
-    native, cpu = (parse(CHECKED_IN / model / n) for n in CONFIG_NAMES)
-    assert list(native.input) == list(cpu.input)
-    assert list(native.output) == list(cpu.output)
-    assert native.max_batch_size == cpu.max_batch_size
-    assert native.dynamic_batching == cpu.dynamic_batching
+def test_every_config_of_a_model_describes_the_same_tensors(model):
+    native, *others = (parse(CHECKED_IN / model / n) for n in CONFIG_NAMES)
+    for other in others:
+        assert list(native.input) == list(other.input)
+        assert list(native.output) == list(other.output)
+        assert native.max_batch_size == other.max_batch_size
+        assert native.dynamic_batching == other.dynamic_batching
+        assert native.version_policy == other.version_policy
+
+
+@pytest.mark.parametrize("model", LEAF_MODELS)
+def test_onnx_cpu_config_is_the_native_config_on_cpu_with_bounded_threads(model):
+    """The NGC image on a host without a GPU: same backend as config.pbtxt, KIND_CPU, and thread
+    counts set (the backend's default gives each instance every core)."""
+    native = parse(CHECKED_IN / model / "config.pbtxt")
+    onnx_cpu = parse(CHECKED_IN / model / "configs/onnx_cpu.pbtxt")
+    assert onnx_cpu.backend == native.backend == "onnxruntime"
+    assert [g.kind for g in onnx_cpu.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+    assert all(g.count >= 1 and not g.gpus for g in onnx_cpu.instance_group)
+    params = {k: v.string_value for k, v in onnx_cpu.parameters.items()}
+    assert params == {
+        "intra_op_thread_count": str(ONNX_CPU_INTRA_OP_THREADS),
+        "inter_op_thread_count": str(ONNX_CPU_INTER_OP_THREADS),
+    }
+    assert ONNX_CPU_INTRA_OP_THREADS >= 1 and ONNX_CPU_INTER_OP_THREADS >= 1
+    # the rest is the native config: strip what differs and compare whole messages
+    for config in (native, onnx_cpu):
+        del config.instance_group[:]
+        config.ClearField("parameters")
+    assert native == onnx_cpu
 
 
 def test_checked_in_files_are_what_the_generator_writes():
@@ -109,8 +136,8 @@ def test_checked_in_files_are_what_the_generator_writes():
     (or ``recsys export --write-configs`` with full-size artifacts) and commit the result."""
     specs = model_specs(Shapes.defaults())
     for model, spec in specs.items():
-        for config_name, cpu in zip(CONFIG_NAMES, (False, True)):
-            expected = text_format.Parse(render_config(spec, cpu=cpu), mc.ModelConfig())
+        for config_name in CONFIG_NAMES:
+            expected = text_format.Parse(render_config(spec, **CONFIG_VARIANTS[config_name]), mc.ModelConfig())
             assert parse(CHECKED_IN / model / config_name) == expected, (model, config_name)
         assert (CHECKED_IN / model / "model.py").read_text() == PYTHON_MODEL, model
     ensemble = text_format.Parse(render_ensemble_config(specs), mc.ModelConfig())
@@ -210,6 +237,7 @@ def test_gitignore_keeps_versions_out_and_configs_in():
         assert ignored(f"model_repository/{model}/12/version.json")
         assert ignored(f"model_repository/{model}/3/model.py")
         assert not ignored(f"model_repository/{model}/config.pbtxt")
-        assert not ignored(f"model_repository/{model}/configs/cpu.pbtxt")
+        for config_name in CONFIG_NAMES:
+            assert not ignored(f"model_repository/{model}/{config_name}")
     for model in LEAF_MODELS:
         assert not ignored(f"model_repository/{model}/model.py")
