@@ -456,7 +456,10 @@ class Server:
         health: The health watcher.
         metrics: The server's Prometheus metrics (served on ``settings.metrics_port``).
         request_log: The request log, or None when it is off.
+        admission: The admission gate (``orchestrator/admission.py``), set by :func:`create_server`.
     """
+
+    admission: Admission | None = None
 
     def __init__(
         self,
@@ -651,5 +654,7 @@ def create_server(
         health_servicer, backend, settings.health_poll_s, lambda: recommender.warm_up(settings.warmup_calls), metrics
     )
     reloader = ReloadWatcher(recommender, settings.model_repository, settings.reload_poll_s)
-    return Server(server, port, recommender, watcher, metrics, request_log, reloader), port
+    built = Server(server, port, recommender, watcher, metrics, request_log, reloader)
+    built.admission = admission  # the gate, for operators' introspection and tests
+    return built, port
 

@@ -70,19 +70,18 @@ def gated(tiny_artifacts, tiny_repository, tmp_path_factory):
 
 def test_calls_past_the_limit_are_shed_fast_with_a_retry_hint(gated):
     backend, server, _port, stub, user = gated
-    backend.delay_s = 0.4
+    backend.delay_s = 1.0
     outcomes: list[tuple[str, float, object]] = []
     lock = threading.Lock()
     start = threading.Barrier(6)
 
     def call() -> None:
         start.wait()
-        t0 = time.perf_counter()
         try:
-            stub.Recommend(pb.RecommendRequest(user_id=user, k=3), timeout=10)
-            out = ("ok", time.perf_counter() - t0, None)
+            stub.Recommend(pb.RecommendRequest(user_id=user, k=3), timeout=20)
+            out = ("ok", time.perf_counter(), None)
         except grpc.RpcError as exc:
-            out = (exc.code().name, time.perf_counter() - t0, exc)
+            out = (exc.code().name, time.perf_counter(), exc)
         with lock:
             outcomes.append(out)
 
@@ -96,41 +95,47 @@ def test_calls_past_the_limit_are_shed_fast_with_a_retry_hint(gated):
         backend.delay_s = 0.0
     codes = sorted(o[0] for o in outcomes)
     assert codes == ["RESOURCE_EXHAUSTED"] * 4 + ["ok"] * 2, codes
-    for code, seconds, exc in outcomes:
+    # refused at once: every refusal arrives before the first admitted call (1 s of model time) ends
+    # (an order, not a duration: this test must not depend on how busy the machine is)
+    assert max(end for code, end, _ in outcomes if code != "ok") < min(end for code, end, _ in outcomes if code == "ok")
+    for code, _end, exc in outcomes:
         if code == "RESOURCE_EXHAUSTED":
-            assert seconds < 0.3  # refused at once, not after the admitted calls' 0.4 s
             assert "retry after 40 ms" in exc.details()
             meta = dict(exc.trailing_metadata())
             assert meta[SHED_HEADER] == "1" and meta[PUSHBACK_HEADER] == "40"
-        else:
-            assert seconds >= 0.4
     assert server.metrics.shed.labels("Recommend")._value.get() == 4
     # the gate is free again afterwards
     stub.Recommend(pb.RecommendRequest(user_id=user, k=3), timeout=10)
 
 
+def wait_full(server, timeout_s: float = 20.0) -> None:
+    """Until both admission slots are taken (the blocking calls reached the server)."""
+    expires = time.monotonic() + timeout_s
+    while server.admission.in_flight < server.admission.limit:
+        assert time.monotonic() < expires, "the blocking calls never reached the server"
+        time.sleep(0.01)
+
+
 def test_client_retries_shed_calls_until_admitted(gated):
-    backend, _server, port, stub, user = gated
-    backend.delay_s = 0.3
+    backend, server, port, stub, user = gated
+    backend.delay_s = 0.5
     blockers = [threading.Thread(target=stub.Recommend, args=(pb.RecommendRequest(user_id=user, k=3),), kwargs={"timeout": 10}) for _ in range(2)]
     try:
         for t in blockers:
             t.start()
-        time.sleep(0.1)  # both slots taken
-        with RecsysClient(f"127.0.0.1:{port}", retries=8, backoff_s=0.05, max_backoff_s=0.2) as client:
-            t0 = time.perf_counter()
-            resp = client.recommend(user, k=3, timeout_s=5)
+        wait_full(server)
+        with RecsysClient(f"127.0.0.1:{port}", retries=30, backoff_s=0.05, max_backoff_s=0.2) as client:
+            resp = client.recommend(user, k=3, timeout_s=20)  # shed, retried, admitted once a slot frees
             assert len(resp.items) == 3
-            assert time.perf_counter() - t0 >= 0.1  # it had to wait for a slot
         with RecsysClient(f"127.0.0.1:{port}", retries=0) as client:
             for t in blockers:
                 t.join(5)
             blockers = [threading.Thread(target=stub.Recommend, args=(pb.RecommendRequest(user_id=user, k=3),), kwargs={"timeout": 10}) for _ in range(2)]
             for t in blockers:
                 t.start()
-            time.sleep(0.1)
+            wait_full(server)
             with pytest.raises(E.ResourceExhausted) as excinfo:  # no retries left: the refusal reaches the caller
-                client.recommend(user, k=3, timeout_s=5)
+                client.recommend(user, k=3, timeout_s=20)
             assert "overloaded" in str(excinfo.value)
     finally:
         for t in blockers:
