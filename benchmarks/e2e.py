@@ -256,6 +256,7 @@ async def _drive_overload(address: str, users: list[int], concurrency: int, k: i
     import grpc
 
     from clients.client import AsyncRecsysClient
+    from clients.errors import RecsysRpcError
 
     admitted: list[float] = []
     shed: list[float] = []
@@ -271,9 +272,10 @@ async def _drive_overload(address: str, users: list[int], concurrency: int, k: i
                     await client.recommend(user, k=k)
                     admitted.append(time.perf_counter() - t0)
                     codes["OK"] += 1
-                except grpc.RpcError as exc:
-                    codes[exc.code().name] += 1
-                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                except (grpc.RpcError, RecsysRpcError) as exc:  # raw or typed (clients.errors), by status code
+                    code = exc.code() if callable(exc.code) else exc.code
+                    codes[code.name] += 1
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         shed.append(time.perf_counter() - t0)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
