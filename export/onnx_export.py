@@ -614,9 +614,11 @@ def model_specs(shapes: Shapes) -> dict[str, ModelSpec]:
 
 QUEUE_MAX_REQUESTS = 64
 """Requests one model's dynamic batcher may hold waiting; more are rejected at once."""
-QUEUE_TIMEOUT_US = 200_000
-"""Longest a request may wait in a model's queue before Triton rejects it (a client timeout
-shorter than this overrides it: ``allow_timeout_override``)."""
+QUEUE_TIMEOUT_US = 1_000_000
+"""Longest a request may wait in a model's queue before Triton rejects it: the orchestrator's
+default ``triton_timeout_s``, after which nobody waits for the answer any more (a request that
+sets its own Triton timeout overrides it: ``allow_timeout_override``). 200 ms turned a hot
+reload on a busy machine (load ~30) into popular fallbacks."""
 
 
 def _tensor_block(kind: str, tensors: Sequence[Tensor]) -> str:
