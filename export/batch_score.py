@@ -59,6 +59,7 @@ from orchestrator.contract import (
     HISTORY_RATING,
     ITEM,
     RANKER_ENSEMBLE,
+    RANKER_MAX_ROWS,
     SCORE,
     USER_EMBEDDING,
     USER_TOWER,
@@ -70,7 +71,7 @@ from orchestrator.artifacts import load_demographics as _load_demographics
 log = logging.getLogger(__name__)
 
 ENSEMBLE = RANKER_ENSEMBLE
-MAX_ROWS_PER_CALL = 4096
+MAX_ROWS_PER_CALL = RANKER_MAX_ROWS
 """Rows per ``ranker_ensemble`` call (the ensemble has no batch axis, so no max_batch_size says it)."""
 STATE_VERSION = 1
 SCHEMA = pa.schema(

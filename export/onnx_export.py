@@ -60,6 +60,7 @@ from orchestrator.contract import (  # noqa: F401 - MODEL_NAMES, Tensor, ENSEMBL
     ITEM_TOWER,
     MODEL_NAMES,
     RANKER_ENSEMBLE,
+    RANKER_MAX_ROWS,
     RANKER_FEATURES,
     RANKER_TREES,
     USER_TOWER,
@@ -586,7 +587,7 @@ def model_specs(shapes: Shapes) -> dict[str, ModelSpec]:
     """The four graph-backed models' tensors and batching, for ``shapes``."""
     tensors = model_tensors(shapes.history_len, shapes.dim, shapes.n_features)
     c = max(1, shapes.candidates)
-    ranker_max = 4096
+    ranker_max = RANKER_MAX_ROWS
     # one request carries one user's candidates; preferring multiples of it lets the batcher
     # send a lone request at once and merge 2, 4, 8 users' worth under load
     ranker_pref = tuple(sorted({min(c * k, ranker_max) for k in (1, 2, 4, 8)}))

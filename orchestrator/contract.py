@@ -41,6 +41,9 @@ SERVED_LEAF_MODELS = (USER_TOWER, RANKER_FEATURES, RANKER_TREES)
 """The graphs the online path runs (the ensemble chains the last two)."""
 SERVED_MODELS = (*SERVED_LEAF_MODELS, RANKER_ENSEMBLE)
 """A version is published when every one of these has it."""
+RANKER_MAX_ROWS = 4096
+"""The ``ranker`` model's ``max_batch_size``: the most candidate rows one ``ranker_ensemble`` call
+may carry (the unbatched ensemble hands all of a call's rows to that step as one batch)."""
 KEPT_VERSIONS = 2
 """Versions served side by side (the configs' ``version_policy: latest 2``): the one being
 replaced keeps answering its pinned requests while the next one loads, and A/B tests compare two."""

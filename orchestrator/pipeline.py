@@ -25,7 +25,7 @@ import numpy as np
 
 from orchestrator.backends import InferenceBackend
 from orchestrator.catalog import Catalog, Filters
-from orchestrator.contract import history_window
+from orchestrator.contract import RANKER_MAX_ROWS, history_window
 from orchestrator.errors import Deadline, DeadlineExceeded, ModelTimeout, ModelUnavailable, RecsysError, Unavailable
 from orchestrator.rerank import RerankOptions, rerank
 from orchestrator.settings import ServeSettings
@@ -39,9 +39,8 @@ FALLBACK_VERSION = "popularity"
 
 log = logging.getLogger(__name__)
 
-RANK_ROWS_PER_CALL = 4096
-"""Most candidate rows per ``ranker_ensemble`` call: the ``ranker`` step's ``max_batch_size``
-(the ensemble hands it all rows of a call as one batch)."""
+RANK_ROWS_PER_CALL = RANKER_MAX_ROWS
+"""Most candidate rows per ``ranker_ensemble`` call (``orchestrator/contract.py``)."""
 
 
 @dataclass(frozen=True)
