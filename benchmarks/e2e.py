@@ -351,9 +351,10 @@ def stage_medians(rows: list[dict[str, float]], client_ms: np.ndarray | None = N
 
 def run_served(
     artifacts: Path, repo: Path, users: list[int], levels: tuple[int, ...], requests: int, warmup: int, k: int,
-    timeout_s: float, serve_args: tuple[str, ...],
+    timeout_s: float, serve_args: tuple[str, ...], extras: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
-    """The served half: start, time to SERVING, first call, warm-up, every level."""
+    """The served half: start, time to SERVING, first call, warm-up, every level; with ``extras`` the
+    overload run (c64) and the BatchRecommend comparison too."""
     out: dict[str, Any] = {"levels": {}}
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
         t0 = time.perf_counter()
@@ -371,6 +372,8 @@ def run_served(
                     out["stages_ms"] = stage_medians(r["server_ms"], np.asarray(r["latencies"]) * 1e3)
                 out["levels"][f"c{c}"] = s
                 log(f"served c{c}: p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, {s['qps']} QPS, {s['errors']} errors")
+            if not extras:
+                return out
             picked = users[1 + warmup : 1 + warmup + max(requests, 4 * OVERLOAD_CONCURRENCY)]
             out["overload"] = o = asyncio.run(_drive_overload(stack.address, picked, OVERLOAD_CONCURRENCY, k, timeout_s))
             log(f"served c{o['concurrency']} overload: {o['admitted']} admitted (p99 {o['admitted_p99_ms']} ms), {o['shed']} shed (p99 {o['shed_p99_ms']} ms), {o['internal']} INTERNAL/UNKNOWN")
