@@ -585,6 +585,19 @@ def make_backend(settings: ServeSettings) -> InferenceBackend:
     return InProcessBackend(settings.model_repository)
 
 
+def prestart_threads(pool: futures.ThreadPoolExecutor, n: int) -> None:
+    """Starts all ``n`` threads of ``pool`` now (it would grow them lazily, one per busy moment).
+
+    The pool is larger than the admission gate so refusals are answered at once; started up
+    front, its thread count is fixed from the start, so threads that appear later are leaks,
+    not the pool growing (``recsys bench faults`` counts them).
+    """
+    barrier = threading.Barrier(n)
+    # every task waits for all the others: none finishes before n threads exist
+    done = [pool.submit(barrier.wait, 10.0) for _ in range(n)]
+    futures.wait(done, timeout=15.0)
+
+
 def create_server(
     settings: ServeSettings,
     *,
@@ -625,8 +638,10 @@ def create_server(
     interceptors.append(AdmissionInterceptor(admission, metrics.count_shed))
     # so_reuseport off: a second server on a taken port must fail, not share it silently;
     # maximum_concurrent_rpcs = the pool: no call waits in the executor's unbounded queue
+    pool = futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="recsys")
+    prestart_threads(pool, settings.workers)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="recsys"),
+        pool,
         interceptors=interceptors,
         options=[("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=settings.workers,
