@@ -153,12 +153,12 @@ def real_requests(artifacts: str | Path, repo: str | Path, users: int, max_count
     rows, feats = [], []
     for u in range(len(chosen)):
         r = {
-            "item": cand[u].reshape(-1, 1).astype(np.int64),
-            "retrieval_score": scores[u].reshape(-1, 1).astype(np.float32),
+            "item": cand[u].astype(np.int32),
+            "retrieval_score": scores[u].astype(np.float32),
             # 0-based rank in the retrieval list, as in training (export.ranker.candidate_features)
-            "retrieval_rank": np.arange(max_count, dtype=np.float32).reshape(-1, 1),
-            "history": np.repeat(x["history"][u : u + 1], max_count, axis=0),
-            "history_rating": np.repeat(x["history_rating"][u : u + 1], max_count, axis=0),
+            "retrieval_rank": np.arange(max_count, dtype=np.float32),
+            "history": x["history"][u : u + 1].astype(np.int32),  # once per user
+            "history_rating": x["history_rating"][u : u + 1].astype(np.float32),
         }
         rows.append(r)
         feats.append(features_session.run(["features"], r)[0].astype(np.float32))
@@ -246,7 +246,7 @@ def triton_backends(url: str) -> list[Backend]:
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
-    dtypes = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+    dtypes = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
 
     def infer(model: str, arrays: dict[str, np.ndarray]) -> np.ndarray:
         inputs = []

@@ -258,7 +258,7 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--host", default=None, help="bind address (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="gRPC port (default: a free one)")
     srv.add_argument("--metrics-port", type=int, default=None, help="port of the Prometheus /metrics page (default: none)")
-    srv.add_argument("--workers", type=int, default=None, help="server threads (default: 8)")
+    srv.add_argument("--workers", type=int, default=None, help="server threads (default: 64)")
     srv.add_argument("--history-store", choices=("sqlite", "redis"), default=None)
     srv.add_argument("--history-db", default=None, help="SQLite file (default: one per artifacts folder in the state dir)")
     srv.add_argument("--redis-url", default=None)

@@ -82,11 +82,11 @@ def reference(artifacts: Path, repo: Path, user_ids: np.ndarray, k: int, candida
             ok = items[u] >= 0
             n = int(ok.sum())
             feed = {
-                "item": items[u][ok].reshape(-1, 1),
-                "retrieval_score": scores[u][ok].reshape(-1, 1).astype(np.float32),
-                "retrieval_rank": np.arange(n, dtype=np.float32).reshape(-1, 1),
-                "history": np.repeat(hist[u : u + 1], n, axis=0),
-                "history_rating": np.repeat(rating[u : u + 1], n, axis=0),
+                "item": items[u][ok].astype(np.int32),
+                "retrieval_score": scores[u][ok].astype(np.float32),
+                "retrieval_rank": np.arange(n, dtype=np.float32),
+                "history": hist[u : u + 1].astype(np.int32),  # the history once, not once per candidate
+                "history_rating": rating[u : u + 1].astype(np.float32),
             }
             f = features.run(["features"], feed)[0]
             s = ranker.run(["score"], {"features": f})[0].reshape(-1)

@@ -165,17 +165,20 @@ def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
 
 
 def phase_load(stack: Stack, workload: Workload, s: FaultSettings) -> dict[str, Any]:
-    """``load``: a fixed number of calls at high concurrency; every non-OK status is an error."""
+    """``load``: a fixed number of calls at high concurrency; every non-OK status is an error, except
+    RESOURCE_EXHAUSTED: admission control's refusal past ``max_in_flight`` (issue 13), counted as ``shed``."""
     runner = LoadRunner(stack.target, workload, s.load_concurrency, s.load_requests, s.call_timeout_s, s.seed).start()
     while runner.running():
         runner.join(10)
         log(f"load: {len(runner.outcomes):,} / {s.load_requests:,}")
     summary = summarize(runner.outcomes)
-    errors = summary["requests"] - summary["ok"]
+    shed = summary["by_status"].get("RESOURCE_EXHAUSTED", 0)
+    errors = summary["requests"] - summary["ok"] - shed
     return {
         "requests": summary["requests"],
         "errors": errors,
-        "errors_by_status": {k: v for k, v in summary["by_status"].items() if k != "OK"},
+        "errors_by_status": {k: v for k, v in summary["by_status"].items() if k not in ("OK", "RESOURCE_EXHAUSTED")},
+        "shed": shed,
         "fallback": sum(summary["fallback_by_reason"].values()),
         "fallback_by_reason": summary["fallback_by_reason"],
         "concurrency": s.load_concurrency,

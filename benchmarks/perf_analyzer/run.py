@@ -230,6 +230,26 @@ def ensure_perf_analyzer(cache: Path | None = None) -> PerfAnalyzer:
 # --------------------------------------------------------------------------- the sweep
 
 
+def entry_fits(value: Any, dims: list[int]) -> bool:
+    """Whether one input of an ``--input-data`` entry fits a config's dims.
+
+    A flat list is one batch row of ``dims``; ``{"content", "shape"}`` (models without a batch
+    axis, whose dims hold ``-1``) is a whole tensor whose shape must match ``dims``.
+    """
+    if isinstance(value, dict):
+        shape, content = value.get("shape"), value.get("content")
+        if not isinstance(shape, list) or not isinstance(content, list) or len(shape) != len(dims):
+            return False
+        size = 1
+        for d in shape:
+            size *= d
+        return all(d == -1 or d == s for d, s in zip(dims, shape)) and len(content) == size
+    want = 1
+    for d in dims:
+        want *= d
+    return isinstance(value, list) and len(value) == want
+
+
 def check_inputs(inputs: Path, repo: Path | None, models: list[str]) -> dict[str, Any]:
     """``meta.json`` of the input folder, checked against the repository's configs when given.
 
@@ -247,10 +267,7 @@ def check_inputs(inputs: Path, repo: Path | None, models: list[str]) -> dict[str
         if repo is not None and (repo / model / CPU_CONFIG).is_file():
             first = json.loads((inputs / f"{model}.json").read_text())["data"][0]
             for name, (_, dims) in input_specs(read_config(repo / model / CPU_CONFIG)).items():
-                want = 1
-                for d in dims:
-                    want *= d
-                if name not in first or len(first[name]) != want:
+                if not entry_fits(first.get(name), dims):
                     raise PerfAnalyzerError(
                         f"{inputs / (model + '.json')}: input {name} does not match {repo / model / CPU_CONFIG} "
                         f"(dims {dims}); regenerate with python -m benchmarks.perf_analyzer.make_inputs"
