@@ -94,9 +94,7 @@ class Case:
 
 CASES = {
     # the ML-32M movie count with few enough ratings that one epoch takes minutes, not hours
-    "ml32m-shape": Case(
-        "ml32m-shape", "synth", ("--users", "20000", "--items", "87585", "--ratings", "400000", "--span-days", "1095")
-    ),
+    "ml32m-shape": Case("ml32m-shape", "synth", ("--users", "20000", "--items", "87585", "--ratings", "400000", "--span-days", "1095")),
     "ml-latest-small": Case("ml-latest-small", DEFAULT_DATA_DIR),
     # the figures in BENCHMARKS.md were measured on it; it may not be shipped, so users download it
     "ml-100k": Case("ml-100k", "data/ml-100k"),
@@ -120,8 +118,10 @@ def build_deployment(case: Case, work: Path) -> tuple[Path, Path]:
     """``(artifacts, repo)`` of ``case`` under ``work``, trained and exported unless already there."""
     root = work / case.name
     artifacts, repo = root / "artifacts", root / "model_repository"
-    if (artifacts / "manifest.json").is_file() and (artifacts / "faiss" / "index.json").is_file() and any(
-        (repo / "user_tower").glob("[0-9]*/model.onnx")
+    if (
+        (artifacts / "manifest.json").is_file()
+        and (artifacts / "faiss" / "index.json").is_file()
+        and any((repo / "user_tower").glob("[0-9]*/model.onnx"))
     ):
         log(f"{case.name}: reusing the deployment in {root}")
         return artifacts, repo
@@ -375,7 +375,9 @@ def run_served(
                 return out
             picked = users[1 + warmup : 1 + warmup + max(requests, 4 * OVERLOAD_CONCURRENCY)]
             out["overload"] = o = asyncio.run(_drive_overload(stack.address, picked, OVERLOAD_CONCURRENCY, k, timeout_s))
-            log(f"served c{o['concurrency']} overload: {o['admitted']} admitted (p99 {o['admitted_p99_ms']} ms), {o['shed']} shed (p99 {o['shed_p99_ms']} ms), {o['internal']} INTERNAL/UNKNOWN")
+            log(
+                f"served c{o['concurrency']} overload: {o['admitted']} admitted (p99 {o['admitted_p99_ms']} ms), {o['shed']} shed (p99 {o['shed_p99_ms']} ms), {o['internal']} INTERNAL/UNKNOWN"
+            )
             out["batch"] = b = run_batch(stack.address, users[1 + warmup : 1 + warmup + BATCH_USERS], k)
             log(f"served batch of {b['users']}: {b['batch_users_per_s']} users/s batched, {b['single_users_per_s']} as single calls")
     return out
@@ -426,7 +428,9 @@ def run_inprocess(artifacts: Path, repo: Path, users: list[int], requests: int, 
 # ---------------------------------------------------------------------------- report
 
 
-def targets(served: dict[str, Any], inprocess: dict[str, Any], overload: dict[str, Any] | None = None, batch: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+def targets(
+    served: dict[str, Any], inprocess: dict[str, Any], overload: dict[str, Any] | None = None, batch: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
     """Each target of the issue with the measured value and whether it is met."""
     c1, c16 = served.get("c1", {}), served.get("c16", {})
     overload, batch = overload or {}, batch or {}
@@ -502,8 +506,7 @@ def print_report(report: dict[str, Any]) -> None:
     for name, case in report["cases"].items():
         print(f"\n## {name}: {case['conditions']['catalog_items']:,} items, {case['conditions']['requests']} requests per level")
         rows = [
-            (f"served {c}", s["p50_ms"], s["p95_ms"], s["p99_ms"], s["qps"], s["errors"], s["fallbacks"])
-            for c, s in case["served"].items()
+            (f"served {c}", s["p50_ms"], s["p95_ms"], s["p99_ms"], s["qps"], s["errors"], s["fallbacks"]) for c, s in case["served"].items()
         ]
         f = case["inprocess"]["c1"]
         rows.append(("in-process c1", f["p50_ms"], f["p95_ms"], f["p99_ms"], f["qps"], f["errors"], f["fallbacks"]))
@@ -522,7 +525,12 @@ def print_report(report: dict[str, Any]) -> None:
             f"first call after start: served {case['first_call_ms']['served']} ms, in-process "
             f"{case['first_call_ms']['inprocess']} ms; SERVING {case['serving_after_s']} s after launch"
         )
-        print("\ntargets: " + "; ".join(f"{k} {v['measured']} (target {v['target']}): {'met' if v['met'] else 'NOT met'}" for k, v in case["targets"].items()))
+        print(
+            "\ntargets: "
+            + "; ".join(
+                f"{k} {v['measured']} (target {v['target']}): {'met' if v['met'] else 'NOT met'}" for k, v in case["targets"].items()
+            )
+        )
     print("\n" + conditions_line(report["conditions"]))
 
 
@@ -540,9 +548,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", default=",".join(map(str, LEVELS)), help="levels (default: %(default)s)")
     p.add_argument("-k", type=int, default=10, help="results per call (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=5.0, help="client deadline per call, seconds (default: %(default)s)")
-    p.add_argument("--serve-arg", action="append", default=[], help="extra `recsys serve` argument (repeatable, e.g. --serve-arg=--workers=16)")
+    p.add_argument(
+        "--serve-arg", action="append", default=[], help="extra `recsys serve` argument (repeatable, e.g. --serve-arg=--workers=16)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="smoke run: ml-latest-small (the demo's deployment when there is one), 300 requests per level, 50 warm-up")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: ml-latest-small (the demo's deployment when there is one), 300 requests per level, 50 warm-up",
+    )
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON report; the PNG goes beside it (default: %(default)s)")
     p.set_defaults(func=main)
 
@@ -576,9 +590,16 @@ def main(args: argparse.Namespace) -> int:
                 floor = run_inprocess(artifacts, repo, users, args.requests, args.warmup, args.k)
             report["cases"][name] = {
                 "conditions": {
-                    "catalog_items": n_items, "candidates": cand, "k": args.k, "requests": args.requests,
-                    "warmup": args.warmup, "levels": list(levels), "artifacts": str(artifacts), "repo": str(repo),
-                    "serve_args": list(args.serve_arg), "load_average": case_load.record(),
+                    "catalog_items": n_items,
+                    "candidates": cand,
+                    "k": args.k,
+                    "requests": args.requests,
+                    "warmup": args.warmup,
+                    "levels": list(levels),
+                    "artifacts": str(artifacts),
+                    "repo": str(repo),
+                    "serve_args": list(args.serve_arg),
+                    "load_average": case_load.record(),
                 },  # fmt: skip
                 "served": served["levels"],
                 "inprocess": floor["levels"],

@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     one = result["1 user"]["median_ms"]
     report = {
-        "conditions": conditions(catalog_items=args.items, candidates=args.candidates, history_len=HISTORY_LEN, threads=1, rounds=args.rounds)
+        "conditions": conditions(
+            catalog_items=args.items, candidates=args.candidates, history_len=HISTORY_LEN, threads=1, rounds=args.rounds
+        )
         | {"load_average": load.record()},
         "feature_step": result,
         "target": {"limit_ms": TARGET_MS, "measured_ms": one, "met": one <= TARGET_MS},

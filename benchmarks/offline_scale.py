@@ -229,7 +229,9 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
         train_s = stages.records["two_tower_bounded"]["seconds"]
         steps_run = -(-sub_windows // settings.batch_size)
         per_target = train_s / max(1, sub_targets)
-        timed_users = np.random.default_rng(settings.seed).choice(val_users, size=min(settings.val_users_timed, len(val_users)), replace=False)
+        timed_users = np.random.default_rng(settings.seed).choice(
+            val_users, size=min(settings.val_users_timed, len(val_users)), replace=False
+        )
         stages.run("validation_bounded", retrieve, result.model, val_period, demographics, timed_users, 100)
         val_s = stages.records["validation_bounded"]["seconds"]
         # quick mode sees a user sample: scale its validation users back up to the full data
@@ -268,9 +270,13 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
         # -- ranker: bounded number of validation users x candidates
         active = np.unique(split.val.user_id.to_numpy())
         active = active[histories.positions(active) >= 0]
-        users = np.sort(np.random.default_rng(settings.seed + 1).choice(active, size=min(settings.ranker_users, len(active)), replace=False))
+        users = np.sort(
+            np.random.default_rng(settings.seed + 1).choice(active, size=min(settings.ranker_users, len(active)), replace=False)
+        )
         model = result.model
-        cand, cand_scores, hist, hist_r = stages.run("ranker_retrieval", retrieve, model, val_period, demographics, users, settings.candidates)
+        cand, cand_scores, hist, hist_r = stages.run(
+            "ranker_retrieval", retrieve, model, val_period, demographics, users, settings.candidates
+        )
         features = RankerFeatures(catalog, val_period.stats, model.item_vectors(), val_period.cf_vectors)
         feats = stages.run("ranker_features", candidate_features, features, hist, hist_r, cand, cand_scores)
         labels = stages.run("ranker_labels", candidate_labels, users, cand, split.val, catalog)
@@ -291,7 +297,11 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
             # LightGBM's cost per tree is ~linear in rows at a fixed tree count: a labelled estimate
             "train_seconds_extrapolated_to_requested_rows": None
             if len(users) >= settings.ranker_users or settings.user_fraction is not None
-            else {"rows": wanted_rows, "seconds": round(ranker_train_s * wanted_rows / max(1, feats.shape[0]), 1), "basis": "extrapolated, linear in rows"},
+            else {
+                "rows": wanted_rows,
+                "seconds": round(ranker_train_s * wanted_rows / max(1, feats.shape[0]), 1),
+                "basis": "extrapolated, linear in rows",
+            },
             "config": asdict(rconfig),
             "users": int(len(users)),
             "rows": int(feats.shape[0]),
@@ -396,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON report (default: reports/benchmarks/offline_scale[_quick].json)")
     args = parser.parse_args(argv)
     settings = OfflineScaleSettings.quick() if args.quick else OfflineScaleSettings()
-    overrides = {k: v for k, v in {"steps": args.steps, "ranker_users": args.ranker_users, "torch_threads": args.torch_threads}.items() if v}
+    overrides = {
+        k: v for k, v in {"steps": args.steps, "ranker_users": args.ranker_users, "torch_threads": args.torch_threads}.items() if v
+    }
     if overrides:
         settings = replace(settings, **overrides)
     if not Path(args.data, "ratings.csv").is_file():

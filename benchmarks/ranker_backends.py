@@ -217,7 +217,13 @@ def hummingbird_backend(booster: Any, strategy: str, workdir: Path) -> Backend:
     return Backend(
         f"ort_{strategy}",
         lambda rows, feats: sess.run(["score"], {"features": feats})[0].reshape(-1),
-        {"strategy": strategy, "threads": 1, "export_s": round(export_s, 2), "squeeze_nodes_pinned": pinned, "onnx_bytes": path.stat().st_size},
+        {
+            "strategy": strategy,
+            "threads": 1,
+            "export_s": round(export_s, 2),
+            "squeeze_nodes_pinned": pinned,
+            "onnx_bytes": path.stat().st_size,
+        },
     )
 
 
@@ -228,7 +234,9 @@ def served_graphs_backend(repo: Path) -> Backend:
 
     feat_dir, rank_dir = latest_version(repo / "ranker_features"), latest_version(repo / "ranker")
     feat, rank = session(feat_dir / "model.onnx"), session(rank_dir / "model.onnx")
-    strategy = json.loads((rank_dir / "version.json").read_text()).get("tree_implementation") if (rank_dir / "version.json").exists() else None
+    strategy = (
+        json.loads((rank_dir / "version.json").read_text()).get("tree_implementation") if (rank_dir / "version.json").exists() else None
+    )
 
     def call(rows: dict[str, np.ndarray], feats: np.ndarray) -> np.ndarray:
         f = feat.run(["features"], rows)[0]

@@ -273,7 +273,9 @@ class RecsysClient(_Base):
         """Movies similar to ``movie_id``."""
         return self._call(self._stub.Similar, similar_request(movie_id, k=k, user_id=user_id, **options), timeout_s)
 
-    def popular(self, *, k: int = 10, recent: bool = False, timeout_s: float | None = None, **filters: Unpack[FilterArgs]) -> pb.PopularResponse:
+    def popular(
+        self, *, k: int = 10, recent: bool = False, timeout_s: float | None = None, **filters: Unpack[FilterArgs]
+    ) -> pb.PopularResponse:
         """The most rated movies."""
         return self._call(self._stub.Popular, popular_request(k=k, recent=recent, **filters), timeout_s)
 
@@ -405,7 +407,9 @@ class AsyncRecsysClient(_Base):
         """See :meth:`RecsysClient.popular`."""
         return await self._call(self._stub.Popular, popular_request(k=k, recent=recent, **filters), timeout_s)
 
-    async def batch_recommend(self, requests: Sequence[pb.RecommendRequest], *, timeout_s: float | None = None) -> pb.BatchRecommendResponse:
+    async def batch_recommend(
+        self, requests: Sequence[pb.RecommendRequest], *, timeout_s: float | None = None
+    ) -> pb.BatchRecommendResponse:
         """See :meth:`RecsysClient.batch_recommend`."""
         return await self._call(self._stub.BatchRecommend, pb.BatchRecommendRequest(requests=list(requests)), timeout_s)
 

@@ -332,9 +332,7 @@ class TritonHTTP:
         outputs = [self._http.InferRequestedOutput(output, binary_data=True)]
         return self.client.async_infer(info.name, inputs, model_version=str(info.version), outputs=outputs)
 
-    def infer_rows(
-        self, info: ModelInfo, arrays: dict[str, np.ndarray], output: str, bounds: Sequence[tuple[int, int]]
-    ) -> np.ndarray:
+    def infer_rows(self, info: ModelInfo, arrays: dict[str, np.ndarray], output: str, bounds: Sequence[tuple[int, int]]) -> np.ndarray:
         """Runs ``arrays`` split at ``bounds`` (row ranges), at most ``concurrency`` in flight.
 
         Returns:

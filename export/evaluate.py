@@ -243,7 +243,11 @@ def evaluate_window(fitted: Fitted, settings: EvalSettings, progress: bool) -> W
 
     def metrics(ranked: np.ndarray) -> dict[str, float]:
         return evaluate_rankings(
-            ranked, relevant, n_items=catalog.n_items, ks=KS, item_vectors=catalog.genre_matrix,
+            ranked,
+            relevant,
+            n_items=catalog.n_items,
+            ks=KS,
+            item_vectors=catalog.genre_matrix,
             item_popularity=period.stats.count,
         )
 
@@ -263,9 +267,7 @@ def evaluate_window(fitted: Fitted, settings: EvalSettings, progress: bool) -> W
             "size": int(ours["candidates"].shape[1]),
         },
         "significance": {
-            f"two_tower_ranker - {name} ndcg@10": bootstrap_diff(
-                ndcg["two_tower_ranker"] - ndcg[name], settings.bootstrap_samples
-            )
+            f"two_tower_ranker - {name} ndcg@10": bootstrap_diff(ndcg["two_tower_ranker"] - ndcg[name], settings.bootstrap_samples)
             for name in lists
             if name != "two_tower_ranker"
         },
@@ -385,9 +387,7 @@ def build_report(results: list[WindowResult], settings: EvalSettings, ml: MovieL
         "protocol": protocol,
         "models": models,
         "significance": {
-            f"two_tower_ranker - {name} ndcg@10": bootstrap_diff(
-                ndcg["two_tower_ranker"] - ndcg[name], settings.bootstrap_samples
-            )
+            f"two_tower_ranker - {name} ndcg@10": bootstrap_diff(ndcg["two_tower_ranker"] - ndcg[name], settings.bootstrap_samples)
             for name in names
             if name != "two_tower_ranker"
         },
@@ -434,10 +434,11 @@ def targets(models: dict[str, dict[str, float]], windows: list[dict], baseline_n
 
     best = max(baseline_names, key=lambda b: models[b]["ndcg@10"]) if baseline_names else None
     best_recall = max((models[b]["recall@200"] for b in baseline_names), default=None)
-    per_window = [
-        ratio(w["models"]["two_tower_ranker"]["ndcg@10"], max(w["models"][b]["ndcg@10"] for b in baseline_names))
-        for w in windows
-    ] if baseline_names else []
+    per_window = (
+        [ratio(w["models"]["two_tower_ranker"]["ndcg@10"], max(w["models"][b]["ndcg@10"] for b in baseline_names)) for w in windows]
+        if baseline_names
+        else []
+    )
     out = {
         "ranker_vs_ease_ndcg@10": ratio(ranker["ndcg@10"], models["ease"]["ndcg@10"]) if "ease" in models else None,
         "ranker_vs_als_ndcg@10": ratio(ranker["ndcg@10"], models["als"]["ndcg@10"]) if "als" in models else None,
@@ -557,7 +558,9 @@ def comparison_table(report: dict, metrics: tuple[str, ...] = TABLE_METRICS) -> 
     return "\n".join(lines)
 
 
-def markdown_table(report: dict, metrics: tuple[str, ...] = ("ndcg@10", "recall@20", "recall@100", "recall@200", "coverage@10", "ild@10")) -> str:
+def markdown_table(
+    report: dict, metrics: tuple[str, ...] = ("ndcg@10", "recall@20", "recall@100", "recall@200", "coverage@10", "ild@10")
+) -> str:
     """The pooled table in Markdown, with two_tower_ranker's NDCG@10 difference to each model
     and its 95 % interval, and the candidate set's recall as a last row."""
     sig = report["significance"]

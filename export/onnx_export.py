@@ -245,7 +245,14 @@ def export_ranker_features(module: RankerFeatures, history_len: int, path: Path)
         torch.full((2, L), -1, dtype=torch.int32),
         torch.zeros(2, L),
     )
-    axes = {"item": {0: "n"}, "retrieval_score": {0: "n"}, "retrieval_rank": {0: "n"}, "history": {0: "u"}, "history_rating": {0: "u"}, "features": {0: "n"}}
+    axes = {
+        "item": {0: "n"},
+        "retrieval_score": {0: "n"},
+        "retrieval_rank": {0: "n"},
+        "history": {0: "u"},
+        "history_rating": {0: "u"},
+        "features": {0: "n"},
+    }
     names = ("item", "retrieval_score", "retrieval_rank", "history", "history_rating")
     _export_graph(module, args, path, names, ("features",), dynamic_axes=axes)
 
@@ -523,9 +530,6 @@ def repository_lock(repo: Path) -> Iterator[None]:
         os.close(fd)
 
 
-
-
-
 ARTIFACT_FILES = EXPORTED_FILES
 
 
@@ -551,7 +555,9 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if a.size else 0.0
 
 
-def _parity(graphs: dict[str, Path], model: TwoTower, features: RankerFeatures, booster: lgb.Booster, cands: dict) -> dict[str, dict[str, float]]:
+def _parity(
+    graphs: dict[str, Path], model: TwoTower, features: RankerFeatures, booster: lgb.Booster, cands: dict
+) -> dict[str, dict[str, float]]:
     """Max abs difference of each graph vs its PyTorch/LightGBM source at a few batch sizes."""
     cfg = model.config
     n_items = model.item_tower.encoder.genres.shape[0]
@@ -575,9 +581,7 @@ def _parity(graphs: dict[str, Path], model: TwoTower, features: RankerFeatures, 
     feats = _features_torch(features, cands)
     for b in PARITY_BATCHES["ranker"]:
         rows = feats[np.arange(b) % len(feats)]
-        out["ranker"][str(b)] = _max_diff(
-            sess.run(["score"], {"features": rows})[0], booster.predict(rows, num_threads=1).reshape(-1, 1)
-        )
+        out["ranker"][str(b)] = _max_diff(sess.run(["score"], {"features": rows})[0], booster.predict(rows, num_threads=1).reshape(-1, 1))
     return out
 
 

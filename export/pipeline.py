@@ -173,9 +173,7 @@ def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True, sp
         return float(np.mean(hits))
 
     t0 = time.perf_counter()
-    tt_val = train_two_tower(
-        settings.two_tower, catalog, val_period.stats, val_period.histories, demographics, validate, progress=progress
-    )
+    tt_val = train_two_tower(settings.two_tower, catalog, val_period.stats, val_period.histories, demographics, validate, progress=progress)
     seconds["two_tower"] = time.perf_counter() - t0
 
     # ranker: candidates for everybody active in validation who has a past, labels from validation
@@ -215,9 +213,7 @@ def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True, sp
 def git_sha() -> str | None:
     """The current commit of the project checkout, if any."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -400,9 +396,7 @@ def publish(
     from export.onnx_export import export_repository  # imports this module: imported here
 
     summary = (
-        export_repository(artifacts_dir, repo, tree_implementation=tree_implementation, write_configs=write_configs)
-        if repository
-        else None
+        export_repository(artifacts_dir, repo, tree_implementation=tree_implementation, write_configs=write_configs) if repository else None
     )
     report = build_from_artifacts(artifacts_dir, progress=progress, threads=1) if index else None
     return {"repository": summary, "faiss": report}

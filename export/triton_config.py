@@ -84,7 +84,6 @@ class Shapes:
         return cls(history_len=tt.history_len, dim=tt.dim, candidates=RankerConfig().candidates)
 
 
-
 # --------------------------------------------------------------------------- configs
 
 
@@ -392,7 +391,9 @@ def check_graph_against_config(model: str, config_name: str, config, graph_path:
                 problems.append(f"{where}: {kind} '{t.name}' data_type {t.data_type} in config, {dtype} in ONNX")
             if batched:
                 if not dims or isinstance(dims[0], int):
-                    problems.append(f"{where}: {kind} '{t.name}' ONNX dims {list(dims)} lack a dynamic batch axis (max_batch_size {config.max_batch_size})")
+                    problems.append(
+                        f"{where}: {kind} '{t.name}' ONNX dims {list(dims)} lack a dynamic batch axis (max_batch_size {config.max_batch_size})"
+                    )
                     continue
                 dims = dims[1:]
             if len(dims) != len(t.dims) or any(c != -1 and c != g for c, g in zip(t.dims, dims)):
@@ -461,7 +462,9 @@ def check_ensemble(name: str, config, leaf_configs: dict) -> list[str]:
             problems.append(f"{name}: output '{t.name}' is produced by no step")
         elif (available[t.name].data_type, available[t.name].dims) != (t.data_type, t.dims):
             got = available[t.name]
-            problems.append(f"{name}: output '{t.name}' is {t.data_type} {list(t.dims)} in config, the step produces {got.data_type} {list(got.dims)}")
+            problems.append(
+                f"{name}: output '{t.name}' is {t.data_type} {list(t.dims)} in config, the step produces {got.data_type} {list(got.dims)}"
+            )
     return problems
 
 
@@ -491,5 +494,3 @@ def check_repository(repo: str | Path, graphs: dict[str, Path]) -> list[str]:
             continue
         problems += [f"{p} [{config_name}]" for p in check_ensemble(ENSEMBLE, ens, leaves)]
     return problems
-
-

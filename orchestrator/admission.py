@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -98,7 +99,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         self.admission = admission
         self.on_shed = on_shed
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         rpc = rpc_name(handler_call_details.method)
         if handler is None or rpc not in ADMITTED_RPCS or handler.request_streaming or handler.response_streaming:
@@ -106,7 +107,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         behaviour = handler.unary_unary
         gate = self.admission
 
-        def admitted(request, context):
+        def admitted(request: Any, context: grpc.ServicerContext) -> Any:
             if not gate.try_enter():
                 self.on_shed(rpc)
                 context.set_trailing_metadata(((SHED_HEADER, "1"), (PUSHBACK_HEADER, str(gate.retry_after_ms))))

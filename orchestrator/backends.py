@@ -130,7 +130,9 @@ class InProcessBackend:
         opts.log_severity_level = 3
         try:
             new = {
-                (m, version): ort.InferenceSession(str(self.repo / m / str(version) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+                (m, version): ort.InferenceSession(
+                    str(self.repo / m / str(version) / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+                )
                 for m in LEAF_MODELS
             }
         except Exception as exc:  # a missing or broken graph: the version is not servable
@@ -376,4 +378,3 @@ class TritonBackend:
 
     def close(self) -> None:
         self.client.close()
-

@@ -115,7 +115,11 @@ def model_tensors(history_len: int, dim: int, n_features: int) -> dict[str, tupl
     )
     return {
         USER_TOWER: (
-            (Tensor(HISTORY, "TYPE_INT64", (L,)), Tensor(HISTORY_RATING, "TYPE_FP32", (L,)), Tensor(DEMOGRAPHICS, "TYPE_INT64", (N_DEMOGRAPHICS,))),
+            (
+                Tensor(HISTORY, "TYPE_INT64", (L,)),
+                Tensor(HISTORY_RATING, "TYPE_FP32", (L,)),
+                Tensor(DEMOGRAPHICS, "TYPE_INT64", (N_DEMOGRAPHICS,)),
+            ),
             (Tensor(USER_EMBEDDING, "TYPE_FP32", (D,)),),
         ),
         ITEM_TOWER: ((Tensor(ITEM, "TYPE_INT64", (1,)),), (Tensor(ITEM_EMBEDDING, "TYPE_FP32", (D,)),)),

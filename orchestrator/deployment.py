@@ -216,7 +216,7 @@ class Router:
         for i, q in enumerate(queries):
             arm = self.pick(q.user_id)
             arms.setdefault(id(arm), (arm, []))[1].append(i)
-        results: list[Result | None] = [None] * len(queries)
+        results: list[Result | RecsysError | None] = [None] * len(queries)
         for arm, idx in arms.values():
             for i, result in zip(idx, arm.recommender.recommend_many([queries[i] for i in idx], deadline)):
                 if isinstance(result, Result):

@@ -69,7 +69,9 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("recsys_requests", "Calls, by RPC, gRPC status code and A/B variant.", ("rpc", "code", "variant"), registry=r)
+        self.requests = Counter(
+            "recsys_requests", "Calls, by RPC, gRPC status code and A/B variant.", ("rpc", "code", "variant"), registry=r
+        )
         self.latency = Histogram(
             "recsys_request_latency_seconds", "Server-side time of a call, in seconds.", ("rpc",), buckets=REQUEST_BUCKETS_S, registry=r
         )
@@ -77,13 +79,18 @@ class Metrics:
             "recsys_stage_latency_seconds", "Wall time of one pipeline stage, in seconds.", ("stage",), buckets=STAGE_BUCKETS_S, registry=r
         )
         self.answers = Counter(
-            "recsys_answers", "Pipeline answers by A/B variant and the model version that made them.", ("variant", "model_version"), registry=r
+            "recsys_answers",
+            "Pipeline answers by A/B variant and the model version that made them.",
+            ("variant", "model_version"),
+            registry=r,
         )
         self.fallbacks = Counter("recsys_fallbacks", "Answers that are the popular movies, by reason.", ("reason",), registry=r)
         self.shed = Counter("recsys_shed", "Calls refused with RESOURCE_EXHAUSTED by admission control, by RPC.", ("rpc",), registry=r)
         self.model = Info("recsys_model", "The served model set: model_version is the model repository version.", registry=r)
         self.triton_reachable = Gauge("recsys_triton_reachable", "1 when the inference backend passed its last readiness poll.", registry=r)
-        self.request_log_dropped = Counter("recsys_request_log_dropped", "Request-log rows dropped because the writer's queue was full.", registry=r)
+        self.request_log_dropped = Counter(
+            "recsys_request_log_dropped", "Request-log rows dropped because the writer's queue was full.", registry=r
+        )
         self.request_log_rows = Counter("recsys_request_log_rows", "Request-log rows written.", registry=r)
         # zero series from the start: rate() over a series that appears late misses its first step
         for reason in FALLBACK_REASONS:

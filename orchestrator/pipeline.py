@@ -242,8 +242,11 @@ class Recommender:
                 items[r, : len(c)], sims[r, : len(c)] = c, s
             ranks = np.tile(np.arange(width, dtype=np.float32), len(group))
             out = self.backend.rank(
-                items.reshape(-1), sims.reshape(-1), ranks,
-                np.stack([windows[i].items for i in group]), np.stack([windows[i].ratings for i in group]),
+                items.reshape(-1),
+                sims.reshape(-1),
+                ranks,
+                np.stack([windows[i].items for i in group]),
+                np.stack([windows[i].ratings for i in group]),
                 timeout_s=self.timeout(deadline, "ranking"),
             ).reshape(len(group), width)
             ms = (time.perf_counter() - t0) * 1e3
@@ -282,7 +285,9 @@ class Recommender:
     def user_vector(self, q: Query, window: Window, deadline: Deadline) -> np.ndarray:
         """The user tower's vector for the window (demographics of known users, else unknown)."""
         demo = self.catalog.demographics_of(q.user_id)
-        return self.backend.user_embedding(window.items[None], window.ratings[None], demo, timeout_s=self.timeout(deadline, "user tower"))[0]
+        return self.backend.user_embedding(window.items[None], window.ratings[None], demo, timeout_s=self.timeout(deadline, "user tower"))[
+            0
+        ]
 
     def timeout(self, deadline: Deadline, stage: str) -> float:
         """Time a model call may take: ``triton_timeout_s`` capped by the deadline."""
@@ -353,9 +358,7 @@ class Recommender:
 
     # ------------------------------------------------------------------ the other RPCs
 
-    def similar(
-        self, movie_id: int, k: int, filters: Filters, options: RerankOptions, user_id: int | None, deadline: Deadline
-    ) -> Result:
+    def similar(self, movie_id: int, k: int, filters: Filters, options: RerankOptions, user_id: int | None, deadline: Deadline) -> Result:
         """Nearest movies to one movie by item-embedding cosine, filtered, optionally MMR-diversified."""
         t = Timer()
         item = self.catalog.item_of(movie_id)
@@ -369,7 +372,12 @@ class Recommender:
             picked = self.rerank(cand, sims, k, options)
         title = self.catalog.titles[item]
         return Result(
-            cand[picked], sims[picked], [f"similar to {title}"] * len(picked), self.backend.model_version, timings_ms=t.ms, catalog=self.catalog
+            cand[picked],
+            sims[picked],
+            [f"similar to {title}"] * len(picked),
+            self.backend.model_version,
+            timings_ms=t.ms,
+            catalog=self.catalog,
         )
 
     def popular(self, k: int, recent: bool, filters: Filters) -> Result:

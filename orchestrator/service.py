@@ -252,8 +252,16 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
             self.metrics.observe_result(result.timings_ms, result.fallback, result.variant, result.model_version)
         if self.request_log is not None:
             row = LogRow(
-                request_id, time.time(), user_id, rpc, [i.movie_id for i in items], [i.score for i in items],
-                latency_ms, result.model_version, result.fallback, result.variant,
+                request_id,
+                time.time(),
+                user_id,
+                rpc,
+                [i.movie_id for i in items],
+                [i.score for i in items],
+                latency_ms,
+                result.model_version,
+                result.fallback,
+                result.variant,
             )
             self.request_log.log(row)
 
@@ -346,9 +354,7 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
 
         return self._handle(context, work)
 
-    def RecordInteraction(
-        self, request: pb.RecordInteractionRequest, context: grpc.ServicerContext
-    ) -> pb.RecordInteractionResponse:
+    def RecordInteraction(self, request: pb.RecordInteractionRequest, context: grpc.ServicerContext) -> pb.RecordInteractionResponse:
         """Appends one interaction, acknowledged only once it is durable."""
 
         def work(deadline: Deadline, request_id: str) -> pb.RecordInteractionResponse:
@@ -559,7 +565,11 @@ def add_servicer(servicer: RecommenderService, server: grpc.Server) -> None:
         request_cls, response_cls = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
 
         def behaviour(
-            request: Any, context: grpc.ServicerContext, impl: Any = getattr(servicer, method.name), rpc: str = method.name, kind: str = method.input_type.full_name
+            request: Any,
+            context: grpc.ServicerContext,
+            impl: Any = getattr(servicer, method.name),
+            rpc: str = method.name,
+            kind: str = method.input_type.full_name,
         ) -> Any:
             if isinstance(request, Undecodable):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: the request body is not a valid {kind} ({request.error})")
@@ -651,7 +661,10 @@ def create_server(
     request_log = None
     if settings.request_log:
         request_log = RequestLog(
-            settings.request_log_db(), settings.request_log_queue, on_drop=metrics.request_log_dropped.inc, on_write=metrics.request_log_rows.inc
+            settings.request_log_db(),
+            settings.request_log_queue,
+            on_drop=metrics.request_log_dropped.inc,
+            on_write=metrics.request_log_rows.inc,
         )
     add_servicer(RecommenderService(recommender, metrics, request_log), server)
     # non-blocking: Watch streams must not each hold one of the worker threads
@@ -667,11 +680,8 @@ def create_server(
         if request_log is not None:
             request_log.close()
         raise RuntimeError(f"cannot bind {address}")
-    watcher = HealthWatcher(
-        health_servicer, backend, settings.health_poll_s, lambda: recommender.warm_up(settings.warmup_calls), metrics
-    )
+    watcher = HealthWatcher(health_servicer, backend, settings.health_poll_s, lambda: recommender.warm_up(settings.warmup_calls), metrics)
     reloader = ReloadWatcher(recommender, settings.model_repository, settings.reload_poll_s)
     built = Server(server, port, recommender, watcher, metrics, request_log, reloader)
     built.admission = admission  # the gate, for operators' introspection and tests
     return built, port
-

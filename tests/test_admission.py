@@ -53,8 +53,15 @@ class SlowBackend:
 def gated(tiny_artifacts, tiny_repository, tmp_path_factory):
     backend = SlowBackend(InProcessBackend(tiny_repository))
     s = ServeSettings(
-        artifacts_dir=tiny_artifacts, model_repository=tiny_repository, history_db_path=tmp_path_factory.mktemp("adm") / "h.sqlite",
-        workers=16, max_in_flight=2, admission_wait_ms=0.0, retry_after_ms=40, triton_timeout_s=5.0, warmup_calls=1,
+        artifacts_dir=tiny_artifacts,
+        model_repository=tiny_repository,
+        history_db_path=tmp_path_factory.mktemp("adm") / "h.sqlite",
+        workers=16,
+        max_in_flight=2,
+        admission_wait_ms=0.0,
+        retry_after_ms=40,
+        triton_timeout_s=5.0,
+        warmup_calls=1,
     )
     server, port = create_server(s, backend=backend)
     server.start()
@@ -119,7 +126,9 @@ def wait_full(server, timeout_s: float = 20.0) -> None:
 def test_client_retries_shed_calls_until_admitted(gated):
     backend, server, port, stub, user = gated
     backend.delay_s = 0.5
-    blockers = [threading.Thread(target=stub.Recommend, args=(pb.RecommendRequest(user_id=user, k=3),), kwargs={"timeout": 10}) for _ in range(2)]
+    blockers = [
+        threading.Thread(target=stub.Recommend, args=(pb.RecommendRequest(user_id=user, k=3),), kwargs={"timeout": 10}) for _ in range(2)
+    ]
     try:
         for t in blockers:
             t.start()
@@ -130,7 +139,10 @@ def test_client_retries_shed_calls_until_admitted(gated):
         with RecsysClient(f"127.0.0.1:{port}", retries=0) as client:
             for t in blockers:
                 t.join(5)
-            blockers = [threading.Thread(target=stub.Recommend, args=(pb.RecommendRequest(user_id=user, k=3),), kwargs={"timeout": 10}) for _ in range(2)]
+            blockers = [
+                threading.Thread(target=stub.Recommend, args=(pb.RecommendRequest(user_id=user, k=3),), kwargs={"timeout": 10})
+                for _ in range(2)
+            ]
             for t in blockers:
                 t.start()
             wait_full(server)

@@ -154,6 +154,7 @@ def test_interrupted_run_resumes_without_duplicates(full_run, artifacts, server,
 
 def test_resume_refuses_a_different_run(artifacts, server, tmp_path):
     out = tmp_path / "recs.parquet"
+
     def stop(chunk, table) -> None:
         raise StopRequested
 
@@ -172,8 +173,22 @@ def test_cli_stop_and_resume(full_run, artifacts, server, tmp_path, capsys):
     wanted = full_run[0]["user_id"].drop_duplicates().to_numpy()[[5, 0, 77, 200, 13]]
     users.write_text("\n".join(str(u) for u in wanted) + "\n")
     out = tmp_path / "cli.parquet"
-    argv = ["batch-score", "--artifacts", str(artifacts), "--url", server.http_url, "--users", str(users),
-            "--k", str(K), "--out", str(out), "--batch-size", "2", "--quiet"]
+    argv = [
+        "batch-score",
+        "--artifacts",
+        str(artifacts),
+        "--url",
+        server.http_url,
+        "--users",
+        str(users),
+        "--k",
+        str(K),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
     assert main([*argv, "--stop-after-chunks", "1"]) == 3
     assert not out.exists()
     assert main(argv) == 0

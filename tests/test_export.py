@@ -241,7 +241,9 @@ def test_mismatch_with_checked_in_configs_is_refused(tiny_artifacts, tmp_path):
 def test_dtype_and_name_mismatch_in_one_config_is_refused(tiny_repository, tiny_artifacts, tmp_path):
     repo = shutil.copytree(tiny_repository, tmp_path / "repo")
     cpu = repo / "ranker_features" / "configs" / "cpu.pbtxt"
-    cpu.write_text(cpu.read_text().replace('name: "retrieval_rank"\n    data_type: TYPE_FP32', 'name: "retrieval_rank"\n    data_type: TYPE_INT64'))
+    cpu.write_text(
+        cpu.read_text().replace('name: "retrieval_rank"\n    data_type: TYPE_FP32', 'name: "retrieval_rank"\n    data_type: TYPE_INT64')
+    )
     native = repo / "ranker" / "config.pbtxt"
     native.write_text(native.read_text().replace('name: "score"', 'name: "scores"'))
     with pytest.raises(ExportError) as exc:

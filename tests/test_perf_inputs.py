@@ -118,7 +118,11 @@ def test_run_helpers_without_the_binary(tmp_path):
     run_check(DEFAULT_OUT, ROOT / "model_repository", list(MODELS))
     pa = PerfAnalyzer(binary=tmp_path / "pa" / "perf_analyzer", root=tmp_path / "root")
     cmd = pa.command("-m", "ranker")
-    assert cmd[:3] == [str(tmp_path / "root/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"), "--library-path", str(tmp_path / "root/usr/lib/x86_64-linux-gnu")]
+    assert cmd[:3] == [
+        str(tmp_path / "root/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+        "--library-path",
+        str(tmp_path / "root/usr/lib/x86_64-linux-gnu"),
+    ]
     header = "Concurrency,Inferences/Second,Client Send,p50 latency,p90 latency,p95 latency,p99 latency\n"
     for c, thr in ((1, "1000.5"), (2, "1800.0")):
         (tmp_path / f"c{c}.csv").write_text(header + f"{c},{thr},10,900,1000,1100,1500\n")
@@ -126,4 +130,12 @@ def test_run_helpers_without_the_binary(tmp_path):
     lines = (tmp_path / "m.csv").read_text().splitlines()
     assert lines[0] == header.strip() and len(lines) == 3
     row = summarise("ranker", 200, {"Concurrency": "2", "Inferences/Second": "1800.0", "p50 latency": "900", "p99 latency": "1500"})
-    assert row == {"model": "ranker", "batch": 200, "concurrency": 2, "infer_per_s": 1800.0, "requests_per_s": 9.0, "p50_us": 900, "p99_us": 1500}
+    assert row == {
+        "model": "ranker",
+        "batch": 200,
+        "concurrency": 2,
+        "infer_per_s": 1800.0,
+        "requests_per_s": 9.0,
+        "p50_us": 900,
+        "p99_us": 1500,
+    }

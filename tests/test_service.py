@@ -346,7 +346,10 @@ class Wrapped:
 def wrapped(tiny_artifacts, tiny_repository, tmp_path_factory):
     backend = Wrapped(InProcessBackend(tiny_repository))
     s = ServeSettings(
-        artifacts_dir=tiny_artifacts, model_repository=tiny_repository, triton_timeout_s=0.3, health_poll_s=0.05,
+        artifacts_dir=tiny_artifacts,
+        model_repository=tiny_repository,
+        triton_timeout_s=0.3,
+        health_poll_s=0.05,
         history_db_path=tmp_path_factory.mktemp("wrapped") / "h.sqlite",
     )
     server, port = create_server(s, backend=backend)

@@ -251,8 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="folder with users.csv (default: the manifest's data path)")
     args = parser.parse_args(argv)
     meta = make_inputs(
-        args.artifacts, args.repo, args.out, users=args.users, items=args.items,
-        ranker_users=args.ranker_users, candidates=args.candidates, seed=args.seed, data_dir=args.data,
+        args.artifacts,
+        args.repo,
+        args.out,
+        users=args.users,
+        items=args.items,
+        ranker_users=args.ranker_users,
+        candidates=args.candidates,
+        seed=args.seed,
+        data_dir=args.data,
     )
     print(json.dumps(meta["models"], indent=2))
     return 0
