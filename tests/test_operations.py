@@ -419,7 +419,10 @@ def test_operations_settings(tmp_path):
 
 
 def test_stop_flushes_under_concurrent_load(tiny_artifacts, tiny_repository, tmp_path):
-    server, port = serve(tiny_artifacts, tiny_repository, tmp_path, workers=4)
+    # threads above the 4 callers: gRPC's maximum_concurrent_rpcs equals workers, and a call
+    # still closing when the next one starts would otherwise be refused (that is admission's
+    # test, tests/test_admission.py; this one is about the flush)
+    server, port = serve(tiny_artifacts, tiny_repository, tmp_path, workers=8)
     errors: list[BaseException] = []
 
     def hammer() -> None:
