@@ -327,16 +327,13 @@ def evaluate(
     settings = settings or EvalSettings()
     started = time.perf_counter()
     results: list[WindowResult] = []
-    last: list[tuple[MovieLens, Fitted]] = []
 
-    def inspect(ml: MovieLens, fitted: Fitted) -> None:
+    def inspect(ml: MovieLens, fitted: Fitted) -> None:  # keeps no reference: run frees each window's models
         results.append(evaluate_window(fitted, settings, progress))
-        last[:] = [(ml, fitted)]
 
     # the one offline composition: fit per window, evaluate each, save the latest window's models
-    run(data_dir, artifacts_dir, None, settings.train, progress, inspect, windows=settings.windows)
-    ml, fitted = last[0]
-    report = build_report(results, settings, ml, fitted, data_dir)
+    done = run(data_dir, artifacts_dir, None, settings.train, progress, inspect, windows=settings.windows)
+    report = build_report(results, settings, done["ml"], done["fitted"], data_dir)
     report["seconds"] = {"total": round(time.perf_counter() - started, 2)}
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

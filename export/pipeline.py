@@ -348,7 +348,8 @@ def run(
             (with one window, the single time split of ``recsys train``).
 
     Returns:
-        ``{"manifest": ... or None, "published": ... or None}``.
+        ``{"ml": the loaded data, "fitted": the latest window's models, "manifest": ... or None,
+        "published": ... or None}``.
     """
     settings = settings or TrainSettings()
     ml = load_movielens(data_dir, progress=progress)
@@ -362,7 +363,7 @@ def run(
     assert fitted is not None
     manifest = save_artifacts(fitted, ml, data_dir, artifacts_dir, settings) if artifacts_dir is not None else None
     published = publish(artifacts_dir, repo, progress=progress) if artifacts_dir is not None and repo is not None else None
-    return {"manifest": manifest, "published": published}
+    return {"ml": ml, "fitted": fitted, "manifest": manifest, "published": published}
 
 
 def publish(

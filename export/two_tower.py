@@ -415,6 +415,7 @@ def train_two_tower(
     validate: Callable[[TwoTower], float] | None = None,
     epochs: int | None = None,
     progress: bool = True,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Trains the two-tower model on every position of every user's training sequence.
 
@@ -435,12 +436,13 @@ def train_two_tower(
         validate: Returns validation Recall@100 for a model; drives early stopping.
         epochs: Overrides ``config.epochs`` (used when refitting for a known best epoch).
         progress: Show a progress bar.
+        device: Where to train (default: CUDA when present, else the CPU).
 
     Returns:
         A :class:`TrainResult`.
     """
     seed_everything(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = TwoTower(config, catalog, stats, demographics.cardinalities).to(device)
     n_epochs = epochs if epochs is not None else config.epochs
     L = config.history_len
