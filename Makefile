@@ -47,7 +47,7 @@ scaleout-deps: redis
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; } \
 		|| echo "haproxy not installed: the scale-out test will be skipped"
 
-test: install redis browser scaleout-deps
+test: install redis browser scaleout-deps lint
 	$(BIN)/python -m pytest -q
 
 clean:

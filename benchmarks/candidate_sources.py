@@ -28,13 +28,13 @@ import numpy as np
 
 from benchmarks.common import LoadWatch, conditions, log, markdown_table, write_json
 from export import baselines
-from export.candidates import choose_budgets, recall
+from export.candidates import recall
 from export.data import load_movielens
 from export.evaluate import interaction_matrix, rank_with, tune_baseline
 from export.features import RankerFeatures
-from export.ranking_metrics import ndcg_at_k
 from export.pipeline import TrainSettings, fit_models, merged_candidates, users_with_history
 from export.ranker import candidate_features, candidate_labels, rerank, train_ranker
+from export.ranking_metrics import ndcg_at_k
 from export.split import relevant_items
 from orchestrator.candidates import SOURCES
 
@@ -138,8 +138,15 @@ def table(report: dict) -> str:
     head = ["model / mix", "budgets", "cand recall@200", "two_tower recall@100", "ranker NDCG@10", "vs best", "95% CI diff"]
     best = report["best_baseline_by_ndcg@10"]
     rows = [
-        [r["mix"], "/".join(f"{b:g}" for b in r["budgets"]), r["cand_recall@200"], r["two_tower_recall@100"], r["ranker_ndcg@10"],
-         r.get(f"vs {best} ndcg@10 ratio"), r.get("ci95_diff")]
+        [
+            r["mix"],
+            "/".join(f"{b:g}" for b in r["budgets"]),
+            r["cand_recall@200"],
+            r["two_tower_recall@100"],
+            r["ranker_ndcg@10"],
+            r.get(f"vs {best} ndcg@10 ratio"),
+            r.get("ci95_diff"),
+        ]
         for r in report["mixes"]
     ]
     rows += [[f"baseline {k}", "", v["recall@200"], "", v["ndcg@10"], "", ""] for k, v in report["baselines"].items()]

@@ -58,12 +58,21 @@ LEVELS = (1, 4, 16, 32)
 STAGES = ("history", "user_tower", "retrieval", "ranking", "reranking")
 
 TARGETS = {
-    "served_c1_p50_ms": 3.0,
+    "served_c1_p50_ms": 6.0,
     "served_c1_p99_ms": 10.0,
+    "inprocess_c1_p50_ms": 3.0,
     "served_minus_inprocess_p50_ms": 1.5,
     "c16_qps": 400.0,
     "c16_p99_ms": 50.0,
+    "overload_admitted_p99_ms": 100.0,
+    "overload_shed_p99_ms": 10.0,
+    "overload_internal": 0,
+    "batch_speedup": 2.0,
 }
+"""Issue 13's targets (``*_qps`` and ``batch_speedup`` are floors, the rest ceilings)."""
+OVERLOAD_CONCURRENCY = 64
+BATCH_USERS = 64
+BATCH_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -85,9 +94,7 @@ class Case:
 
 CASES = {
     # the ML-32M movie count with few enough ratings that one epoch takes minutes, not hours
-    "ml32m-shape": Case(
-        "ml32m-shape", "synth", ("--users", "20000", "--items", "87585", "--ratings", "400000", "--span-days", "1095")
-    ),
+    "ml32m-shape": Case("ml32m-shape", "synth", ("--users", "20000", "--items", "87585", "--ratings", "400000", "--span-days", "1095")),
     "ml-latest-small": Case("ml-latest-small", DEFAULT_DATA_DIR),
     # the figures in BENCHMARKS.md were measured on it; it may not be shipped, so users download it
     "ml-100k": Case("ml-100k", "data/ml-100k"),
@@ -111,8 +118,10 @@ def build_deployment(case: Case, work: Path) -> tuple[Path, Path]:
     """``(artifacts, repo)`` of ``case`` under ``work``, trained and exported unless already there."""
     root = work / case.name
     artifacts, repo = root / "artifacts", root / "model_repository"
-    if (artifacts / "manifest.json").is_file() and (artifacts / "faiss" / "index.json").is_file() and any(
-        (repo / "user_tower").glob("[0-9]*/model.onnx")
+    if (
+        (artifacts / "manifest.json").is_file()
+        and (artifacts / "faiss" / "index.json").is_file()
+        and any((repo / "user_tower").glob("[0-9]*/model.onnx"))
     ):
         log(f"{case.name}: reusing the deployment in {root}")
         return artifacts, repo
@@ -241,6 +250,76 @@ async def _drive(address: str, users: list[int], concurrency: int, k: int, timeo
     return {"latencies": latencies, "server_ms": server_ms, "errors": dict(errors), "fallbacks": fallbacks, "wall_s": wall}
 
 
+async def _drive_overload(address: str, users: list[int], concurrency: int, k: int, timeout_s: float) -> dict[str, Any]:
+    """Recommend calls at ``concurrency`` past capacity: latency of admitted and of shed calls apart."""
+    import grpc
+
+    from clients.client import AsyncRecsysClient
+    from clients.errors import RecsysRpcError
+
+    admitted: list[float] = []
+    shed: list[float] = []
+    codes: Counter[str] = Counter()
+    queue = list(reversed(users))
+    async with AsyncRecsysClient(address, timeout_s=timeout_s, retries=0) as client:
+
+        async def worker() -> None:
+            while queue:
+                user = queue.pop()
+                t0 = time.perf_counter()
+                try:
+                    await client.recommend(user, k=k)
+                    admitted.append(time.perf_counter() - t0)
+                    codes["OK"] += 1
+                except (grpc.RpcError, RecsysRpcError) as exc:  # raw or typed (clients.errors), by status code
+                    code = exc.code() if callable(exc.code) else exc.code
+                    codes[code.name] += 1
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        shed.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    def p99(xs: list[float]) -> float | None:
+        return round(float(np.percentile(np.asarray(xs) * 1e3, 99)), 3) if xs else None
+
+    return {
+        "concurrency": concurrency,
+        "requests": len(users),
+        "admitted": len(admitted),
+        "shed": len(shed),
+        "admitted_p99_ms": p99(admitted),
+        "admitted_p50_ms": round(float(np.median(admitted)) * 1e3, 3) if admitted else None,
+        "shed_p99_ms": p99(shed),
+        "internal": codes.get("INTERNAL", 0) + codes.get("UNKNOWN", 0),
+        "codes": dict(codes),
+    }
+
+
+def run_batch(address: str, users: list[int], k: int, rounds: int = BATCH_ROUNDS) -> dict[str, Any]:
+    """``len(users)`` single Recommend calls one after another vs one BatchRecommend of them (medians over rounds)."""
+    from clients.client import RecsysClient, recommend_request
+
+    single, batch = [], []
+    with RecsysClient(address, timeout_s=30, retries=0) as client:
+        for _ in range(rounds):  # alternated, so load drifts hit both alike
+            t0 = time.perf_counter()
+            for u in users:
+                client.recommend(u, k=k)
+            single.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            resp = client.batch_recommend([recommend_request(u, k=k) for u in users])
+            batch.append(time.perf_counter() - t0)
+            failed = [r for r in resp.results if r.WhichOneof("outcome") != "response"]
+            if failed:
+                raise RuntimeError(f"BatchRecommend failed for {len(failed)} of {len(users)} users: {failed[0].failure.message}")
+    return {
+        "users": len(users),
+        "rounds": rounds,
+        "single_users_per_s": round(len(users) / float(np.median(single)), 1),
+        "batch_users_per_s": round(len(users) / float(np.median(batch)), 1),
+    }
+
+
 def level_summary(latencies: list[float], wall_s: float, errors: dict[str, int], fallbacks: int = 0) -> dict[str, Any]:
     """The issue's per-level figures: p50/p95/p99 (ms), QPS (answers / wall second), errors by status."""
     ms = np.asarray(latencies, np.float64) * 1e3
@@ -271,9 +350,10 @@ def stage_medians(rows: list[dict[str, float]], client_ms: np.ndarray | None = N
 
 def run_served(
     artifacts: Path, repo: Path, users: list[int], levels: tuple[int, ...], requests: int, warmup: int, k: int,
-    timeout_s: float, serve_args: tuple[str, ...],
+    timeout_s: float, serve_args: tuple[str, ...], extras: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
-    """The served half: start, time to SERVING, first call, warm-up, every level."""
+    """The served half: start, time to SERVING, first call, warm-up, every level; with ``extras`` the
+    overload run (c64) and the BatchRecommend comparison too."""
     out: dict[str, Any] = {"levels": {}}
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
         t0 = time.perf_counter()
@@ -291,6 +371,15 @@ def run_served(
                     out["stages_ms"] = stage_medians(r["server_ms"], np.asarray(r["latencies"]) * 1e3)
                 out["levels"][f"c{c}"] = s
                 log(f"served c{c}: p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, {s['qps']} QPS, {s['errors']} errors")
+            if not extras:
+                return out
+            picked = users[1 + warmup : 1 + warmup + max(requests, 4 * OVERLOAD_CONCURRENCY)]
+            out["overload"] = o = asyncio.run(_drive_overload(stack.address, picked, OVERLOAD_CONCURRENCY, k, timeout_s))
+            log(
+                f"served c{o['concurrency']} overload: {o['admitted']} admitted (p99 {o['admitted_p99_ms']} ms), {o['shed']} shed (p99 {o['shed_p99_ms']} ms), {o['internal']} INTERNAL/UNKNOWN"
+            )
+            out["batch"] = b = run_batch(stack.address, users[1 + warmup : 1 + warmup + BATCH_USERS], k)
+            log(f"served batch of {b['users']}: {b['batch_users_per_s']} users/s batched, {b['single_users_per_s']} as single calls")
     return out
 
 
@@ -339,9 +428,15 @@ def run_inprocess(artifacts: Path, repo: Path, users: list[int], requests: int, 
 # ---------------------------------------------------------------------------- report
 
 
-def targets(served: dict[str, Any], inprocess: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def targets(
+    served: dict[str, Any], inprocess: dict[str, Any], overload: dict[str, Any] | None = None, batch: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
     """Each target of the issue with the measured value and whether it is met."""
     c1, c16 = served.get("c1", {}), served.get("c16", {})
+    overload, batch = overload or {}, batch or {}
+    speedup = None
+    if batch.get("single_users_per_s"):
+        speedup = round(batch["batch_users_per_s"] / batch["single_users_per_s"], 2)
     floor = inprocess.get("c1", {}).get("p50_ms")
     gap = round(c1["p50_ms"] - floor, 3) if c1.get("p50_ms") is not None and floor is not None else None
     measured = {
@@ -350,11 +445,17 @@ def targets(served: dict[str, Any], inprocess: dict[str, Any]) -> dict[str, dict
         "served_minus_inprocess_p50_ms": gap,
         "c16_qps": c16.get("qps"),
         "c16_p99_ms": c16.get("p99_ms"),
+        "inprocess_c1_p50_ms": floor,
+        "overload_admitted_p99_ms": overload.get("admitted_p99_ms"),
+        "overload_shed_p99_ms": overload.get("shed_p99_ms"),
+        "overload_internal": overload.get("internal"),
+        "batch_speedup": speedup,
     }
     out = {}
     for name, limit in TARGETS.items():
         value = measured[name]
-        ok = None if value is None else (value >= limit if name.endswith("qps") else value <= limit)
+        floor_target = name.endswith("qps") or name == "batch_speedup"
+        ok = None if value is None else (value >= limit if floor_target else value <= limit)
         out[name] = {"target": limit, "measured": value, "met": ok}
     return out
 
@@ -405,8 +506,7 @@ def print_report(report: dict[str, Any]) -> None:
     for name, case in report["cases"].items():
         print(f"\n## {name}: {case['conditions']['catalog_items']:,} items, {case['conditions']['requests']} requests per level")
         rows = [
-            (f"served {c}", s["p50_ms"], s["p95_ms"], s["p99_ms"], s["qps"], s["errors"], s["fallbacks"])
-            for c, s in case["served"].items()
+            (f"served {c}", s["p50_ms"], s["p95_ms"], s["p99_ms"], s["qps"], s["errors"], s["fallbacks"]) for c, s in case["served"].items()
         ]
         f = case["inprocess"]["c1"]
         rows.append(("in-process c1", f["p50_ms"], f["p95_ms"], f["p99_ms"], f["qps"], f["errors"], f["fallbacks"]))
@@ -414,11 +514,23 @@ def print_report(report: dict[str, Any]) -> None:
         st = case["stages_ms"]
         print("\nmedian stage times at c1 (ms): served " + ", ".join(f"{k} {v}" for k, v in st["served"].items()))
         print("                              in-process " + ", ".join(f"{k} {v}" for k, v in st["inprocess"].items()))
+        if case.get("overload"):
+            o, b = case["overload"], case["batch"]
+            print(
+                f"overload c{o['concurrency']}: {o['admitted']} admitted (p99 {o['admitted_p99_ms']} ms), {o['shed']} shed "
+                f"(p99 {o['shed_p99_ms']} ms), {o['internal']} INTERNAL/UNKNOWN; BatchRecommend of {b['users']}: "
+                f"{b['batch_users_per_s']} users/s vs {b['single_users_per_s']} as single calls"
+            )
         print(
             f"first call after start: served {case['first_call_ms']['served']} ms, in-process "
             f"{case['first_call_ms']['inprocess']} ms; SERVING {case['serving_after_s']} s after launch"
         )
-        print("\ntargets: " + "; ".join(f"{k} {v['measured']} (target {v['target']}): {'met' if v['met'] else 'NOT met'}" for k, v in case["targets"].items()))
+        print(
+            "\ntargets: "
+            + "; ".join(
+                f"{k} {v['measured']} (target {v['target']}): {'met' if v['met'] else 'NOT met'}" for k, v in case["targets"].items()
+            )
+        )
     print("\n" + conditions_line(report["conditions"]))
 
 
@@ -436,9 +548,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", default=",".join(map(str, LEVELS)), help="levels (default: %(default)s)")
     p.add_argument("-k", type=int, default=10, help="results per call (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=5.0, help="client deadline per call, seconds (default: %(default)s)")
-    p.add_argument("--serve-arg", action="append", default=[], help="extra `recsys serve` argument (repeatable, e.g. --serve-arg=--workers=16)")
+    p.add_argument(
+        "--serve-arg", action="append", default=[], help="extra `recsys serve` argument (repeatable, e.g. --serve-arg=--workers=16)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="smoke run: ml-latest-small (the demo's deployment when there is one), 300 requests per level, 50 warm-up")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: ml-latest-small (the demo's deployment when there is one), 300 requests per level, 50 warm-up",
+    )
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON report; the PNG goes beside it (default: %(default)s)")
     p.set_defaults(func=main)
 
@@ -472,17 +590,26 @@ def main(args: argparse.Namespace) -> int:
                 floor = run_inprocess(artifacts, repo, users, args.requests, args.warmup, args.k)
             report["cases"][name] = {
                 "conditions": {
-                    "catalog_items": n_items, "candidates": cand, "k": args.k, "requests": args.requests,
-                    "warmup": args.warmup, "levels": list(levels), "artifacts": str(artifacts), "repo": str(repo),
-                    "serve_args": list(args.serve_arg), "load_average": case_load.record(),
+                    "catalog_items": n_items,
+                    "candidates": cand,
+                    "k": args.k,
+                    "requests": args.requests,
+                    "warmup": args.warmup,
+                    "levels": list(levels),
+                    "artifacts": str(artifacts),
+                    "repo": str(repo),
+                    "serve_args": list(args.serve_arg),
+                    "load_average": case_load.record(),
                 },  # fmt: skip
                 "served": served["levels"],
                 "inprocess": floor["levels"],
                 "stages_ms": {"served": served.get("stages_ms", {}), "inprocess": floor["stages_ms"]},
                 "first_call_ms": {"served": served["first_call_ms"], "inprocess": floor["first_call_ms"]},
                 "serving_after_s": served["serving_after_s"],
+                "overload": served.get("overload"),
+                "batch": served.get("batch"),
             }
-            report["cases"][name]["targets"] = targets(served["levels"], floor["levels"])
+            report["cases"][name]["targets"] = targets(served["levels"], floor["levels"], served.get("overload"), served.get("batch"))
     first = next(iter(report["cases"].values()))
     report = {
         "conditions": conditions(**{k: first["conditions"][k] for k in ("catalog_items", "candidates", "k", "requests", "warmup")})
@@ -491,6 +618,8 @@ def main(args: argparse.Namespace) -> int:
         "inprocess": first["inprocess"],
         "stages_ms": first["stages_ms"],
         "targets": first["targets"],
+        "overload": first["overload"],
+        "batch": first["batch"],
         **report,
     }
     out = write_json(args.out, report)

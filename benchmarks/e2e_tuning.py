@@ -93,7 +93,11 @@ def fuse_ranker(repo: Path) -> None:
     text = cfg.read_text()
     head, _, _ = text.partition("ensemble_scheduling")
     leaf = (repo / "ranker" / "configs" / "cpu.pbtxt").read_text()
-    tail = leaf[leaf.index("instance_group") :].replace('parameters {', 'parameters { key: "onnx_chain", value: { string_value: "ranker_features,ranker" } }\nparameters {', 1)
+    tail = leaf[leaf.index("instance_group") :].replace(
+        "parameters {", 'parameters { key: "onnx_chain", value: { string_value: "ranker_features,ranker" } }\nparameters {', 1
+    )
+    if "max_batch_size: 0" in head:  # the unbatched ensemble's layout: no dynamic batching to copy
+        tail = re.sub(r"dynamic_batching \{.*?\n\}\n", "", tail, flags=re.S)
     cfg.unlink()
     cfg.write_text(head.replace('platform: "ensemble"', 'backend: "python"') + tail)
     shim = repo / "ranker" / "model.py"
@@ -127,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                 saved = {k: os.environ.get(k) for k in v.env}
                 os.environ.update(v.env)
                 try:
-                    runs[v.name].append(run_served(artifacts, repos[v.name], users, levels, args.requests, args.warmup, 10, 5.0, ()))
+                    runs[v.name].append(
+                        run_served(artifacts, repos[v.name], users, levels, args.requests, args.warmup, 10, 5.0, (), extras=False)
+                    )
                 finally:
                     for k, old in saved.items():
                         os.environ.pop(k) if old is None else os.environ.__setitem__(k, old)

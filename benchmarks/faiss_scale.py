@@ -256,7 +256,9 @@ def measure_case(
             log(f"n={n:,}: building {kind}")
             gc.collect()
             rss0 = current_rss_bytes()
-            one = build_indexes(vectors, [kind], settings.seed, k=k, target_recall=settings.target_recall, threads=settings.build_threads_small)
+            one = build_indexes(
+                vectors, [kind], settings.seed, k=k, target_recall=settings.target_recall, threads=settings.build_threads_small
+            )
             gc.collect()
             built[kind] = one[kind]
             built.build_seconds[kind] = one.build_seconds[kind]
@@ -370,7 +372,10 @@ def run_benchmark(artifacts: str | Path | None, settings: FaissScaleSettings) ->
             need, have = memory_needed(n, settings.dim, settings), available_memory()
             if have and need > settings.memory_fraction * have:
                 skipped.append(
-                    {"case": f"synthetic n={n:,}", "reason": f"needs ~{need / GIB:.1f} GiB, {have / GIB:.1f} GiB available (limit {settings.memory_fraction:.0%})"}
+                    {
+                        "case": f"synthetic n={n:,}",
+                        "reason": f"needs ~{need / GIB:.1f} GiB, {have / GIB:.1f} GiB available (limit {settings.memory_fraction:.0%})",
+                    }
                 )
                 continue
             cases.append(run_case("synthetic clustered", n, settings))
@@ -424,7 +429,20 @@ def table(report: dict[str, Any]) -> str:
                 )
             )
     return markdown_table(
-        ("case", "n", "kind", "params", "recall@100", "p50 ms", "p99 ms", "build s", "tune s", "serialised MiB", "RSS delta MiB", "queries"),
+        (
+            "case",
+            "n",
+            "kind",
+            "params",
+            "recall@100",
+            "p50 ms",
+            "p99 ms",
+            "build s",
+            "tune s",
+            "serialised MiB",
+            "RSS delta MiB",
+            "queries",
+        ),
         rows,
     )
 
@@ -435,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=None, help="comma-separated synthetic catalog sizes (default: 87585,1000000,10000000)")
     parser.add_argument("--quick", action="store_true", help="trained embeddings + 50,000 synthetic items: under a minute")
     parser.add_argument("--queries", type=int, default=None, help="measured queries for catalogs up to 200,000 items")
-    parser.add_argument("--build-threads", type=int, default=None, help="OpenMP threads while building above 200,000 items (default: all cores)")
+    parser.add_argument(
+        "--build-threads", type=int, default=None, help="OpenMP threads while building above 200,000 items (default: all cores)"
+    )
     parser.add_argument("--hnsw-max", type=int, default=None, help="largest catalog HNSW is built for (default 200,000)")
     parser.add_argument("--out", default=None, help="JSON report (default: reports/benchmarks/faiss_scale.json)")
     args = parser.parse_args(argv)

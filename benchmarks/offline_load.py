@@ -29,7 +29,12 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "conditions": {"git_sha": git_sha(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "data": args.data},
+                "conditions": {
+                    "git_sha": git_sha(),
+                    "cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(),
+                    "data": args.data,
+                },
                 "ratings": ml.n_ratings,
                 "movies": len(ml.movies),
                 "dropped": ml.report.dropped,

@@ -229,7 +229,9 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
         train_s = stages.records["two_tower_bounded"]["seconds"]
         steps_run = -(-sub_windows // settings.batch_size)
         per_target = train_s / max(1, sub_targets)
-        timed_users = np.random.default_rng(settings.seed).choice(val_users, size=min(settings.val_users_timed, len(val_users)), replace=False)
+        timed_users = np.random.default_rng(settings.seed).choice(
+            val_users, size=min(settings.val_users_timed, len(val_users)), replace=False
+        )
         stages.run("validation_bounded", retrieve, result.model, val_period, demographics, timed_users, 100)
         val_s = stages.records["validation_bounded"]["seconds"]
         # quick mode sees a user sample: scale its validation users back up to the full data
@@ -268,7 +270,9 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
         # -- ranker: bounded number of validation users x candidates
         active = np.unique(split.val.user_id.to_numpy())
         active = active[histories.positions(active) >= 0]
-        users = np.sort(np.random.default_rng(settings.seed + 1).choice(active, size=min(settings.ranker_users, len(active)), replace=False))
+        users = np.sort(
+            np.random.default_rng(settings.seed + 1).choice(active, size=min(settings.ranker_users, len(active)), replace=False)
+        )
         model = result.model
         tables = stages.run("candidate_tables", val_period.tables, catalog, TrainSettings())
         cands = stages.run("ranker_retrieval", merged_candidates, model, val_period, demographics, tables, users, settings.candidates)
@@ -295,7 +299,11 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
             # LightGBM's cost per tree is ~linear in rows at a fixed tree count: a labelled estimate
             "train_seconds_extrapolated_to_requested_rows": None
             if len(users) >= settings.ranker_users or settings.user_fraction is not None
-            else {"rows": wanted_rows, "seconds": round(ranker_train_s * wanted_rows / max(1, feats.shape[0]), 1), "basis": "extrapolated, linear in rows"},
+            else {
+                "rows": wanted_rows,
+                "seconds": round(ranker_train_s * wanted_rows / max(1, feats.shape[0]), 1),
+                "basis": "extrapolated, linear in rows",
+            },
             "config": asdict(rconfig),
             "users": int(len(users)),
             "rows": int(feats.shape[0]),
@@ -304,7 +312,7 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
             "candidates_from": f"the bounded two-tower ({steps_run} steps), not a fully trained one",
             "seconds": {k: stages.records[f"ranker_{k}"]["seconds"] for k in ("retrieval", "features", "labels", "train")},
         }
-        del feats, labels, cand, cand_scores, hist, hist_r
+        del feats, labels, cand, cands
         gc.collect()
 
         # -- FAISS over the catalog's item vectors
@@ -400,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON report (default: reports/benchmarks/offline_scale[_quick].json)")
     args = parser.parse_args(argv)
     settings = OfflineScaleSettings.quick() if args.quick else OfflineScaleSettings()
-    overrides = {k: v for k, v in {"steps": args.steps, "ranker_users": args.ranker_users, "torch_threads": args.torch_threads}.items() if v}
+    overrides = {
+        k: v for k, v in {"steps": args.steps, "ranker_users": args.ranker_users, "torch_threads": args.torch_threads}.items() if v
+    }
     if overrides:
         settings = replace(settings, **overrides)
     if not Path(args.data, "ratings.csv").is_file():

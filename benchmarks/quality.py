@@ -111,11 +111,7 @@ def write_tables(out: Path, command: str) -> dict:
         cond = run_info.get("conditions", {})
         load = cond.get("load_average", {})
         spec = run_info.get("synth_spec")
-        shape = (
-            f" ML-32M-shaped sample: {spec['users']:,} users, {spec['items']:,} movies, {spec['ratings']:,} ratings."
-            if spec
-            else ""
-        )
+        shape = f" ML-32M-shaped sample: {spec['users']:,} users, {spec['items']:,} movies, {spec['ratings']:,} ratings." if spec else ""
         ran = (
             f"`{run_info['command']}` (wall {load.get('wall_s', 0) / 60:.1f} min; {conditions_line(cond)})."
             if run_info
@@ -127,9 +123,7 @@ def write_tables(out: Path, command: str) -> dict:
             f"{proto['test_users']} (user, window) pairs ({proto['distinct_test_users']} distinct users), "
             f"{proto['items']} items, test windows from {proto['test_starts'][:10]}; per-window test users "
             f"{[w['test_users'] for w in report['windows']]}; ranker / best baseline NDCG@10 per window "
-            f"{report['targets']['ranker_vs_best_baseline_ndcg@10_per_window']}.\n\n"
-            + markdown_table(report)
-            + "\n"
+            f"{report['targets']['ranker_vs_best_baseline_ndcg@10_per_window']}.\n\n" + markdown_table(report) + "\n"
         )
         summary[name] = {key: report[key] for key in ("protocol", "models", "significance", "candidates", "targets")}
         summary[name]["quality_run"] = run_info

@@ -131,8 +131,8 @@ def real_requests(artifacts: str | Path, repo: str | Path, users: int, max_count
     """
     from benchmarks.perf_analyzer.make_inputs import latest_version
     from export.batch_score import load_user_data, user_inputs
-    from export.onnx_export import session
     from export.candidates import merged_from_ann
+    from export.onnx_export import session
     from export.retrieval import top_k
     from orchestrator.candidates import TABLES_FILE, CandidateTables
 
@@ -159,13 +159,13 @@ def real_requests(artifacts: str | Path, repo: str | Path, users: int, max_count
     rows, feats = [], []
     for u in range(len(chosen)):
         r = {
-            "item": cand[u].reshape(-1, 1).astype(np.int64),
-            "retrieval_score": scores[u].reshape(-1, 1).astype(np.float32),
+            "item": cand[u].astype(np.int32),
+            "retrieval_score": scores[u].astype(np.float32),
             # 0-based rank in the merged list, as in training (export.ranker.candidate_features)
-            "retrieval_rank": np.arange(max_count, dtype=np.float32).reshape(-1, 1),
-            "history": np.repeat(x["history"][u : u + 1], max_count, axis=0),
-            "history_rating": np.repeat(x["history_rating"][u : u + 1], max_count, axis=0),
-            "candidate_sources": sources[u],
+            "retrieval_rank": np.arange(max_count, dtype=np.float32),
+            "history": x["history"][u : u + 1].astype(np.int32),  # once per user
+            "history_rating": x["history_rating"][u : u + 1].astype(np.float32),
+            "candidate_sources": sources[u].astype(np.float32),
         }
         rows.append(r)
         feats.append(features_session.run(["features"], r)[0].astype(np.float32))
@@ -224,7 +224,13 @@ def hummingbird_backend(booster: Any, strategy: str, workdir: Path) -> Backend:
     return Backend(
         f"ort_{strategy}",
         lambda rows, feats: sess.run(["score"], {"features": feats})[0].reshape(-1),
-        {"strategy": strategy, "threads": 1, "export_s": round(export_s, 2), "squeeze_nodes_pinned": pinned, "onnx_bytes": path.stat().st_size},
+        {
+            "strategy": strategy,
+            "threads": 1,
+            "export_s": round(export_s, 2),
+            "squeeze_nodes_pinned": pinned,
+            "onnx_bytes": path.stat().st_size,
+        },
     )
 
 
@@ -235,7 +241,9 @@ def served_graphs_backend(repo: Path) -> Backend:
 
     feat_dir, rank_dir = latest_version(repo / "ranker_features"), latest_version(repo / "ranker")
     feat, rank = session(feat_dir / "model.onnx"), session(rank_dir / "model.onnx")
-    strategy = json.loads((rank_dir / "version.json").read_text()).get("tree_implementation") if (rank_dir / "version.json").exists() else None
+    strategy = (
+        json.loads((rank_dir / "version.json").read_text()).get("tree_implementation") if (rank_dir / "version.json").exists() else None
+    )
 
     def call(rows: dict[str, np.ndarray], feats: np.ndarray) -> np.ndarray:
         f = feat.run(["features"], rows)[0]
@@ -253,7 +261,7 @@ def triton_backends(url: str) -> list[Backend]:
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
-    dtypes = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+    dtypes = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
 
     def infer(model: str, arrays: dict[str, np.ndarray]) -> np.ndarray:
         inputs = []

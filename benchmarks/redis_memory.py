@@ -56,8 +56,14 @@ def measure(users: int, lengths: list[int], seed: int = 0) -> list[dict]:
             for user in (first_user, first_user + users - 1):  # the store reads what was written
                 assert len(store.history(user)) == length, (user, length)
             per_user = (after - before) / users
-            rows.append({"history_length": length, "users": users, "bytes_per_user": round(per_user),
-                         "bytes_per_interaction": round(per_user / length, 1)})
+            rows.append(
+                {
+                    "history_length": length,
+                    "users": users,
+                    "bytes_per_user": round(per_user),
+                    "bytes_per_interaction": round(per_user / length, 1),
+                }
+            )
             log(f"length {length}: {per_user / length:.1f} B per interaction, {per_user / 1024:.1f} KiB per user")
         store.close()
         client.close()

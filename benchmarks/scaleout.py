@@ -142,9 +142,24 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     with open(workdir / "redis.log", "wb") as out:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            [require("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                require("redis-server"),
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(workdir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
     _wait_port(port, proc, "redis-server")
     return proc, f"redis://127.0.0.1:{port}/0"
@@ -319,8 +334,9 @@ def phase_qps(outcomes: list[Outcome], windows: dict[str, tuple[float, float]]) 
 # ---------------------------------------------------------------------------- consistency
 
 
-def check_history(redis_url: str, acked: list[tuple[int, int, int]], targets: list[str], movies: list[int], first_user: int,
-                  n_users: int, seed: int) -> dict[str, Any]:
+def check_history(
+    redis_url: str, acked: list[tuple[int, int, int]], targets: list[str], movies: list[int], first_user: int, n_users: int, seed: int
+) -> dict[str, Any]:
     """Acknowledged writes all in Redis; a write through one orchestrator seen through the other.
 
     Returns:
@@ -354,7 +370,9 @@ def check_history(redis_url: str, acked: list[tuple[int, int, int]], targets: li
             # the other replica's Recommend reads the history written through the first (seen movies excluded)
             rec = clients[b].recommend(user, k=50)
             if rec.is_fallback or first in {it.movie_id for it in rec.items}:
-                failures.append(f"user {user}: Recommend via {b} fallback={rec.is_fallback}, seen movie {first} returned={first in {it.movie_id for it in rec.items}}")
+                failures.append(
+                    f"user {user}: Recommend via {b} fallback={rec.is_fallback}, seen movie {first} returned={first in {it.movie_id for it in rec.items}}"
+                )
     finally:
         for c in clients:
             c.close()
@@ -364,8 +382,9 @@ def check_history(redis_url: str, acked: list[tuple[int, int, int]], targets: li
 # ---------------------------------------------------------------------------- the run
 
 
-def run_benchmark(s: ScaleoutSettings, artifacts: str | None = None, repo: str | None = None, data: str = DEFAULT_DATA_DIR,
-                  keep: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_benchmark(
+    s: ScaleoutSettings, artifacts: str | None = None, repo: str | None = None, data: str = DEFAULT_DATA_DIR, keep: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Runs the scale-out; returns ``(report, details)`` (details: conditions, errors, counts)."""
     import pandas as pd
 
@@ -393,7 +412,9 @@ def run_benchmark(s: ScaleoutSettings, artifacts: str | None = None, repo: str |
             log(f"replica {i}: orchestrator SERVING in {st.start_orchestrator():.1f} s")
         haproxy, port = start_haproxy(workdir, [st.target for st in stacks])
         balancer = {
-            "name": "haproxy", "version": haproxy_version(), "address": f"127.0.0.1:{port}",
+            "name": "haproxy",
+            "version": haproxy_version(),
+            "address": f"127.0.0.1:{port}",
             "how": "mode http, HTTP/2 cleartext both sides, roundrobin per call, TCP checks every 500 ms, redispatch on refused connections",
         }
         log(f"haproxy {balancer['version']} on {balancer['address']} -> {', '.join(st.target for st in stacks)}")
@@ -419,8 +440,16 @@ def run_benchmark(s: ScaleoutSettings, artifacts: str | None = None, repo: str |
         time.sleep(s.down_s)
         restart = stacks[0].start_orchestrator()
         windows["orchestrator_killed"] = (t0, time.monotonic())
-        killed.append({"process": "orchestrator", "replica": 0, "signal": "SIGKILL", "at_s": round(t0 - t_run, 2),
-                       "down_s": s.down_s, "restart_to_serving_s": round(restart, 2)})
+        killed.append(
+            {
+                "process": "orchestrator",
+                "replica": 0,
+                "signal": "SIGKILL",
+                "at_s": round(t0 - t_run, 2),
+                "down_s": s.down_s,
+                "restart_to_serving_s": round(restart, 2),
+            }
+        )
         log(f"orchestrator 0 SERVING again after {restart:.1f} s")
 
         t0 = time.monotonic()
@@ -430,8 +459,16 @@ def run_benchmark(s: ScaleoutSettings, artifacts: str | None = None, repo: str |
         orphans = stacks[1].reap_orphans(stubs)
         restart = stacks[1].start_triton()
         windows["triton_killed"] = (t0, time.monotonic())
-        killed.append({"process": "triton", "replica": 1, "signal": "SIGKILL", "at_s": round(t0 - t_run, 2),
-                       "down_s": s.down_s, "restart_to_ready_s": round(restart, 2)})
+        killed.append(
+            {
+                "process": "triton",
+                "replica": 1,
+                "signal": "SIGKILL",
+                "at_s": round(t0 - t_run, 2),
+                "down_s": s.down_s,
+                "restart_to_ready_s": round(restart, 2),
+            }
+        )
         details["orphan_stubs_reaped"] = orphans
         log(f"Triton 1 READY again after {restart:.1f} s")
 
@@ -443,8 +480,9 @@ def run_benchmark(s: ScaleoutSettings, artifacts: str | None = None, repo: str |
 
         outcomes = load.outcomes
         failed = [o for o in outcomes if o[3] != "OK"]
-        consistency = check_history(redis_url, load.acked, [st.target for st in stacks], movies, fresh + 10_000,
-                                    s.consistency_users, s.seed)
+        consistency = check_history(
+            redis_url, load.acked, [st.target for st in stacks], movies, fresh + 10_000, s.consistency_users, s.seed
+        )
         report = {
             "orchestrators": REPLICAS,
             "tritons": REPLICAS,
@@ -495,8 +533,14 @@ def run_cli(args: argparse.Namespace) -> int:
     """``recsys bench scaleout``: runs, writes the JSON, prints it with the conditions; 0 only if no call failed."""
     import json
 
-    s = ScaleoutSettings(concurrency=args.concurrency, phase_s=args.phase_s, down_s=args.down_s, write_share=args.write_share,
-                         retry_policy=not args.no_retry_policy, seed=args.seed)
+    s = ScaleoutSettings(
+        concurrency=args.concurrency,
+        phase_s=args.phase_s,
+        down_s=args.down_s,
+        write_share=args.write_share,
+        retry_policy=not args.no_retry_policy,
+        seed=args.seed,
+    )
     try:
         report, details = run_benchmark(s, args.artifacts, args.repo, args.data, keep=args.keep)
     except RuntimeError as exc:

@@ -3,9 +3,11 @@
 Both have the same surface and the same policy:
 
 * every call has a deadline (``timeout_s``, default 5 s per client, overridable per call);
-* only UNAVAILABLE is retried (the server was not reachable or not ready: nothing was
-  done), with jittered exponential backoff, inside the same deadline; every other status
-  is final;
+* only calls that did nothing are retried, with jittered exponential backoff, inside the
+  same deadline: UNAVAILABLE (the server was not reachable or not ready) and
+  RESOURCE_EXHAUSTED *marked as shed* by the server's admission control (trailing metadata
+  ``recsys-shed: 1``; the wait is at least its ``grpc-retry-pushback-ms`` hint); every other
+  status, RESOURCE_EXHAUSTED without the mark included, is final;
 * failures raise the class of their status code (:mod:`clients.errors`);
 * ``api_key`` is sent as ``x-api-key`` metadata on every call; ``tls_ca`` (a PEM root
   certificate, or ``tls=True`` for the system's roots) turns on TLS.
@@ -37,6 +39,9 @@ from protos.recsys.v1 import recsys_pb2_grpc
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_RETRIES = 3
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+SHED_HEADER = "recsys-shed"
+"""Trailing metadata of a call the server refused before doing anything (orchestrator/admission.py)."""
+PUSHBACK_HEADER = "grpc-retry-pushback-ms"
 API_KEY_HEADER = "x-api-key"
 
 R = TypeVar("R")
@@ -144,6 +149,19 @@ def channel_credentials(tls: bool = False, tls_ca: str | Path | bytes | None = N
     return grpc.ssl_channel_credentials(root_certificates=root)
 
 
+def _shed_pushback_s(code: grpc.StatusCode, trailers: Any) -> float | None:
+    """The server's retry hint in seconds when the call was shed before any work, else None."""
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED or not trailers:
+        return None
+    meta = {k: v for k, v in trailers}
+    if meta.get(SHED_HEADER) != "1":
+        return None
+    try:
+        return max(0.0, float(meta.get(PUSHBACK_HEADER, 0))) / 1e3
+    except ValueError:
+        return 0.0
+
+
 def _backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
     # "full jitter": spreads the retries of many clients hitting one restarting server
     return random.uniform(0.5, 1.0) * min(cap_s, base_s * 2**attempt)
@@ -168,12 +186,13 @@ class _Base:
         except KeyError:
             raise TypeError(f"answer() sends Recommend, Similar or Popular requests, not {type(request).__name__}") from None
 
-    def _next_wait(self, exc: grpc.RpcError, attempt: int, expires: float) -> float | None:
+    def _next_wait(self, exc: grpc.RpcError, attempt: int, expires: float, trailers: Any = None) -> float | None:
         """Seconds to wait before retrying, or None when the error is final."""
-        # UNAVAILABLE means the call did not run; any other status may have had effects
-        if exc.code() not in RETRYABLE or attempt >= self.retries:
+        # UNAVAILABLE and a shed call mean the call did not run; any other status may have had effects
+        pushback_s = _shed_pushback_s(exc.code(), trailers)
+        if (exc.code() not in RETRYABLE and pushback_s is None) or attempt >= self.retries:
             return None
-        wait = _backoff_s(attempt, self.backoff_s, self.max_backoff_s)
+        wait = max(_backoff_s(attempt, self.backoff_s, self.max_backoff_s), pushback_s or 0.0)
         return wait if time.monotonic() + wait < expires else None
 
 
@@ -227,7 +246,8 @@ class RecsysClient(_Base):
             try:
                 return method(request, timeout=left, metadata=self._metadata)
             except grpc.RpcError as exc:
-                wait = self._next_wait(exc, attempt, expires)
+                trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+                wait = self._next_wait(exc, attempt, expires, trailers)
                 if wait is None:
                     raise from_rpc_error(exc) from exc
                 time.sleep(wait)
@@ -253,7 +273,9 @@ class RecsysClient(_Base):
         """Movies similar to ``movie_id``."""
         return self._call(self._stub.Similar, similar_request(movie_id, k=k, user_id=user_id, **options), timeout_s)
 
-    def popular(self, *, k: int = 10, recent: bool = False, timeout_s: float | None = None, **filters: Unpack[FilterArgs]) -> pb.PopularResponse:
+    def popular(
+        self, *, k: int = 10, recent: bool = False, timeout_s: float | None = None, **filters: Unpack[FilterArgs]
+    ) -> pb.PopularResponse:
         """The most rated movies."""
         return self._call(self._stub.Popular, popular_request(k=k, recent=recent, **filters), timeout_s)
 
@@ -352,7 +374,8 @@ class AsyncRecsysClient(_Base):
             try:
                 return await method(request, timeout=left, metadata=self._metadata)
             except grpc.RpcError as exc:
-                wait = self._next_wait(exc, attempt, expires)
+                trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+                wait = self._next_wait(exc, attempt, expires, trailers)
                 if wait is None:
                     raise from_rpc_error(exc) from exc
                 await asyncio.sleep(wait)
@@ -384,7 +407,9 @@ class AsyncRecsysClient(_Base):
         """See :meth:`RecsysClient.popular`."""
         return await self._call(self._stub.Popular, popular_request(k=k, recent=recent, **filters), timeout_s)
 
-    async def batch_recommend(self, requests: Sequence[pb.RecommendRequest], *, timeout_s: float | None = None) -> pb.BatchRecommendResponse:
+    async def batch_recommend(
+        self, requests: Sequence[pb.RecommendRequest], *, timeout_s: float | None = None
+    ) -> pb.BatchRecommendResponse:
         """See :meth:`RecsysClient.batch_recommend`."""
         return await self._call(self._stub.BatchRecommend, pb.BatchRecommendRequest(requests=list(requests)), timeout_s)
 

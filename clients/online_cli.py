@@ -89,6 +89,7 @@ def _call(args: argparse.Namespace, fn: Callable[[Any], int]) -> int:
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
     """``recsys recommend``: by ``--user`` or ``--history``."""
+
     def run(client: Any) -> int:
         if args.user is not None:
             resp = client.recommend(args.user, k=args.k, **_options(args))
@@ -107,6 +108,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
 def _cmd_similar(args: argparse.Namespace) -> int:
     """``recsys similar --movie ID``."""
+
     def run(client: Any) -> int:
         resp = client.similar(args.movie, k=args.k, user_id=args.user, **_options(args))
         _emit(resp, args.json, f"# similar to movie {args.movie}: model {resp.model_version}, {resp.latency_ms:.1f} ms")
@@ -117,6 +119,7 @@ def _cmd_similar(args: argparse.Namespace) -> int:
 
 def _cmd_popular(args: argparse.Namespace) -> int:
     """``recsys popular [--genre G] [--recent]``."""
+
     def run(client: Any) -> int:
         resp = client.popular(k=args.k, recent=args.recent, **_options(args, rerank=False))
         _emit(resp, args.json, f"# popular ({'last 30 days' if args.recent else 'all time'}): {resp.latency_ms:.1f} ms")
@@ -127,6 +130,7 @@ def _cmd_popular(args: argparse.Namespace) -> int:
 
 def _cmd_health(args: argparse.Namespace) -> int:
     """``recsys health``: prints the status; exit 0 only when SERVING."""
+
     def run(client: Any) -> int:
         status = client.health(args.service)
         print(json.dumps({"service": args.service, "status": status}) if args.json else status)
@@ -137,13 +141,20 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
 def _cmd_delete_user(args: argparse.Namespace) -> int:
     """``recsys delete-user --user ID``: erases the user's history and request-log rows."""
+
     def run(client: Any) -> int:
         resp = client.delete_user(args.user)
-        body = {"user_id": args.user, "interactions_deleted": resp.interactions_deleted, "request_log_rows_deleted": resp.request_log_rows_deleted}
+        body = {
+            "user_id": args.user,
+            "interactions_deleted": resp.interactions_deleted,
+            "request_log_rows_deleted": resp.request_log_rows_deleted,
+        }
         if args.json:
             print(json.dumps(body))
         else:
-            print(f"user {args.user}: {resp.interactions_deleted} interactions and {resp.request_log_rows_deleted} request-log rows deleted")
+            print(
+                f"user {args.user}: {resp.interactions_deleted} interactions and {resp.request_log_rows_deleted} request-log rows deleted"
+            )
         return 0
 
     return _call(args, run)
@@ -224,9 +235,7 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help="orchestrator host:port (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
-    p.add_argument(
-        "--api-key", default=os.environ.get("RECSYS_API_KEY"), help="sent as x-api-key metadata (default: $RECSYS_API_KEY)"
-    )
+    p.add_argument("--api-key", default=os.environ.get("RECSYS_API_KEY"), help="sent as x-api-key metadata (default: $RECSYS_API_KEY)")
     p.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
     p.add_argument("--tls-ca", default=None, help="PEM root certificate the server's certificate chains to (implies --tls)")
 
@@ -258,7 +267,7 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--host", default=None, help="bind address (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="gRPC port (default: a free one)")
     srv.add_argument("--metrics-port", type=int, default=None, help="port of the Prometheus /metrics page (default: none)")
-    srv.add_argument("--workers", type=int, default=None, help="server threads (default: 8)")
+    srv.add_argument("--workers", type=int, default=None, help="server threads (default: 64)")
     srv.add_argument("--history-store", choices=("sqlite", "redis"), default=None)
     srv.add_argument("--history-db", default=None, help="SQLite file (default: one per artifacts folder in the state dir)")
     srv.add_argument("--redis-url", default=None)
@@ -268,7 +277,12 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     srv.add_argument("--request-log", default=None, help="request log SQLite file (default: beside the history DB)")
     srv.add_argument("--no-request-log", action="store_true", help="do not log answered calls")
-    srv.add_argument("--reload-poll", type=float, default=None, help="seconds between polls of the repository for a newer version to hot-reload (0: off; default 2)")
+    srv.add_argument(
+        "--reload-poll",
+        type=float,
+        default=None,
+        help="seconds between polls of the repository for a newer version to hot-reload (0: off; default 2)",
+    )
     srv.add_argument("--ab-version", type=int, default=None, help="A/B: model version of the treatment arm (one of the two newest)")
     srv.add_argument("--ab-share", type=float, default=None, help="A/B: share of users (stable hash) routed to --ab-version, 0..1")
     srv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

@@ -84,10 +84,7 @@ def _as_interactions(
 ) -> scipy.sparse.csr_matrix:
     """Validates the training matrix and returns it as a canonical float32 CSR matrix."""
     if not scipy.sparse.issparse(interactions):
-        raise TypeError(
-            "interactions must be a scipy.sparse matrix (users x items), "
-            f"got {type(interactions).__name__}"
-        )
+        raise TypeError(f"interactions must be a scipy.sparse matrix (users x items), got {type(interactions).__name__}")
     if interactions.ndim != 2:
         raise ValueError(f"interactions must be 2-D, got shape {interactions.shape}")
     # csr_matrix (not csr_array) keeps `@` / indexing semantics identical across scipy versions.
@@ -96,9 +93,7 @@ def _as_interactions(
     # kernels and summed by others; summing once here makes all baselines agree.
     matrix.sum_duplicates()
     if matrix.shape[0] == 0 or matrix.shape[1] == 0:
-        raise ValueError(
-            f"interactions must have at least one user and one item, got shape {matrix.shape}"
-        )
+        raise ValueError(f"interactions must have at least one user and one item, got shape {matrix.shape}")
     if not np.all(np.isfinite(matrix.data)):
         raise ValueError("interactions contain NaN or infinite values")
     return matrix
@@ -113,9 +108,7 @@ def _as_users(users: np.ndarray, n_users: int) -> np.ndarray:
         raise TypeError(f"users must be integer row indices, got dtype {users.dtype}")
     users = users.astype(np.int64, copy=False)
     if users.size and (users.min() < 0 or users.max() >= n_users):
-        raise IndexError(
-            f"user indices must lie in [0, {n_users}), got range [{users.min()}, {users.max()}]"
-        )
+        raise IndexError(f"user indices must lie in [0, {n_users}), got range [{users.min()}, {users.max()}]")
     return users
 
 
@@ -271,9 +264,7 @@ class ItemKNN:
 
         if rows:
             data = np.concatenate(vals).astype(np.float32)
-            coo = scipy.sparse.coo_matrix(
-                (data, (np.concatenate(rows), np.concatenate(cols))), shape=(n_items, n_items)
-            )
+            coo = scipy.sparse.coo_matrix((data, (np.concatenate(rows), np.concatenate(cols))), shape=(n_items, n_items))
             self.similarity = coo.tocsr()
         else:
             self.similarity = scipy.sparse.csr_matrix((n_items, n_items), dtype=np.float32)
@@ -542,12 +533,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "popularity": [{}],
     "item_knn": [{"neighbours": k, "shrink": s} for k in (20, 50, 100, 200) for s in (0.0, 10.0, 50.0)],
     "ease": [{"lam": v} for v in (10, 50, 100, 200, 500, 1000, 2000, 5000)],
-    "als": [
-        {"factors": f, "regularization": r, "alpha": a}
-        for f in (32, 64, 128)
-        for r in (0.01, 0.1)
-        for a in (1.0, 10.0, 40.0)
-    ],
+    "als": [{"factors": f, "regularization": r, "alpha": a} for f in (32, 64, 128) for r in (0.01, 0.1) for a in (1.0, 10.0, 40.0)],
 }
 
 

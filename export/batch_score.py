@@ -58,11 +58,13 @@ from export.history import Histories
 from export.items import Catalog
 from orchestrator.artifacts import ITEM_EMBEDDINGS, Demographics, DemographicsMismatch
 from orchestrator.artifacts import load_demographics as _load_demographics
+from orchestrator.candidates import TABLES_FILE, CandidateTables
 from orchestrator.contract import (
     HISTORY,
     HISTORY_RATING,
     ITEM,
     RANKER_ENSEMBLE,
+    RANKER_MAX_ROWS,
     SCORE,
     USER_EMBEDDING,
     USER_TOWER,
@@ -73,6 +75,8 @@ from orchestrator.contract import (
 log = logging.getLogger(__name__)
 
 ENSEMBLE = RANKER_ENSEMBLE
+MAX_ROWS_PER_CALL = RANKER_MAX_ROWS
+"""Rows per ``ranker_ensemble`` call (the ensemble has no batch axis, so no max_batch_size says it)."""
 STATE_VERSION = 1
 SCHEMA = pa.schema(
     [
@@ -83,7 +87,7 @@ SCHEMA = pa.schema(
         ("model_version", pa.int64()),
     ]
 )
-_TRITON_DTYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+_TRITON_DTYPES = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
 
 
 class BatchScoreError(ValueError):
@@ -221,14 +225,23 @@ def candidate_rows(
     (:func:`export.ranker.candidate_features`). Padding (-1) candidates are dropped rather
     than scored: they are not items.
 
+    Users keep different numbers of valid candidates, so every row carries its own history
+    row (the graph's U = N, C = 1 layout): any split of the rows is a valid call.
+
     Returns:
         ``(inputs, user_row, rank)``: the tensors [R, ...], the position in the chunk of each
         row's user and each row's retrieval rank (int64).
     """
     valid = cand_items >= 0
     user_row, rank = np.nonzero(valid)  # row-major: grouped by user, ranks ascending
+    # each row carries its own user's history row (U = N, C = 1): any split of the rows is a valid call
     inputs = candidate_feeds(
-        cand_items[user_row, rank], cand_scores[user_row, rank], rank, history[user_row], history_rating[user_row], cand_sources[user_row, rank]
+        cand_items[user_row, rank],
+        cand_scores[user_row, rank],
+        rank,
+        history[user_row],
+        history_rating[user_row],
+        cand_sources[user_row, rank],
     )
     return inputs, user_row.astype(np.int64), rank.astype(np.int64)
 
@@ -334,9 +347,7 @@ class TritonHTTP:
         outputs = [self._http.InferRequestedOutput(output, binary_data=True)]
         return self.client.async_infer(info.name, inputs, model_version=str(info.version), outputs=outputs)
 
-    def infer_rows(
-        self, info: ModelInfo, arrays: dict[str, np.ndarray], output: str, bounds: Sequence[tuple[int, int]]
-    ) -> np.ndarray:
+    def infer_rows(self, info: ModelInfo, arrays: dict[str, np.ndarray], output: str, bounds: Sequence[tuple[int, int]]) -> np.ndarray:
         """Runs ``arrays`` split at ``bounds`` (row ranges), at most ``concurrency`` in flight.
 
         Returns:
@@ -582,7 +593,7 @@ def _score_chunk(
 
     t = time.perf_counter()
     rows, user_row, rank = candidate_rows(cand_items, cand_scores, cand_sources, x[HISTORY], x[HISTORY_RATING])
-    max_rows = ensemble.max_batch_size or len(user_row) or 1
+    max_rows = ensemble.max_batch_size or MAX_ROWS_PER_CALL
     scores = triton.infer_rows(ensemble, rows, SCORE, user_bounds(user_row, len(users), max_rows)).reshape(-1)
     timings.ranker += time.perf_counter() - t
 
@@ -604,8 +615,9 @@ def _check_shapes(tower: ModelInfo, ensemble: ModelInfo, history_len: int, n_ite
     problems = []
     for info in (tower, ensemble):
         for name in (HISTORY, HISTORY_RATING):
-            if info.dims.get(name) != [history_len]:
-                problems.append(f"{info.name} input {name} has dims {info.dims.get(name)}, expected [{history_len}]")
+            dims = info.dims.get(name)
+            if not dims or dims[-1] != history_len:  # [L] with a batch axis, [-1, L] without
+                problems.append(f"{info.name} input {name} has dims {dims}, expected a last dim of {history_len}")
     if int(bundle.index.ntotal) != n_items:
         problems.append(f"the FAISS index holds {bundle.index.ntotal} items, items.parquet {n_items}")
     if problems:

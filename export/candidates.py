@@ -44,9 +44,7 @@ def neighbour_table(histories: Histories, n_items: int, neighbours: int, shrink:
         ``(int32 [n_items, neighbours] -1 padded, float32 [n_items, neighbours])``.
     """
     users = histories.user_of_position()
-    x = sp.csr_matrix(
-        (np.ones(len(users), np.float32), (users, histories.items)), shape=(max(histories.n_users, 1), n_items)
-    )
+    x = sp.csr_matrix((np.ones(len(users), np.float32), (users, histories.items)), shape=(max(histories.n_users, 1), n_items))
     x.data[:] = 1.0
     sim = ItemKNN(neighbours=max(1, min(neighbours, n_items - 1)), shrink=shrink).fit(x).similarity.tocsr()
     ids = np.full((n_items, neighbours), -1, np.int32)
@@ -153,9 +151,7 @@ def recall(cands: np.ndarray, relevant: Sequence[np.ndarray]) -> float:
     return float(np.mean([np.isin(rel, row).mean() if len(rel) else 0.0 for row, rel in zip(cands, relevant)]))
 
 
-def choose_budgets(
-    lists: list[list[np.ndarray]], relevant: Sequence[np.ndarray], n: int, steps: int = 10
-) -> tuple[np.ndarray, list[dict]]:
+def choose_budgets(lists: list[list[np.ndarray]], relevant: Sequence[np.ndarray], n: int, steps: int = 10) -> tuple[np.ndarray, list[dict]]:
     """Per-source budgets maximising the merged set's recall of ``relevant`` (validation users).
 
     Greedy: ``steps`` times, the share ``1 / steps`` goes to the source whose extra share
@@ -196,9 +192,13 @@ def source_recalls(lists: list[list[np.ndarray]], relevant: Sequence[np.ndarray]
 
 def user_item_scores(user_vectors: np.ndarray, item_vectors: np.ndarray, cands: np.ndarray) -> np.ndarray:
     """float32 [n_users, n] two-tower inner products of each candidate (-inf for padding)."""
-    return np.concatenate(
-        [two_tower_scores(user_vectors[s : s + 1024], item_vectors, cands[s : s + 1024]) for s in range(0, len(cands), 1024)]
-    ) if len(cands) else np.zeros(cands.shape, np.float32)
+    return (
+        np.concatenate(
+            [two_tower_scores(user_vectors[s : s + 1024], item_vectors, cands[s : s + 1024]) for s in range(0, len(cands), 1024)]
+        )
+        if len(cands)
+        else np.zeros(cands.shape, np.float32)
+    )
 
 
 def merged_from_ann(

@@ -56,8 +56,15 @@ def _cmd_download(args: argparse.Namespace) -> int:
     from export.download import DownloadError, download
 
     try:
-        record = download(args.name, args.out, url=args.base_url, archive=args.archive, force=args.force,
-                          keep_archive=args.keep_archive, progress=not args.quiet)
+        record = download(
+            args.name,
+            args.out,
+            url=args.base_url,
+            archive=args.archive,
+            force=args.force,
+            keep_archive=args.keep_archive,
+            progress=not args.quiet,
+        )
     except DownloadError as exc:
         print(f"recsys: error: {exc}", file=sys.stderr)
         return 1
@@ -138,8 +145,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             "default": index_report["default"],
             "bundle": index_report["bundle"]["dir"],
             "results": [
-                {key: r.get(key) for key in ("kind", "recall", "p50_ms", "p99_ms", "build_s", "bytes")}
-                for r in index_report["results"]
+                {key: r.get(key) for key in ("kind", "recall", "p50_ms", "p99_ms", "build_s", "bytes")} for r in index_report["results"]
             ],
         }
     ranker = summary["ranker"]
@@ -217,7 +223,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except (TritonError, RecsysRpcError) as exc:
         print(f"recsys: error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({k: result[k] for k in ("recommend", "recommend_by_history", "similar")}, indent=2) if args.json else demo_table(result))
+    print(
+        json.dumps({k: result[k] for k in ("recommend", "recommend_by_history", "similar")}, indent=2) if args.json else demo_table(result)
+    )
     return 0
 
 
@@ -288,7 +296,9 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
         help="Hummingbird tree strategy; auto measures them and keeps the fastest correct one",
     )
     exp.add_argument(
-        "--write-configs", action="store_true", help="regenerate config.pbtxt, configs/cpu.pbtxt, configs/onnx_cpu.pbtxt and model.py from the artifacts' shapes"
+        "--write-configs",
+        action="store_true",
+        help="regenerate config.pbtxt, configs/cpu.pbtxt, configs/onnx_cpu.pbtxt and model.py from the artifacts' shapes",
     )
     exp.add_argument("--skip-index", action="store_true", help="do not (re)build the FAISS indexes under ARTIFACTS/faiss")
     exp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -327,7 +337,9 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
     dem = sub.add_parser("demo", help="train/export if needed, start Triton + orchestrator, show three answers, stop")
     dem.add_argument("--artifacts", default="artifacts")
     dem.add_argument("--repo", default="model_repository")
-    dem.add_argument("--data", default=None, help="trained on when the artifacts have no manifest (default: the bundled data/ml-latest-small)")
+    dem.add_argument(
+        "--data", default=None, help="trained on when the artifacts have no manifest (default: the bundled data/ml-latest-small)"
+    )
     dem.add_argument("-k", type=int, default=10)
     dem.add_argument("--json", action="store_true", help='print {"recommend", "recommend_by_history", "similar"} as JSON')
     dem.add_argument("--quiet", action="store_true", help="no progress bars")

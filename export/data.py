@@ -108,7 +108,6 @@ _LINE_COL = "_line"
 _SCAN_CHUNK_BYTES = 1 << 24
 
 
-
 class DataError(ValueError):
     """A MovieLens input file is unusable or (in strict mode) contains a bad row.
 
@@ -260,8 +259,7 @@ def load_movielens(
 
     stages = ["read movies.csv", "read ratings.csv", "validate ratings", "build frames"]
     stages += [f"read {p.name}" for p in optional]
-    bar = tqdm(total=len(stages), desc=f"load {root.name}", unit="stage", file=sys.stderr,
-               disable=not progress, leave=False)
+    bar = tqdm(total=len(stages), desc=f"load {root.name}", unit="stage", file=sys.stderr, disable=not progress, leave=False)
     stage_iter = iter(stages)
     started = [False]
 
@@ -285,7 +283,8 @@ def load_movielens(
 
         next_stage()
         ratings_pl, n_read, dropped, first_line = _validate_ratings(
-            ratings_path, ratings_pl, movies["movie_id"].to_numpy(), now=now, strict=strict)
+            ratings_path, ratings_pl, movies["movie_id"].to_numpy(), now=now, strict=strict
+        )
         rows_read[ratings_path.name] = n_read
 
         next_stage()
@@ -311,8 +310,7 @@ def load_movielens(
     order = [ratings_path.name, movies_path.name] + [p.name for p in optional]
     rows_read = {name: rows_read[name] for name in order if name in rows_read}
     report = ValidationReport(rows_read=rows_read, dropped=dropped, first_line=first_line)
-    return MovieLens(ratings=ratings, movies=movies, genres=genres, genre_matrix=genre_matrix,
-                     users=users, report=report)
+    return MovieLens(ratings=ratings, movies=movies, genres=genres, genre_matrix=genre_matrix, users=users, report=report)
 
 
 # --------------------------------------------------------------------------- reading
@@ -353,8 +351,7 @@ def _read_table(
     header = _read_header(path)
     missing = [name for name in columns if name not in header]
     if missing:
-        raise DataError(path, 1, f"missing required column {', '.join(map(repr, missing))} "
-                                 f"(found columns: {', '.join(header)})")
+        raise DataError(path, 1, f"missing required column {', '.join(map(repr, missing))} (found columns: {', '.join(header)})")
     if len(set(header)) != len(header):
         dupes = sorted({name for name in header if header.count(name) > 1})
         raise DataError(path, 1, f"duplicate column name {', '.join(map(repr, dupes))}")
@@ -389,14 +386,12 @@ def _read_table(
                 first = int(bad[0])
                 row = df.row(first - 2, named=True)
                 col = next(file_col for file_col, (new, _) in columns.items() if row[new] is None)
-                raise DataError(path, _row_to_line(path, first - 2),
-                                f"missing value in required column {col!r}")
+                raise DataError(path, _row_to_line(path, first - 2), f"missing value in required column {col!r}")
             df = df.filter(~pl.int_range(2, pl.len() + 2, dtype=pl.Int64).is_in(blank.implode()))
     return df
 
 
-def _raise_located_error(path: Path, header: list[str],
-                         columns: Mapping[str, tuple[str, _Dtype]], exc: Exception) -> NoReturn:
+def _raise_located_error(path: Path, header: list[str], columns: Mapping[str, tuple[str, _Dtype]], exc: Exception) -> NoReturn:
     """Find the line behind a failed fast-path read and raise a DataError for it.
 
     Only runs after polars' typed read failed, so a clean file never pays for it.
@@ -405,8 +400,7 @@ def _raise_located_error(path: Path, header: list[str],
     # Every record has the right field count, so a value must fail its dtype: read the
     # columns as text and find the first one that does not survive a non-strict cast.
     typed = {name: dtype for name, (_, dtype) in columns.items() if dtype != pl.String}
-    fails = {name: pl.col(name).is_not_null() & pl.col(name).cast(dtype, strict=False).is_null()
-             for name, dtype in typed.items()}
+    fails = {name: pl.col(name).is_not_null() & pl.col(name).cast(dtype, strict=False).is_null() for name, dtype in typed.items()}
     # Streaming keeps memory flat: the whole file as text would be several GB at 32M rows.
     hit = (
         pl.scan_csv(path, infer_schema=False, empty_string_is_null=True, raise_if_empty=False)
@@ -437,8 +431,8 @@ class _Records:
     """Per-record facts from one chunk of a raw CSV scan (header included)."""
 
     start_line: np.ndarray  # int64, physical line on which each record starts
-    n_fields: np.ndarray    # int64
-    blank: np.ndarray       # bool, record is an empty line
+    n_fields: np.ndarray  # int64
+    blank: np.ndarray  # bool, record is an empty line
 
 
 def _scan_records(path: Path, chunk_bytes: int = _SCAN_CHUNK_BYTES) -> Iterator[_Records]:
@@ -454,11 +448,11 @@ def _scan_records(path: Path, chunk_bytes: int = _SCAN_CHUNK_BYTES) -> Iterator[
     Raises:
         DataError: If the file ends inside a quoted field.
     """
-    parity = 0            # inside quotes at the end of the previous chunk
-    lines_before = 0      # newlines in previous chunks
-    pending_commas = 0    # separators of the record still open at the chunk end
-    pending_len = 0       # bytes of that record, excluding a trailing '\r'
-    pending_start = 1     # line on which that record started
+    parity = 0  # inside quotes at the end of the previous chunk
+    lines_before = 0  # newlines in previous chunks
+    pending_commas = 0  # separators of the record still open at the chunk end
+    pending_len = 0  # bytes of that record, excluding a trailing '\r'
+    pending_start = 1  # line on which that record started
     pending_last_cr = False
     with path.open("rb") as fh:
         while True:
@@ -497,8 +491,7 @@ def _scan_records(path: Path, chunk_bytes: int = _SCAN_CHUNK_BYTES) -> Iterator[
             start_line = lines_before + 1 + np.searchsorted(newlines, starts)
             if len(ends):
                 start_line[0] = pending_start
-                yield _Records(start_line=start_line.astype(np.int64), n_fields=n_commas + 1,
-                               blank=lengths == 0)
+                yield _Records(start_line=start_line.astype(np.int64), n_fields=n_commas + 1, blank=lengths == 0)
 
             tail_from = int(ends[-1]) + 1 if len(ends) else 0
             tail_commas = len(commas) - int(np.searchsorted(commas, tail_from))
@@ -515,9 +508,11 @@ def _scan_records(path: Path, chunk_bytes: int = _SCAN_CHUNK_BYTES) -> Iterator[
         raise DataError(path, pending_start, "unterminated quoted field at end of file")
     if pending_len > 0:
         trailing_cr = int(pending_last_cr)
-        yield _Records(start_line=np.array([pending_start], dtype=np.int64),
-                       n_fields=np.array([pending_commas + 1], dtype=np.int64),
-                       blank=np.array([pending_len - trailing_cr == 0]))
+        yield _Records(
+            start_line=np.array([pending_start], dtype=np.int64),
+            n_fields=np.array([pending_commas + 1], dtype=np.int64),
+            blank=np.array([pending_len - trailing_cr == 0]),
+        )
 
 
 def _check_field_counts(path: Path, expected: int) -> None:
@@ -531,8 +526,7 @@ def _check_field_counts(path: Path, expected: int) -> None:
         bad = np.flatnonzero((n_fields != expected) & ~blank)
         if len(bad):
             i = int(bad[0])
-            raise DataError(path, int(start_line[i]),
-                            f"wrong number of fields: expected {expected}, found {int(n_fields[i])}")
+            raise DataError(path, int(start_line[i]), f"wrong number of fields: expected {expected}, found {int(n_fields[i])}")
 
 
 def _blank_lines(path: Path) -> pl.Series:
@@ -640,8 +634,7 @@ def _describe_drop(reason: str, df: pl.DataFrame, line: int, now: int) -> str:
         return "missing value in a required column (userId, movieId, rating, timestamp)"
     row = df.filter(pl.col(_LINE_COL) == line).row(0, named=True)
     if reason == "duplicate":
-        return (f"duplicate rating of movie {row['movie_id']} by user {row['user_id']} "
-                f"at timestamp {row['timestamp']}")
+        return f"duplicate rating of movie {row['movie_id']} by user {row['user_id']} at timestamp {row['timestamp']}"
     if reason == "rating_out_of_range":
         return f"rating {row['rating']:g} outside [{RATING_MIN}, {RATING_MAX}]"
     if reason == "future_timestamp":
@@ -655,8 +648,7 @@ def _describe_drop(reason: str, df: pl.DataFrame, line: int, now: int) -> str:
 def _ratings_to_pandas(df: pl.DataFrame) -> pd.DataFrame:
     """Convert the clean ratings to pandas without going through pyarrow."""
     data = {}
-    for name, dtype in (("user_id", np.int64), ("movie_id", np.int64),
-                        ("rating", np.float32), ("timestamp", np.int64)):
+    for name, dtype in (("user_id", np.int64), ("movie_id", np.int64), ("rating", np.float32), ("timestamp", np.int64)):
         data[name] = np.ascontiguousarray(df[name].to_numpy(), dtype=dtype)
     return pd.DataFrame(data, copy=False)
 
@@ -667,15 +659,12 @@ def _build_movies(path: Path, df: pl.DataFrame) -> tuple[pd.DataFrame, list[str]
     if not first.all():
         # The offending line is the second occurrence; the first one is fine.
         idx = int((~first).arg_true()[0])
-        raise DataError(path, _row_to_line(path, int(df[_LINE_COL][idx]) - 2),
-                        f"duplicate movieId {df['movie_id'][idx]}")
+        raise DataError(path, _row_to_line(path, int(df[_LINE_COL][idx]) - 2), f"duplicate movieId {df['movie_id'][idx]}")
     df = df.drop(_LINE_COL).sort("movie_id")
     title = df["title"].str.strip_chars()
     parts = title.str.extract_groups(_TITLE_YEAR_PATTERN)
     has_year = parts.struct.field("2").is_not_null()
-    clean_title = pl.select(
-        pl.when(has_year).then(parts.struct.field("1").str.strip_chars()).otherwise(title)
-    ).to_series()
+    clean_title = pl.select(pl.when(has_year).then(parts.struct.field("1").str.strip_chars()).otherwise(title)).to_series()
     year = parts.struct.field("2").cast(pl.Int32).fill_null(0)
 
     genres_col = df["genres"]
@@ -692,12 +681,14 @@ def _build_movies(path: Path, df: pl.DataFrame) -> tuple[pd.DataFrame, list[str]
         cols = tokens["genre"].replace_strict(index, return_dtype=pl.Int64).to_numpy()
         matrix[tokens["row"].to_numpy(), cols] = 1.0
 
-    movies = pd.DataFrame({
-        "movie_id": df["movie_id"].to_numpy().astype(np.int64),
-        "title": pd.array(clean_title.to_list(), dtype="str"),
-        "year": year.to_numpy().astype(np.int32),
-        "genres": pd.array(genres_col.to_list(), dtype="str"),
-    })
+    movies = pd.DataFrame(
+        {
+            "movie_id": df["movie_id"].to_numpy().astype(np.int64),
+            "title": pd.array(clean_title.to_list(), dtype="str"),
+            "year": year.to_numpy().astype(np.int32),
+            "genres": pd.array(genres_col.to_list(), dtype="str"),
+        }
+    )
     return movies, vocab, matrix
 
 
@@ -706,12 +697,13 @@ def _build_users(path: Path, df: pl.DataFrame) -> pd.DataFrame:
     first = df.select(pl.col("user_id").is_first_distinct()).to_series()
     if not first.all():
         idx = int((~first).arg_true()[0])
-        raise DataError(path, _row_to_line(path, int(df[_LINE_COL][idx]) - 2),
-                        f"duplicate userId {df['user_id'][idx]}")
+        raise DataError(path, _row_to_line(path, int(df[_LINE_COL][idx]) - 2), f"duplicate userId {df['user_id'][idx]}")
     df = df.sort("user_id")
-    return pd.DataFrame({
-        "user_id": df["user_id"].to_numpy().astype(np.int64),
-        "age": df["age"].to_numpy().astype(np.int32),
-        "gender": pd.array(df["gender"].to_list(), dtype="str"),
-        "occupation": pd.array(df["occupation"].to_list(), dtype="str"),
-    })
+    return pd.DataFrame(
+        {
+            "user_id": df["user_id"].to_numpy().astype(np.int64),
+            "age": df["age"].to_numpy().astype(np.int32),
+            "gender": pd.array(df["gender"].to_list(), dtype="str"),
+            "occupation": pd.array(df["occupation"].to_list(), dtype="str"),
+        }
+    )

@@ -62,7 +62,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-
 __all__ = ["BASE_URL_ENV", "DATASETS", "DEFAULT_BASE_URL", "Dataset", "DownloadError", "download"]
 
 DEFAULT_BASE_URL = "https://files.grouplens.org/datasets/movielens"
@@ -117,10 +116,27 @@ DATASETS: dict[str, Dataset] = {
 
 # users.dat of ml-1m stores occupations as codes; its README names them.
 ML1M_OCCUPATIONS = (
-    "other", "academic/educator", "artist", "clerical/admin", "college/grad student",
-    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
-    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
-    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer",
+    "other",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
 )
 NO_GENRES = "(no genres listed)"
 
@@ -207,11 +223,21 @@ def download(
         if archive is None:
             zip_path.unlink(missing_ok=True)  # a corrupt part must not be resumed
         raise
-    convert(zip_path, ds, out, force=force, progress=progress, extra={
-        "dataset": name, "source": source, "bytes": size, "checks": checks,
-        "downloaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "redistributable": ds.redistributable,
-    })
+    convert(
+        zip_path,
+        ds,
+        out,
+        force=force,
+        progress=progress,
+        extra={
+            "dataset": name,
+            "source": source,
+            "bytes": size,
+            "checks": checks,
+            "downloaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "redistributable": ds.redistributable,
+        },
+    )
     if archive is None:
         if keep_archive:
             zip_path.replace(out.parent / f".{ds.archive}")
@@ -313,8 +339,17 @@ def fetch(url: str, part: Path, drop: Path | None = None, *, progress: bool = Tr
             total = int(length) if length is not None else None
         validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
         meta_path.write_text(json.dumps({"url": url, "validator": validator, "total": total}))
-        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=url.rsplit("/", 1)[-1], file=sys.stderr, disable=not progress, leave=False)
+        bar = tqdm(
+            total=total,
+            initial=have,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=url.rsplit("/", 1)[-1],
+            file=sys.stderr,
+            disable=not progress,
+            leave=False,
+        )
         try:
             with part.open(mode) as fh:
                 while block := _read(resp, url):
@@ -324,8 +359,7 @@ def fetch(url: str, part: Path, drop: Path | None = None, *, progress: bool = Tr
             bar.close()
     size = part.stat().st_size
     if total is not None and size != total:
-        raise DownloadError(f"{url}: the transfer stopped at {size:,} of {total:,} bytes; "
-                            f"run the same command again to resume from {part}")
+        raise DownloadError(f"{url}: the transfer stopped at {size:,} of {total:,} bytes; run the same command again to resume from {part}")
     meta_path.unlink(missing_ok=True)
     return size
 
@@ -337,8 +371,7 @@ def _read(resp: IO[bytes], url: str) -> bytes:
     except (TimeoutError, ConnectionError, OSError) as exc:
         raise DownloadError(f"{url}: the connection dropped ({exc}); run the same command again to resume") from exc
     except Exception as exc:  # http.client.IncompleteRead and friends
-        raise DownloadError(f"{url}: the transfer broke off ({type(exc).__name__}); "
-                            "run the same command again to resume") from exc
+        raise DownloadError(f"{url}: the transfer broke off ({type(exc).__name__}); run the same command again to resume") from exc
 
 
 def _content_range(value: str) -> tuple[int, int | None]:
@@ -374,8 +407,10 @@ def verify(zip_path: Path, ds: Dataset, md5: str | None) -> dict[str, str]:
     actual = file_md5(zip_path)
     if md5 is not None:
         if actual != md5:
-            raise DownloadError(f"{zip_path}: md5 {actual} differs from the published {md5}; "
-                                "the file was deleted, run the command again to download it afresh")
+            raise DownloadError(
+                f"{zip_path}: md5 {actual} differs from the published {md5}; "
+                "the file was deleted, run the command again to download it afresh"
+            )
         checks["md5"] = f"{actual} (matches the published {ds.archive}.md5)"
     else:
         checks["md5"] = f"{actual} (no {ds.archive}.md5 published: checked by size and structure)"
@@ -407,8 +442,9 @@ def _staging(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def convert(zip_path: Path, ds: Dataset, out: Path, *, force: bool = False, progress: bool = True,
-            extra: dict[str, Any] | None = None) -> list[str]:
+def convert(
+    zip_path: Path, ds: Dataset, out: Path, *, force: bool = False, progress: bool = True, extra: dict[str, Any] | None = None
+) -> list[str]:
     """Writes the loader's CSV layout of the archive into ``out``, atomically.
 
     Returns:
@@ -417,7 +453,9 @@ def convert(zip_path: Path, ds: Dataset, out: Path, *, force: bool = False, prog
     from tqdm.auto import tqdm
 
     writers: dict[str, Callable[[zipfile.ZipFile, Path], list[str]]] = {
-        "100k": _convert_100k, "1m": _convert_1m, "csv": _convert_csv,
+        "100k": _convert_100k,
+        "1m": _convert_1m,
+        "csv": _convert_csv,
     }
     with _staging(out) as tmp, zipfile.ZipFile(zip_path) as zf:
         bar = tqdm(total=2, desc=f"convert {ds.name}", unit="step", file=sys.stderr, disable=not progress, leave=False)

@@ -40,7 +40,7 @@ from export.history import Histories
 from export.pipeline import Fitted, Period, TrainSettings, merged_candidates, run, users_with_history
 from export.ranker import candidate_features, rerank
 from export.ranking_metrics import evaluate_rankings, ndcg_at_k
-from export.retrieval import top_k_scores
+from export.retrieval import top_k, top_k_scores
 from export.split import relevant_items
 from orchestrator.candidates import SOURCES
 from orchestrator.mmr import blend_vectors, mmr_rerank
@@ -252,7 +252,11 @@ def evaluate_window(fitted: Fitted, settings: EvalSettings, progress: bool) -> W
 
     def metrics(ranked: np.ndarray) -> dict[str, float]:
         return evaluate_rankings(
-            ranked, relevant, n_items=catalog.n_items, ks=KS, item_vectors=catalog.genre_matrix,
+            ranked,
+            relevant,
+            n_items=catalog.n_items,
+            ks=KS,
+            item_vectors=catalog.genre_matrix,
             item_popularity=period.stats.count,
         )
 
@@ -272,15 +276,11 @@ def evaluate_window(fitted: Fitted, settings: EvalSettings, progress: bool) -> W
             "size": int(ours["candidates"].shape[1]),
             "sources": list(SOURCES),
             "budgets": [round(float(b), 4) for b in fitted.tables.budgets],
-            "source_recall@200": {
-                name: float(candidate_recall(ours[f"source:{name}"], relevant, CANDIDATE_K).mean()) for name in SOURCES
-            },
+            "source_recall@200": {name: float(candidate_recall(ours[f"source:{name}"], relevant, CANDIDATE_K).mean()) for name in SOURCES},
             "budget_search": fitted.budget_trials,
         },
         "significance": {
-            f"two_tower_ranker - {name} ndcg@10": bootstrap_diff(
-                ndcg["two_tower_ranker"] - ndcg[name], settings.bootstrap_samples
-            )
+            f"two_tower_ranker - {name} ndcg@10": bootstrap_diff(ndcg["two_tower_ranker"] - ndcg[name], settings.bootstrap_samples)
             for name in lists
             if name != "two_tower_ranker"
         },
@@ -340,16 +340,13 @@ def evaluate(
     settings = settings or EvalSettings()
     started = time.perf_counter()
     results: list[WindowResult] = []
-    last: list[tuple[MovieLens, Fitted]] = []
 
-    def inspect(ml: MovieLens, fitted: Fitted) -> None:
+    def inspect(ml: MovieLens, fitted: Fitted) -> None:  # keeps no reference: run frees each window's models
         results.append(evaluate_window(fitted, settings, progress))
-        last[:] = [(ml, fitted)]
 
     # the one offline composition: fit per window, evaluate each, save the latest window's models
-    run(data_dir, artifacts_dir, None, settings.train, progress, inspect, windows=settings.windows)
-    ml, fitted = last[0]
-    report = build_report(results, settings, ml, fitted, data_dir)
+    done = run(data_dir, artifacts_dir, None, settings.train, progress, inspect, windows=settings.windows)
+    report = build_report(results, settings, done["ml"], done["fitted"], data_dir)
     report["seconds"] = {"total": round(time.perf_counter() - started, 2)}
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -400,9 +397,7 @@ def build_report(results: list[WindowResult], settings: EvalSettings, ml: MovieL
         "protocol": protocol,
         "models": models,
         "significance": {
-            f"two_tower_ranker - {name} ndcg@10": bootstrap_diff(
-                ndcg["two_tower_ranker"] - ndcg[name], settings.bootstrap_samples
-            )
+            f"two_tower_ranker - {name} ndcg@10": bootstrap_diff(ndcg["two_tower_ranker"] - ndcg[name], settings.bootstrap_samples)
             for name in names
             if name != "two_tower_ranker"
         },
@@ -449,10 +444,11 @@ def targets(models: dict[str, dict[str, float]], windows: list[dict], baseline_n
 
     best = max(baseline_names, key=lambda b: models[b]["ndcg@10"]) if baseline_names else None
     best_recall = max((models[b]["recall@200"] for b in baseline_names), default=None)
-    per_window = [
-        ratio(w["models"]["two_tower_ranker"]["ndcg@10"], max(w["models"][b]["ndcg@10"] for b in baseline_names))
-        for w in windows
-    ] if baseline_names else []
+    per_window = (
+        [ratio(w["models"]["two_tower_ranker"]["ndcg@10"], max(w["models"][b]["ndcg@10"] for b in baseline_names)) for w in windows]
+        if baseline_names
+        else []
+    )
     out = {
         "ranker_vs_ease_ndcg@10": ratio(ranker["ndcg@10"], models["ease"]["ndcg@10"]) if "ease" in models else None,
         "ranker_vs_als_ndcg@10": ratio(ranker["ndcg@10"], models["als"]["ndcg@10"]) if "als" in models else None,
@@ -572,7 +568,9 @@ def comparison_table(report: dict, metrics: tuple[str, ...] = TABLE_METRICS) -> 
     return "\n".join(lines)
 
 
-def markdown_table(report: dict, metrics: tuple[str, ...] = ("ndcg@10", "recall@20", "recall@100", "recall@200", "coverage@10", "ild@10")) -> str:
+def markdown_table(
+    report: dict, metrics: tuple[str, ...] = ("ndcg@10", "recall@20", "recall@100", "recall@200", "coverage@10", "ild@10")
+) -> str:
     """The pooled table in Markdown, with two_tower_ranker's NDCG@10 difference to each model
     and its 95 % interval, and the candidate set's recall as a last row."""
     sig = report["significance"]

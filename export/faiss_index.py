@@ -101,9 +101,7 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def synthetic_vectors(
-    n: int, dim: int = 64, clusters: int | None = None, spread: float = 0.75, seed: int = 0
-) -> np.ndarray:
+def synthetic_vectors(n: int, dim: int = 64, clusters: int | None = None, spread: float = 0.75, seed: int = 0) -> np.ndarray:
     """Unit vectors from a Gaussian mixture, a stand-in for trained item embeddings.
 
     Cluster sizes follow a Zipf-like law (a few big genres, a long tail), which is what makes
@@ -227,9 +225,7 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / total if total else 1.0
 
 
-def _tune(
-    index: faiss.Index, kind: str, queries: np.ndarray, truth: np.ndarray, k: int, target: float
-) -> None:
+def _tune(index: faiss.Index, kind: str, queries: np.ndarray, truth: np.ndarray, k: int, target: float) -> None:
     """Sets nprobe / efSearch to the cheapest ladder rung reaching ``target`` recall (see module doc)."""
     if kind in ("ivf_flat", "ivf_pq"):
         ladder = [p for p in NPROBE_LADDER if p < index.nlist] + [index.nlist]
@@ -303,9 +299,7 @@ def build_indexes(
         faiss.omp_set_num_threads(previous)
 
 
-def _build(
-    vectors: np.ndarray, kinds: Sequence[str], seed: int, k: int, target_recall: float, tune: bool, progress: bool
-) -> IndexSet:
+def _build(vectors: np.ndarray, kinds: Sequence[str], seed: int, k: int, target_recall: float, tune: bool, progress: bool) -> IndexSet:
     n, dim = vectors.shape
     params = default_params(n, dim)
     out = IndexSet()
@@ -624,8 +618,13 @@ def build_from_artifacts(
     out = Path(out_dir) if out_dir is not None else art / "faiss"
     table = art / "items.parquet"
     meta = write_index_bundle(
-        out, indexes[default], default, table if table.exists() else None,
-        recall=chosen["recall"], recall_k=k, vectors_path=emb_path,
+        out,
+        indexes[default],
+        default,
+        table if table.exists() else None,
+        recall=chosen["recall"],
+        recall_k=k,
+        vectors_path=emb_path,
     )
     report = {
         "n": int(vectors.shape[0]),
@@ -646,4 +645,3 @@ def build_from_artifacts(
     }
     write_report(out, report)
     return report
-

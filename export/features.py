@@ -6,19 +6,26 @@ training matrix; for serving it is exported to ONNX as the ``ranker_features`` m
 first step of the ``ranker_features -> ranker`` ensemble. There is no second copy of this
 logic anywhere, so training and serving cannot drift apart.
 
-One row per candidate (candidates are the batch dimension, so Triton's dynamic batcher can
-merge requests). Inputs per row:
+One output row per candidate; the user's history is sent once per user, not once per
+candidate. A call scores U users with C candidates each (N = U * C rows, grouped by user:
+rows ``u*C .. u*C+C-1`` belong to user ``u``). Per-user work (history lookups, genre profile,
+mean rating, ...) runs once per user; the candidate-by-history similarities are batched
+matrix products ``[U, C, D] x [U, D, L]``. Offline, where every row has its own history, the
+same graph runs with U = N and C = 1. Inputs:
 
-* ``item`` int64: candidate item index.
-* ``retrieval_score`` float32: the two-tower inner product.
-* ``retrieval_rank`` float32: 0-based rank of the candidate in retrieval.
-* ``history`` int64 [L]: the user's last L items, most recent last, ``-1`` padding.
-* ``history_rating`` float32 [L]: their ratings, 0 = unknown.
-* ``candidate_sources`` float32 [S]: the candidate's 0-based rank in each candidate source,
+* ``item`` int32/int64 [N]: candidate item index.
+* ``retrieval_score`` float32 [N]: the two-tower inner product.
+* ``retrieval_rank`` float32 [N]: 0-based rank of the candidate in retrieval.
+* ``history`` int32/int64 [U, L]: each user's last L items, most recent last, ``-1`` padding.
+* ``history_rating`` float32 [U, L]: their ratings, 0 = unknown.
+* ``candidate_sources`` float32 [N, S]: the candidate's 0-based rank in each candidate source,
   -1 where the source did not propose it (``orchestrator/candidates.py``); passed through as
   the last ``S`` features.
 
-Output: ``features`` float32 [len(FEATURE_NAMES)].
+Per-candidate inputs keep the leading axis N (a further per-candidate input is an [N, ...]
+tensor); per-user inputs have the leading axis U, and N must be a multiple of U.
+
+Output: ``features`` float32 [N, len(FEATURE_NAMES)].
 """
 
 from __future__ import annotations
@@ -132,79 +139,94 @@ class RankerFeatures(nn.Module):
         history_rating: torch.Tensor,
         candidate_sources: torch.Tensor,
     ) -> torch.Tensor:
-        item = item.reshape(-1)
+        # U users, C candidates each, N = U * C rows grouped by user (see the module docstring)
+        history = history.to(torch.long)
+        history_rating = history_rating.to(torch.float32)
+        n_users = history.shape[0]
+        item = item.reshape(-1).to(torch.long)
+        item_uc = item.reshape(n_users, -1)  # [U, C]
+
+        # per-user work, once per user: [U, L] and [U] tensors
         valid = (history >= 0).to(torch.float32)
         hist = torch.where(history >= 0, history, torch.zeros_like(history))
         n_hist = valid.sum(1)
         denom = torch.clamp(n_hist, min=1.0)
-
-        # genre affinity: cosine between the user's genre histogram and the candidate's genres
-        cand_genres = self.genres[item]
-        hist_genres = self.genres[hist] * valid.unsqueeze(-1)
-        profile = hist_genres.sum(1)
-        affinity = (profile * cand_genres).sum(1) / (profile.norm(dim=1) * cand_genres.norm(dim=1) + 1e-6)
-        share = (((hist_genres * cand_genres.unsqueeze(1)).sum(-1) > 0).to(torch.float32) * valid).sum(1) / denom
-
+        has_hist = (n_hist > 0).to(torch.float32)
+        hist_genres = self.genres[hist] * valid.unsqueeze(-1)  # [U, L, G]
+        profile = hist_genres.sum(1)  # [U, G]
         rated = (history_rating > 0).to(torch.float32) * valid
         n_rated = rated.sum(1)
         user_mean_rating = (history_rating * rated).sum(1) / torch.clamp(n_rated, min=1.0)
         user_mean_count = (self.log_count[hist] * valid).sum(1) / denom
-        item_count = self.log_count[item]
         hist_year = self.year[hist] * valid
-        known_year = (hist_year > 0).to(torch.float32)
-        mean_year = hist_year.sum(1) / torch.clamp(known_year.sum(1), min=1.0)
-        cand_year = self.year[item]
-        year_gap = torch.where((cand_year > 0) & (known_year.sum(1) > 0), cand_year - mean_year, torch.zeros_like(cand_year))
+        known_year = (hist_year > 0).to(torch.float32).sum(1)
+        mean_year = hist_year.sum(1) / torch.clamp(known_year, min=1.0)
+        hist_vec = self.vectors[hist]  # [U, L, D]
+        cf_hist = self.cf_vectors[hist]  # [U, L, K]
+        cf_hist_norm = cf_hist.norm(dim=-1)  # [U, L]
+        mask = valid.unsqueeze(1)  # [U, 1, L]: broadcast over a user's candidates
+        recent = mask[:, :, -LAST_N:]
+        n_recent = torch.clamp(recent.sum(-1), min=1.0)  # [U, 1]
 
-        sims = (self.vectors[hist] * self.vectors[item].unsqueeze(1)).sum(-1)
-        masked = sims * valid - (1.0 - valid) * 2.0  # cosine >= -1, so -2 never wins a max
-        recent = valid[:, -LAST_N:]
-        recent_sims = sims[:, -LAST_N:]
-        n_recent = torch.clamp(recent.sum(1), min=1.0)
-        has_hist = (n_hist > 0).to(torch.float32)
-        last_max = masked[:, -LAST_N:].max(1).values * has_hist
-        last_mean = (recent_sims * recent).sum(1) / n_recent
-        hist_mean = (sims * valid).sum(1) / denom
-        hist_max = masked.max(1).values * has_hist
+        # candidate x history work as batched matrix products: [U, C, L]
+        cand_genres = self.genres[item_uc]  # [U, C, G]
+        affinity = (cand_genres * profile.unsqueeze(1)).sum(-1) / (profile.norm(dim=1).unsqueeze(1) * cand_genres.norm(dim=-1) + 1e-6)
+        overlap = torch.matmul(cand_genres, hist_genres.transpose(1, 2))
+        share = ((overlap > 0).to(torch.float32) * mask).sum(-1) / denom.unsqueeze(1)
+
+        cand_year = self.year[item_uc]
+        year_gap = torch.where(
+            (cand_year > 0) & (known_year.unsqueeze(1) > 0), cand_year - mean_year.unsqueeze(1), torch.zeros_like(cand_year)
+        )
+
+        sims = torch.matmul(self.vectors[item_uc], hist_vec.transpose(1, 2))  # cosines (unit vectors)
+        masked = sims * mask - (1.0 - mask) * 2.0  # cosine >= -1, so -2 never wins a max
+        per_user = has_hist.unsqueeze(1)
+        last_max = masked[:, :, -LAST_N:].max(-1).values * per_user
+        last_mean = (sims[:, :, -LAST_N:] * recent).sum(-1) / n_recent
+        hist_mean = (sims * mask).sum(-1) / denom.unsqueeze(1)
+        hist_max = masked.max(-1).values * per_user
 
         # collaborative similarity (co-occurrence cosines, unnormalised CF vectors)
-        cf_hist = self.cf_vectors[hist]
-        cf_cand = self.cf_vectors[item]
-        cf_dots = (cf_hist * cf_cand.unsqueeze(1)).sum(-1)
-        cf_norms = cf_hist.norm(dim=-1) * cf_cand.norm(dim=-1).unsqueeze(1) + 1e-6
-        cf_sims = cf_dots / cf_norms * valid
-        cf_masked = cf_sims - (1.0 - valid) * 2.0
-        cf_mean = cf_sims.sum(1) / denom
-        cf_max = cf_masked.max(1).values * has_hist
-        cf_last_max = cf_masked[:, -LAST_N:].max(1).values * has_hist
-        cf_sum = cf_dots.mul(valid).sum(1)
+        cf_cand = self.cf_vectors[item_uc]  # [U, C, K]
+        cf_dots = torch.matmul(cf_cand, cf_hist.transpose(1, 2))
+        cf_norms = cf_hist_norm.unsqueeze(1) * cf_cand.norm(dim=-1).unsqueeze(2) + 1e-6
+        cf_sims = cf_dots / cf_norms * mask
+        cf_masked = cf_sims - (1.0 - mask) * 2.0
+        cf_mean = cf_sims.sum(-1) / denom.unsqueeze(1)
+        cf_max = cf_masked.max(-1).values * per_user
+        cf_last_max = cf_masked[:, :, -LAST_N:].max(-1).values * per_user
+        cf_sum = (cf_dots * mask).sum(-1)
 
+        ones = torch.ones_like(affinity)  # [U, C]: spreads a per-user value over its candidates
+        item_count = self.log_count[item]
+        user_count = (user_mean_count.unsqueeze(1) * ones).reshape(-1)
         cols = [
             retrieval_score.reshape(-1),
             retrieval_rank.reshape(-1),
             item_count,
             self.log_recent[item],
             self.mean_rating[item],
-            cand_year,
+            self.year[item],
             self.first_days[item],
-            affinity,
-            share,
-            n_hist,
-            user_mean_rating,
-            n_rated / denom,
-            user_mean_count,
-            item_count - user_mean_count,
-            year_gap,
-            last_max,
-            last_mean,
-            hist_mean,
-            hist_max,
-            cf_mean,
-            cf_max,
-            cf_last_max,
-            cf_sum,
+            affinity.reshape(-1),
+            share.reshape(-1),
+            (n_hist.unsqueeze(1) * ones).reshape(-1),
+            (user_mean_rating.unsqueeze(1) * ones).reshape(-1),
+            ((n_rated / denom).unsqueeze(1) * ones).reshape(-1),
+            user_count,
+            item_count - user_count,
+            year_gap.reshape(-1),
+            last_max.reshape(-1),
+            last_mean.reshape(-1),
+            hist_mean.reshape(-1),
+            hist_max.reshape(-1),
+            cf_mean.reshape(-1),
+            cf_max.reshape(-1),
+            cf_last_max.reshape(-1),
+            cf_sum.reshape(-1),
         ]
-        return torch.cat([torch.stack(cols, dim=1), candidate_sources], dim=1)
+        return torch.cat([torch.stack(cols, dim=1), candidate_sources.to(torch.float32).reshape(item.shape[0], -1)], dim=1)
 
     @torch.no_grad()
     def compute(
@@ -217,7 +239,7 @@ class RankerFeatures(nn.Module):
         candidate_sources: np.ndarray,
         batch_size: int = 65536,
     ) -> np.ndarray:
-        """Numpy convenience wrapper: float32 [n, len(FEATURE_NAMES)]."""
+        """Numpy convenience wrapper, one history row per candidate (U = N): float32 [n, len(FEATURE_NAMES)]."""
         out = []
         for s in range(0, len(item), batch_size):
             sl = slice(s, s + batch_size)

@@ -18,10 +18,12 @@ graph's inputs and outputs are checked against *every* config of its model and t
 ensemble's wiring is checked; a mismatch refuses the whole publish with a message naming
 the model, the tensor and the difference.
 
-Tensor layout: candidates (ranker) and users/items (towers) are the batch dimension, so
-Triton's dynamic batcher can merge requests. Per-row scalars (``item``, ``retrieval_score``,
-``retrieval_rank``, ``score``) have dims ``[1]``: what Triton's config says is exactly what
-the graph takes, without ``reshape`` tricks.
+Tensor layout: users (``user_tower``), items (``item_tower``) and feature rows (``ranker``)
+are the batch dimension, so Triton's dynamic batcher can merge requests. ``ranker_features``
+(and so ``ranker_ensemble``) has ``max_batch_size: 0``: it takes U users' histories once
+([U, L], compact INT32 ids) and their N = U * C candidates ([N] per-candidate tensors), a shape
+that has no single batch axis; the orchestrator merges users itself (BatchRecommend), and the
+``ranker`` step behind it still batches feature rows across requests.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ from export.triton_config import (
     write_repository_files,
 )
 from export.two_tower import TwoTower, TwoTowerConfig
-from orchestrator.candidates import SOURCES, TABLES_FILE
 from orchestrator.artifacts import EXPORTED_FILES, file_sha256
+from orchestrator.candidates import SOURCES, TABLES_FILE
 from orchestrator.contract import (
     CANDIDATE_INPUTS,
     GRAPH_MODELS,
@@ -78,7 +80,8 @@ LEAF_MODELS = GRAPH_MODELS
 TREE_IMPLEMENTATIONS = ("gemm", "tree_trav", "perf_tree_trav")
 TIMING_ROWS = (200, 500)
 """Batch sizes the tree strategies are timed at: one to two users' worth of candidates."""
-PARITY_BATCHES = {"user_tower": (1, 7, 256), "ranker_features": (1, 7, 256), "ranker": (1, 7, 200, 4096)}
+PARITY_BATCHES = {"user_tower": (1, 7, 256), "ranker_features": ((1, 1), (7, 7), (200, 1), (256, 4)), "ranker": (1, 7, 200, 4096)}
+"""Batch sizes each graph is checked at (``ranker_features``: (candidates, users))."""
 
 
 # --------------------------------------------------------------------------- loading artifacts
@@ -184,13 +187,15 @@ def _export_graph(
     path: Path,
     input_names: Sequence[str],
     output_names: Sequence[str],
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> None:
     """Traces ``module`` to ONNX with the legacy exporter and a dynamic batch axis.
 
     ``dynamo=False`` because the dynamo exporter names outputs after internal nodes, which
     onnxruntime rejects as duplicate definitions (docs/platform.md).
+    ``dynamic_axes`` replaces the default (axis 0 of every tensor is one ``batch`` axis).
     """
-    axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
+    axes = dynamic_axes or {name: {0: "batch"} for name in (*input_names, *output_names)}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints are expected here
         torch.onnx.export(
@@ -232,17 +237,27 @@ def export_item_tower(model: TwoTower, path: Path) -> None:
 
 
 def export_ranker_features(module: RankerFeatures, history_len: int, path: Path) -> None:
-    """Writes ``ranker_features`` ONNX: one row per candidate -> features [B, F]."""
+    """Writes ``ranker_features`` ONNX: U histories [U, L] + N = U * C candidates [N] -> features [N, F]."""
     L = history_len
+    # traced with U=2, C=3 so neither axis is mistaken for a constant
     args = (
-        torch.zeros(2, 1, dtype=torch.long),
-        torch.zeros(2, 1),
-        torch.zeros(2, 1),
-        torch.full((2, L), -1, dtype=torch.long),
+        torch.zeros(6, dtype=torch.int32),
+        torch.zeros(6),
+        torch.zeros(6),
+        torch.full((2, L), -1, dtype=torch.int32),
         torch.zeros(2, L),
-        torch.full((2, len(SOURCES)), -1.0),
+        torch.full((6, len(SOURCES)), -1.0),
     )
-    _export_graph(module, args, path, CANDIDATE_INPUTS, ("features",))
+    axes = {
+        "item": {0: "n"},
+        "retrieval_score": {0: "n"},
+        "retrieval_rank": {0: "n"},
+        "history": {0: "u"},
+        "history_rating": {0: "u"},
+        "candidate_sources": {0: "n"},
+        "features": {0: "n"},
+    }
+    _export_graph(module, args, path, CANDIDATE_INPUTS, ("features",), dynamic_axes=axes)
 
 
 def float32_exact_booster(booster: lgb.Booster) -> lgb.Booster:
@@ -361,15 +376,18 @@ def sample_user_inputs(n: int, n_items: int, history_len: int, demo_cardinalitie
     return {"history": history, "history_rating": rating, "demographics": demo}
 
 
-def sample_candidate_inputs(n: int, n_items: int, history_len: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random but valid ``ranker_features`` inputs, one row per candidate ([B, 1] scalars)."""
+def sample_candidate_inputs(n: int, n_items: int, history_len: int, seed: int = 0, users: int | None = None) -> dict[str, np.ndarray]:
+    """Random but valid ``ranker_features`` inputs: ``n`` candidates of ``users`` users (default: one each)."""
     rng = np.random.default_rng(seed)
-    user = sample_user_inputs(n, n_items, history_len, (1, 1, 1), seed)
+    users = n if users is None else users
+    if users <= 0 or n % users:
+        raise ValueError(f"{n} candidates do not split evenly over {users} users")
+    user = sample_user_inputs(users, n_items, history_len, (1, 1, 1), seed)
     return {
-        "item": rng.integers(0, n_items, (n, 1)).astype(np.int64),
-        "retrieval_score": rng.uniform(-1, 1, (n, 1)).astype(np.float32),
-        "retrieval_rank": rng.integers(0, 200, (n, 1)).astype(np.float32),
-        "history": user["history"],
+        "item": rng.integers(0, n_items, n).astype(np.int32),
+        "retrieval_score": rng.uniform(-1, 1, n).astype(np.float32),
+        "retrieval_rank": rng.integers(0, 200, n).astype(np.float32),
+        "history": user["history"].astype(np.int32),
         "history_rating": user["history_rating"],
         # a rank in some sources, -1 (absent) in the others
         "candidate_sources": np.where(rng.random((n, len(SOURCES))) < 0.5, rng.integers(0, 200, (n, len(SOURCES))), -1).astype(np.float32),
@@ -377,12 +395,15 @@ def sample_candidate_inputs(n: int, n_items: int, history_len: int, seed: int = 
 
 
 def _features_torch(module: RankerFeatures, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The PyTorch reference, each candidate with its own user's history row (U = N, C = 1)."""
+    n, users = len(inputs["item"]), len(inputs["history"])
+    per_row = np.repeat(np.arange(users), n // users)
     return module.compute(
         inputs["item"].reshape(-1),
         inputs["retrieval_score"].reshape(-1),
         inputs["retrieval_rank"].reshape(-1),
-        inputs["history"],
-        inputs["history_rating"],
+        inputs["history"][per_row],
+        inputs["history_rating"][per_row],
         inputs["candidate_sources"],
     )
 
@@ -515,9 +536,6 @@ def repository_lock(repo: Path) -> Iterator[None]:
         os.close(fd)
 
 
-
-
-
 ARTIFACT_FILES = EXPORTED_FILES
 
 
@@ -543,7 +561,9 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if a.size else 0.0
 
 
-def _parity(graphs: dict[str, Path], model: TwoTower, features: RankerFeatures, booster: lgb.Booster, cands: dict) -> dict[str, dict[str, float]]:
+def _parity(
+    graphs: dict[str, Path], model: TwoTower, features: RankerFeatures, booster: lgb.Booster, cands: dict
+) -> dict[str, dict[str, float]]:
     """Max abs difference of each graph vs its PyTorch/LightGBM source at a few batch sizes."""
     cfg = model.config
     n_items = model.item_tower.encoder.genres.shape[0]
@@ -560,16 +580,14 @@ def _parity(graphs: dict[str, Path], model: TwoTower, features: RankerFeatures, 
     out["item_tower"]["1"] = _max_diff(sess.run(["item_embedding"], {"item": items[:1]})[0], ref[:1])
     out["item_tower"][str(n_items)] = _max_diff(sess.run(["item_embedding"], {"item": items})[0], ref)
     sess = session(graphs["ranker_features"])
-    for b in PARITY_BATCHES["ranker_features"]:
-        x = sample_candidate_inputs(b, n_items, cfg.history_len, seed=b)
+    for b, users in PARITY_BATCHES["ranker_features"]:
+        x = sample_candidate_inputs(b, n_items, cfg.history_len, seed=b, users=users)
         out["ranker_features"][str(b)] = _max_diff(sess.run(["features"], x)[0], _features_torch(features, x))
     sess = session(graphs["ranker"])
     feats = _features_torch(features, cands)
     for b in PARITY_BATCHES["ranker"]:
         rows = feats[np.arange(b) % len(feats)]
-        out["ranker"][str(b)] = _max_diff(
-            sess.run(["score"], {"features": rows})[0], booster.predict(rows, num_threads=1).reshape(-1, 1)
-        )
+        out["ranker"][str(b)] = _max_diff(sess.run(["score"], {"features": rows})[0], booster.predict(rows, num_threads=1).reshape(-1, 1))
     return out
 
 

@@ -178,7 +178,7 @@ class Candidates:
     user_vectors: np.ndarray
     item_vectors: np.ndarray
 
-    def with_budgets(self, budgets: np.ndarray, n: int) -> "Candidates":
+    def with_budgets(self, budgets: np.ndarray, n: int) -> Candidates:
         """The same source lists merged with other budgets."""
         items, sources = merge_users(self.lists, budgets, n)
         scores = user_item_scores(self.user_vectors, self.item_vectors, items)
@@ -247,9 +247,7 @@ def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True, sp
         return float(np.mean(hits))
 
     t0 = time.perf_counter()
-    tt_val = train_two_tower(
-        settings.two_tower, catalog, val_period.stats, val_period.histories, demographics, validate, progress=progress
-    )
+    tt_val = train_two_tower(settings.two_tower, catalog, val_period.stats, val_period.histories, demographics, validate, progress=progress)
     seconds["two_tower"] = time.perf_counter() - t0
 
     # candidate sources: tables from the past only; budgets by the merged set's recall on
@@ -264,7 +262,9 @@ def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True, sp
     if settings.budgets is None:
         rel_active = [rel_val.get(int(u), np.empty(0, np.int64)) for u in active]
         has_rel = np.array([len(r) > 0 for r in rel_active])
-        budgets, trials = choose_budgets([cands.lists[i] for i in np.flatnonzero(has_rel)], [rel_active[i] for i in np.flatnonzero(has_rel)], n_cand)
+        budgets, trials = choose_budgets(
+            [cands.lists[i] for i in np.flatnonzero(has_rel)], [rel_active[i] for i in np.flatnonzero(has_rel)], n_cand
+        )
         tables_val = tables_val.with_budgets(budgets)
         cands = cands.with_budgets(tables_val.budgets, n_cand)
     seconds["candidates"] = time.perf_counter() - t0
@@ -299,17 +299,13 @@ def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True, sp
         tt_test = tt_val
     seconds["two_tower_refit"] = time.perf_counter() - t0
     tables = test_period.tables(catalog, settings).with_budgets(tables_val.budgets)
-    return Fitted(
-        catalog, split, demographics, val_period, test_period, tt_val, tt_test, booster, tables_val, tables, trials, seconds
-    )
+    return Fitted(catalog, split, demographics, val_period, test_period, tt_val, tt_test, booster, tables_val, tables, trials, seconds)
 
 
 def git_sha() -> str | None:
     """The current commit of the project checkout, if any."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -451,7 +447,8 @@ def run(
             (with one window, the single time split of ``recsys train``).
 
     Returns:
-        ``{"manifest": ... or None, "published": ... or None}``.
+        ``{"ml": the loaded data, "fitted": the latest window's models, "manifest": ... or None,
+        "published": ... or None}``.
     """
     settings = settings or TrainSettings()
     ml = load_movielens(data_dir, progress=progress)
@@ -465,7 +462,7 @@ def run(
     assert fitted is not None
     manifest = save_artifacts(fitted, ml, data_dir, artifacts_dir, settings) if artifacts_dir is not None else None
     published = publish(artifacts_dir, repo, progress=progress) if artifacts_dir is not None and repo is not None else None
-    return {"manifest": manifest, "published": published}
+    return {"ml": ml, "fitted": fitted, "manifest": manifest, "published": published}
 
 
 def publish(
@@ -499,9 +496,7 @@ def publish(
     from export.onnx_export import export_repository  # imports this module: imported here
 
     summary = (
-        export_repository(artifacts_dir, repo, tree_implementation=tree_implementation, write_configs=write_configs)
-        if repository
-        else None
+        export_repository(artifacts_dir, repo, tree_implementation=tree_implementation, write_configs=write_configs) if repository else None
     )
     report = build_from_artifacts(artifacts_dir, progress=progress, threads=1) if index else None
     return {"repository": summary, "faiss": report}

@@ -102,9 +102,7 @@ def candidate_features(
     return np.concatenate(out)
 
 
-def candidate_labels(
-    user_ids: np.ndarray, cand_items: np.ndarray, period: pd.DataFrame, catalog: Catalog
-) -> np.ndarray:
+def candidate_labels(user_ids: np.ndarray, cand_items: np.ndarray, period: pd.DataFrame, catalog: Catalog) -> np.ndarray:
     """Graded labels of candidates from a period's ratings: 2 rated >= 4, 1 rated < 4, 0 not rated."""
     items = catalog.to_items(period.movie_id.to_numpy())
     grade = np.where(period.rating.to_numpy() >= RELEVANCE_MIN_RATING, 2, 1)

@@ -331,9 +331,7 @@ def _ild_rows(ranked: np.ndarray, unit: np.ndarray) -> np.ndarray:
         pair_dot = 0.5 * (np.einsum("ud,ud->u", sum_vec, sum_vec) - np.einsum("ukd,ukd->u", vecs, vecs))
         m = mask.sum(axis=1)
         n_pairs = m * (m - 1) / 2
-        out[start : start + _ILD_BLOCK] = np.where(
-            n_pairs > 0, 1.0 - pair_dot / np.maximum(n_pairs, 1), 0.0
-        )
+        out[start : start + _ILD_BLOCK] = np.where(n_pairs > 0, 1.0 - pair_dot / np.maximum(n_pairs, 1), 0.0)
     return out
 
 
@@ -426,10 +424,7 @@ def _hit_matrix(ranked: np.ndarray, relevant: list[np.ndarray], n_items: int) ->
     n_rel = np.array([r.size for r in rel_sets], dtype=np.int64)
     if n_users and n_rel.min() == 0:
         bad = int(np.flatnonzero(n_rel == 0)[0])
-        raise ValueError(
-            f"user {bad} has no relevant items; filter such users out before evaluation "
-            "(their recall/nDCG are undefined)"
-        )
+        raise ValueError(f"user {bad} has no relevant items; filter such users out before evaluation (their recall/nDCG are undefined)")
     for u, r in enumerate(rel_sets):
         if r[-1] >= n_items:
             raise ValueError(f"relevant[{u}] contains item index {int(r[-1])} >= n_items={n_items}")

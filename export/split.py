@@ -103,9 +103,7 @@ def time_split(ratings: pd.DataFrame, val_fraction: float = 0.1, test_fraction: 
     return rolling_splits(ratings, 1, val_fraction, test_fraction)[0]
 
 
-def rolling_splits(
-    ratings: pd.DataFrame, windows: int, val_fraction: float = 0.1, test_fraction: float = 0.1
-) -> list[Split]:
+def rolling_splits(ratings: pd.DataFrame, windows: int, val_fraction: float = 0.1, test_fraction: float = 0.1) -> list[Split]:
     """Rolling-origin splits: ``windows`` consecutive test periods at the end of the data.
 
     Window ``k`` (0 = oldest, ``windows - 1`` = the latest) has its test period between the
@@ -177,7 +175,4 @@ def relevant_items(period: pd.DataFrame, item_index: dict[int, int] | pd.Series)
     rel = period[period.rating >= RELEVANCE_MIN_RATING]
     idx = rel.movie_id.map(item_index)
     rel = rel.assign(item=idx).dropna(subset=["item"])
-    return {
-        int(u): np.unique(g.item.to_numpy(dtype=np.int64))
-        for u, g in rel.groupby("user_id", sort=True)
-    }
+    return {int(u): np.unique(g.item.to_numpy(dtype=np.int64)) for u, g in rel.groupby("user_id", sort=True)}

@@ -37,44 +37,96 @@ __all__ = ["GENRES", "LatentFactors", "SynthSpec", "latent_factors", "synthesize
 #: The genre names of ml-25m / ml-32m (besides "(no genres listed)"), with a rough
 #: share of movies carrying each, used as the base rate of the genre model.
 GENRES: tuple[str, ...] = (
-    "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance",
-    "Sci-Fi", "Thriller", "War", "Western",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "IMAX",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
-_GENRE_SHARE = np.array([
-    0.12, 0.07, 0.05, 0.05, 0.27, 0.09, 0.08, 0.40, 0.05, 0.005, 0.10, 0.002, 0.03, 0.05,
-    0.12, 0.05, 0.14, 0.03, 0.02,
-])
+_GENRE_SHARE = np.array(
+    [
+        0.12,
+        0.07,
+        0.05,
+        0.05,
+        0.27,
+        0.09,
+        0.08,
+        0.40,
+        0.05,
+        0.005,
+        0.10,
+        0.002,
+        0.03,
+        0.05,
+        0.12,
+        0.05,
+        0.14,
+        0.03,
+        0.02,
+    ]
+)
 _NO_GENRES = "(no genres listed)"
 _OCCUPATIONS = (
-    "student", "other", "educator", "administrator", "engineer", "programmer", "librarian",
-    "writer", "executive", "scientist", "artist", "technician", "marketing", "entertainment",
-    "healthcare", "retired", "salesman", "lawyer", "none", "homemaker", "doctor",
+    "student",
+    "other",
+    "educator",
+    "administrator",
+    "engineer",
+    "programmer",
+    "librarian",
+    "writer",
+    "executive",
+    "scientist",
+    "artist",
+    "technician",
+    "marketing",
+    "entertainment",
+    "healthcare",
+    "retired",
+    "salesman",
+    "lawyer",
+    "none",
+    "homemaker",
+    "doctor",
 )
-_OCCUPATION_SHARE = np.array([196, 105, 95, 79, 67, 66, 51, 45, 32, 31, 28, 27, 26, 18, 16,
-                              14, 12, 12, 9, 7, 7], dtype=np.float64)
+_OCCUPATION_SHARE = np.array([196, 105, 95, 79, 67, 66, 51, 45, 32, 31, 28, 27, 26, 18, 16, 14, 12, 12, 9, 7, 7], dtype=np.float64)
 
 # Global activity span, as in ML-32M (first rating Jan 1996, last Oct 2023).
-_SPAN_START = 822_873_600     # 1996-01-29
-_SPAN_END = 1_697_068_800     # 2023-10-12
+_SPAN_START = 822_873_600  # 1996-01-29
+_SPAN_END = 1_697_068_800  # 2023-10-12
 _HALF_STARS_FROM = 1_045_008_000  # 2003-02-12: MovieLens took whole stars only before
 _FIRST_YEAR, _LAST_YEAR = 1902, 2022
 
-_MAX_PER_USER = 3000          # cap on one user's ratings (and on the catalogue share)
-_ZIPF_EXPONENT = 1.1          # item popularity ~ (rank + offset)^-exponent
+_MAX_PER_USER = 3000  # cap on one user's ratings (and on the catalogue share)
+_ZIPF_EXPONENT = 1.1  # item popularity ~ (rank + offset)^-exponent
 _ZIPF_OFFSET = 3.0
-_ACTIVITY_ALPHA = 1.4         # Pareto tail of per-user activity
-_SELECT_STRENGTH = 1.5        # weight of affinity in which items a user picks
-_POOL_RATIO = 4               # candidates drawn per wanted rating in the fast path
-_POOL_POP_WEIGHT = 1.0        # popularity weight again when choosing within the pool
+_ACTIVITY_ALPHA = 1.4  # Pareto tail of per-user activity
+_SELECT_STRENGTH = 1.5  # weight of affinity in which items a user picks
+_POOL_RATIO = 4  # candidates drawn per wanted rating in the fast path
+_POOL_POP_WEIGHT = 1.0  # popularity weight again when choosing within the pool
 _RATING_MEAN = 2.85
-_RATING_AFFINITY = 0.6        # weight of affinity in the rating
+_RATING_AFFINITY = 0.6  # weight of affinity in the rating
 _RATING_NOISE = 0.75
 _WHOLE_STAR_USERS = 0.3
-_NO_YEAR_SHARE = 0.005        # a few titles without "(YYYY)", as in the real data
+_NO_YEAR_SHARE = 0.005  # a few titles without "(YYYY)", as in the real data
 _NO_GENRE_SHARE = 0.01
-_CHUNK_RATINGS = 400_000      # ratings generated per chunk (bounds memory)
-_FULL_BATCH = 64              # users per batch on the full-catalogue path
+_CHUNK_RATINGS = 400_000  # ratings generated per chunk (bounds memory)
+_FULL_BATCH = 64  # users per batch on the full-catalogue path
 
 # Independent random streams, so the factors can be rebuilt without the ratings.
 _STREAM_FACTORS, _STREAM_ITEMS, _STREAM_USERS, _STREAM_RATINGS = range(4)
@@ -204,8 +256,7 @@ def _check_spec(spec: SynthSpec) -> None:
     if spec.ratings < spec.users:
         raise ValueError(f"{spec.ratings} ratings cannot give each of {spec.users} users one")
     if spec.ratings > spec.users * min(spec.items, _MAX_PER_USER):
-        raise ValueError(f"{spec.ratings} ratings exceed {spec.users} users x "
-                         f"min({spec.items} items, {_MAX_PER_USER}) without repeats")
+        raise ValueError(f"{spec.ratings} ratings exceed {spec.users} users x min({spec.items} items, {_MAX_PER_USER}) without repeats")
 
 
 def _standardize(x: np.ndarray) -> np.ndarray:
@@ -220,23 +271,23 @@ def _year_start(year: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class _Items:
-    movie_ids: np.ndarray     # int64 [I]
-    factors: np.ndarray       # float32 [I, k]; scaled so u . v has unit variance
-    log_pop: np.ndarray       # float64 [I]
-    bias: np.ndarray          # float32 [I]
-    year: np.ndarray          # int32 [I]
-    release: np.ndarray       # int64 [I], Unix seconds of 1 Jan of the release year
-    genres: np.ndarray        # bool [I, len(GENRES)]
-    rel_order: np.ndarray     # int64 [I], items by release time
-    rel_sorted: np.ndarray    # int64 [I], release[rel_order]
-    rel_cdf: np.ndarray       # float64 [I], popularity CDF in release order
+    movie_ids: np.ndarray  # int64 [I]
+    factors: np.ndarray  # float32 [I, k]; scaled so u . v has unit variance
+    log_pop: np.ndarray  # float64 [I]
+    bias: np.ndarray  # float32 [I]
+    year: np.ndarray  # int32 [I]
+    release: np.ndarray  # int64 [I], Unix seconds of 1 Jan of the release year
+    genres: np.ndarray  # bool [I, len(GENRES)]
+    rel_order: np.ndarray  # int64 [I], items by release time
+    rel_sorted: np.ndarray  # int64 [I], release[rel_order]
+    rel_cdf: np.ndarray  # float64 [I], popularity CDF in release order
 
 
 def _make_items(spec: SynthSpec) -> _Items:
     k = spec.factors
     n = spec.items
     # Factors at scale k^-1/4 on both sides give the affinity u . v unit variance.
-    factors = (_rng(spec, _STREAM_FACTORS, 1).standard_normal((n, k)) / k ** 0.25).astype(np.float32)
+    factors = (_rng(spec, _STREAM_FACTORS, 1).standard_normal((n, k)) / k**0.25).astype(np.float32)
     rng = _rng(spec, _STREAM_ITEMS)
 
     # Zipf-like popularity over a random ranking of the items.
@@ -265,25 +316,34 @@ def _make_items(spec: SynthSpec) -> _Items:
 
     rel_order = np.argsort(release, kind="stable")
     rel_cdf = np.cumsum(np.exp(log_pop[rel_order] - log_pop.max()))
-    return _Items(movie_ids=movie_ids, factors=factors, log_pop=log_pop, bias=bias, year=year,
-                  release=release, genres=genres, rel_order=rel_order,
-                  rel_sorted=release[rel_order], rel_cdf=rel_cdf)
+    return _Items(
+        movie_ids=movie_ids,
+        factors=factors,
+        log_pop=log_pop,
+        bias=bias,
+        year=year,
+        release=release,
+        genres=genres,
+        rel_order=rel_order,
+        rel_sorted=release[rel_order],
+        rel_cdf=rel_cdf,
+    )
 
 
 def _make_user_factors(spec: SynthSpec) -> np.ndarray:
     k = spec.factors
-    return (_rng(spec, _STREAM_FACTORS, 0).standard_normal((spec.users, k)) / k ** 0.25).astype(np.float32)
+    return (_rng(spec, _STREAM_FACTORS, 0).standard_normal((spec.users, k)) / k**0.25).astype(np.float32)
 
 
 @dataclass(frozen=True, eq=False)
 class _Users:
-    factors: np.ndarray       # float32 [U, k]
-    bias: np.ndarray          # float32 [U]
-    whole_stars: np.ndarray   # bool [U]
-    start: np.ndarray         # int64 [U], first session
-    end: np.ndarray           # int64 [U], last session
-    avail: np.ndarray         # int64 [U], items released by `end` (a prefix of rel_order)
-    counts: np.ndarray        # int64 [U], ratings per user
+    factors: np.ndarray  # float32 [U, k]
+    bias: np.ndarray  # float32 [U]
+    whole_stars: np.ndarray  # bool [U]
+    start: np.ndarray  # int64 [U], first session
+    end: np.ndarray  # int64 [U], last session
+    avail: np.ndarray  # int64 [U], items released by `end` (a prefix of rel_order)
+    counts: np.ndarray  # int64 [U], ratings per user
     age: np.ndarray
     gender: np.ndarray
     occupation: np.ndarray
@@ -326,15 +386,20 @@ def _make_users(spec: SynthSpec, items: _Items) -> _Users:
     z1 = _standardize(factors[:, 1].astype(np.float64))
     age = np.clip(np.round(32 + 10 * (0.5 * z0 + 0.87 * rng.standard_normal(n))), 7, 73).astype(np.int32)
     gender = np.where(rng.random(n) < 1 / (1 + np.exp(1.0 - 0.8 * z1)), "F", "M")
-    occupation = np.asarray(_OCCUPATIONS)[
-        rng.choice(len(_OCCUPATIONS), size=n, p=_OCCUPATION_SHARE / _OCCUPATION_SHARE.sum())]
+    occupation = np.asarray(_OCCUPATIONS)[rng.choice(len(_OCCUPATIONS), size=n, p=_OCCUPATION_SHARE / _OCCUPATION_SHARE.sum())]
     zip_codes = np.char.zfill(rng.integers(0, 100_000, n).astype(str), 5)
     return _Users(
         factors=factors,
         bias=rng.normal(0.0, 0.4, n).astype(np.float32),
         whole_stars=rng.random(n) < _WHOLE_STAR_USERS,
-        start=start, end=end, avail=avail, counts=counts,
-        age=age, gender=gender, occupation=occupation, zip=zip_codes,
+        start=start,
+        end=end,
+        avail=avail,
+        counts=counts,
+        age=age,
+        gender=gender,
+        occupation=occupation,
+        zip=zip_codes,
     )
 
 
@@ -352,8 +417,7 @@ def _allocate(weights: np.ndarray, caps: np.ndarray, total: int, rng: np.random.
         give = np.minimum(np.floor(share).astype(np.int64), room[open_])
         if give.sum() == 0:
             # Fewer units left than users with room: hand them out one each, weighted.
-            pick = rng.choice(open_, size=remaining, replace=False,
-                              p=weights[open_] / weights[open_].sum())
+            pick = rng.choice(open_, size=remaining, replace=False, p=weights[open_] / weights[open_].sum())
             give = np.zeros(len(open_), dtype=np.int64)
             give[np.searchsorted(open_, pick)] = 1
         counts[open_] += give
@@ -462,7 +526,7 @@ def _timestamps(
 ) -> np.ndarray:
     """Place each rating in one of its user's sessions held after the item's release."""
     n_users = len(want)
-    n_sess = 1 + np.minimum(want - 1, rng.poisson(0.5 * want ** 0.6))
+    n_sess = 1 + np.minimum(want - 1, rng.poisson(0.5 * want**0.6))
     su = np.repeat(np.arange(n_users), n_sess)
     frac = rng.random(len(su))
     sess_off = np.concatenate(([0], np.cumsum(n_sess)))
@@ -492,8 +556,7 @@ def _ratings_values(
     aff: np.ndarray,
     ts: np.ndarray,
 ) -> np.ndarray:
-    latent = (_RATING_MEAN + users.bias[user] + items.bias[item] + _RATING_AFFINITY * aff
-              + rng.normal(0.0, _RATING_NOISE, len(user)))
+    latent = _RATING_MEAN + users.bias[user] + items.bias[item] + _RATING_AFFINITY * aff + rng.normal(0.0, _RATING_NOISE, len(user))
     whole = users.whole_stars[user] | (ts < _HALF_STARS_FROM)
     half = np.clip(np.round(latent * 2) / 2, 0.5, 5.0)
     full = np.clip(np.round(latent), 1.0, 5.0)
@@ -503,12 +566,11 @@ def _ratings_values(
 def _write_ratings(path: Path, spec: SynthSpec, items: _Items, users: _Users, *, progress: bool) -> int:
     cum = np.cumsum(users.counts)
     # Chunk boundaries at about every _CHUNK_RATINGS ratings (at least one user each).
-    bounds = np.unique(np.concatenate((
-        [0], np.searchsorted(cum, np.arange(_CHUNK_RATINGS, cum[-1], _CHUNK_RATINGS), side="right"),
-        [spec.users])))
+    bounds = np.unique(
+        np.concatenate(([0], np.searchsorted(cum, np.arange(_CHUNK_RATINGS, cum[-1], _CHUNK_RATINGS), side="right"), [spec.users]))
+    )
     written = 0
-    bar = tqdm(total=spec.ratings, desc="synthesize ratings", unit="rating", unit_scale=True,
-               file=sys.stderr, disable=not progress)
+    bar = tqdm(total=spec.ratings, desc="synthesize ratings", unit="rating", unit_scale=True, file=sys.stderr, disable=not progress)
     try:
         with path.open("wb") as fh:
             for c, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -522,8 +584,7 @@ def _write_ratings(path: Path, spec: SynthSpec, items: _Items, users: _Users, *,
     return written
 
 
-def _ratings_chunk(rng: np.random.Generator, spec: SynthSpec, items: _Items, users: _Users,
-                   a: int, b: int) -> pl.DataFrame:
+def _ratings_chunk(rng: np.random.Generator, spec: SynthSpec, items: _Items, users: _Users, a: int, b: int) -> pl.DataFrame:
     want = users.counts[a:b]
     avail = users.avail[a:b]
     u_f = users.factors[a:b]
@@ -541,12 +602,14 @@ def _ratings_chunk(rng: np.random.Generator, spec: SynthSpec, items: _Items, use
 
     ts = _timestamps(rng, items, users.start[a:b], users.end[a:b], want, lu, item)
     rating = _ratings_values(rng, items, users, a + lu, item, aff, ts)
-    return pl.DataFrame({
-        "userId": (a + 1 + lu).astype(np.int64),
-        "movieId": items.movie_ids[item],
-        "rating": rating,
-        "timestamp": ts.astype(np.int64),
-    }).sort(["userId", "movieId"])
+    return pl.DataFrame(
+        {
+            "userId": (a + 1 + lu).astype(np.int64),
+            "movieId": items.movie_ids[item],
+            "rating": rating,
+            "timestamp": ts.astype(np.int64),
+        }
+    ).sort(["userId", "movieId"])
 
 
 # ------------------------------------------------------------------ movies and users
@@ -560,8 +623,7 @@ def _write_movies(path: Path, items: _Items) -> None:
     titles = np.char.add("Synthetic Movie ", ids.astype(str))
     # A few titles lack the year, as some real ones do; chosen by id so it is stable.
     with_year = (ids * 2_654_435_761 % 1000) >= _NO_YEAR_SHARE * 1000
-    titles = np.where(with_year, np.char.add(np.char.add(np.char.add(titles, " ("), years.astype(str)), ")"),
-                      titles)
+    titles = np.where(with_year, np.char.add(np.char.add(np.char.add(titles, " ("), years.astype(str)), ")"), titles)
     genre_names = np.asarray(GENRES, dtype=object)
     joined = ["|".join(genre_names[row]) or _NO_GENRES for row in genres]
     pl.DataFrame({"movieId": ids, "title": titles.tolist(), "genres": joined}).write_csv(path)
@@ -569,10 +631,12 @@ def _write_movies(path: Path, items: _Items) -> None:
 
 def _write_users(path: Path, users: _Users) -> None:
     n = len(users.counts)
-    pl.DataFrame({
-        "userId": np.arange(1, n + 1, dtype=np.int64),
-        "age": users.age,
-        "gender": users.gender.tolist(),
-        "occupation": users.occupation.tolist(),
-        "zip": users.zip.tolist(),
-    }).write_csv(path)
+    pl.DataFrame(
+        {
+            "userId": np.arange(1, n + 1, dtype=np.int64),
+            "age": users.age,
+            "gender": users.gender.tolist(),
+            "occupation": users.occupation.tolist(),
+            "zip": users.zip.tolist(),
+        }
+    ).write_csv(path)

@@ -23,6 +23,7 @@ from orchestrator.contract import (
     ITEM_TOWER,
     RANKER_ENSEMBLE,
     RANKER_FEATURES,
+    RANKER_MAX_ROWS,
     RANKER_TREES,
     USER_TOWER,
     Tensor,
@@ -51,7 +52,7 @@ ONNX_CPU_INTER_OP_THREADS = 1
 SERVING_THREADS = 1
 """onnxruntime intra-op threads inside Triton's Python backend (and for the timings, to match)."""
 
-_ONNX_TO_TRITON = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYPE_FP32"}
+_ONNX_TO_TRITON = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.FLOAT: "TYPE_FP32"}
 
 
 class ExportError(ValueError):
@@ -83,7 +84,6 @@ class Shapes:
         return cls(history_len=tt.history_len, dim=tt.dim, candidates=RankerConfig().candidates)
 
 
-
 # --------------------------------------------------------------------------- configs
 
 
@@ -95,7 +95,8 @@ class ModelSpec:
         name: Model (folder) name.
         inputs: Input tensors.
         outputs: Output tensors.
-        max_batch_size: Largest batch Triton may form (rows: users, items or candidates).
+        max_batch_size: Largest batch Triton may form (rows: users, items or feature rows); 0: no
+            batch axis, the dims are the full shapes.
         preferred_batch_sizes: Batch sizes the dynamic batcher aims for.
         max_queue_delay_us: How long a request may wait for others to batch with.
     """
@@ -112,7 +113,7 @@ def model_specs(shapes: Shapes) -> dict[str, ModelSpec]:
     """The four graph-backed models' tensors and batching, for ``shapes``."""
     tensors = model_tensors(shapes.history_len, shapes.dim, shapes.n_features)
     c = max(1, shapes.candidates)
-    ranker_max = 4096
+    ranker_max = RANKER_MAX_ROWS
     # one request carries one user's candidates; preferring multiples of it lets the batcher
     # send a lone request at once and merge 2, 4, 8 users' worth under load
     ranker_pref = tuple(sorted({min(c * k, ranker_max) for k in (1, 2, 4, 8)}))
@@ -132,9 +133,19 @@ def model_specs(shapes: Shapes) -> dict[str, ModelSpec]:
             preferred_batch_sizes=(256, 1024, 4096),
             max_queue_delay_us=500,
         ),
-        RANKER_FEATURES: ModelSpec(RANKER_FEATURES, *tensors[RANKER_FEATURES], ranker_max, ranker_pref, 500),
+        # no batch axis: histories [U, L] once per user with [N] candidates (orchestrator/contract.py)
+        RANKER_FEATURES: ModelSpec(RANKER_FEATURES, *tensors[RANKER_FEATURES], max_batch_size=0),
         RANKER_TREES: ModelSpec(RANKER_TREES, *tensors[RANKER_TREES], ranker_max, ranker_pref, 500),
     }
+
+
+QUEUE_MAX_REQUESTS = 64
+"""Requests one model's dynamic batcher may hold waiting; more are rejected at once."""
+QUEUE_TIMEOUT_US = 1_000_000
+"""Longest a request may wait in a model's queue before Triton rejects it: the orchestrator's
+default ``triton_timeout_s``, after which nobody waits for the answer any more (a request that
+sets its own Triton timeout overrides it: ``allow_timeout_override``). 200 ms turned a hot
+reload on a busy machine (load ~30) into popular fallbacks."""
 
 
 def _tensor_block(kind: str, tensors: Sequence[Tensor]) -> str:
@@ -191,11 +202,23 @@ def render_config(spec: ModelSpec, cpu: bool, python_backend: bool | None = None
         group = "instance_group [ { kind: KIND_GPU, count: 1 } ]\n"
         params = ""
     pref = ", ".join(str(p) for p in spec.preferred_batch_sizes)
+    # queue policy: past QUEUE_MAX_REQUESTS waiting requests, or after QUEUE_TIMEOUT_US in the
+    # queue, Triton rejects (UNAVAILABLE) instead of letting latency grow without bound; the
+    # orchestrator answers such a call with its fallback, and its own admission gate keeps
+    # the queue short in the first place
     batching = (
         "dynamic_batching {\n"
         f"  preferred_batch_size: [ {pref} ]\n"
         f"  max_queue_delay_microseconds: {spec.max_queue_delay_us}\n"
+        "  default_queue_policy {\n"
+        "    timeout_action: REJECT\n"
+        f"    default_timeout_microseconds: {QUEUE_TIMEOUT_US}\n"
+        "    allow_timeout_override: true\n"
+        f"    max_queue_size: {QUEUE_MAX_REQUESTS}\n"
+        "  }\n"
         "}\n"
+        if spec.max_batch_size > 0
+        else ""  # no batch axis, nothing to batch
     )
     # two versions side by side: the one being replaced keeps serving its pinned requests
     # while the next loads (hot reload), and an A/B test can route users to either
@@ -216,13 +239,16 @@ def render_ensemble_config(specs: dict[str, ModelSpec]) -> str:
     """The text of ``ranker_ensemble``'s config (identical under every config name)."""
     feats, ranker = specs["ranker_features"], specs["ranker"]
     in_map = "\n".join(f'      input_map {{ key: "{t.name}", value: "{t.name}" }}' for t in feats.inputs)
+    batch = min(feats.max_batch_size, ranker.max_batch_size)
+    # an unbatched ensemble states the ranker's outputs with their batch axis ([N, 1])
+    outputs = ranker.outputs if batch > 0 else tuple(Tensor(t.name, t.data_type, (-1, *t.dims)) for t in ranker.outputs)
     return (
-        "# ranker_features -> ranker in one call; candidates are the batch dimension.\n"
+        "# ranker_features -> ranker in one call: U users' histories [U, L] + their N = U * C candidates [N].\n"
         "# Generated by recsys export; checked in (the same text serves every config name).\n"
         f'name: "{ENSEMBLE}"\nplatform: "ensemble"\n'
-        f"max_batch_size: {min(feats.max_batch_size, ranker.max_batch_size)}\n"
+        f"max_batch_size: {batch}\n"
         + _tensor_block("input", feats.inputs)
-        + _tensor_block("output", ranker.outputs)
+        + _tensor_block("output", outputs)
         + "ensemble_scheduling {\n  step [\n"
         "    {\n"
         '      model_name: "ranker_features"\n      model_version: -1\n'
@@ -303,6 +329,11 @@ def read_config(path: str | Path):
         raise ExportError(f"{path}: does not parse as a Triton ModelConfig: {exc}") from exc
 
 
+def full_dims(config, tensor: Tensor) -> tuple[int, ...]:
+    """A tensor's whole shape as a caller sends it: the batch axis (``-1``) first when the model batches."""
+    return ((-1,) if config.max_batch_size > 0 else ()) + tuple(tensor.dims)
+
+
 def config_tensors(config) -> tuple[list[Tensor], list[Tensor]]:
     """``(inputs, outputs)`` of a parsed config as :class:`Tensor` (dims without the batch axis)."""
     from tritonclient.grpc import model_config_pb2
@@ -360,7 +391,9 @@ def check_graph_against_config(model: str, config_name: str, config, graph_path:
                 problems.append(f"{where}: {kind} '{t.name}' data_type {t.data_type} in config, {dtype} in ONNX")
             if batched:
                 if not dims or isinstance(dims[0], int):
-                    problems.append(f"{where}: {kind} '{t.name}' ONNX dims {list(dims)} lack a dynamic batch axis (max_batch_size {config.max_batch_size})")
+                    problems.append(
+                        f"{where}: {kind} '{t.name}' ONNX dims {list(dims)} lack a dynamic batch axis (max_batch_size {config.max_batch_size})"
+                    )
                     continue
                 dims = dims[1:]
             if len(dims) != len(t.dims) or any(c != -1 and c != g for c, g in zip(t.dims, dims)):
@@ -390,13 +423,18 @@ def check_ensemble(name: str, config, leaf_configs: dict) -> list[str]:
     if config.platform != "ensemble":
         return [f"{name}: platform is {config.platform!r}, not 'ensemble'"]
     ens_in, ens_out = config_tensors(config)
-    available: dict[str, Tensor] = {t.name: t for t in ens_in}
+    # whole shapes, batch axis included: an unbatched ensemble may feed a batching step
+    # ([N, F] into a ranker with dims [F]), which is the layout Triton checks too
+    available: dict[str, Tensor] = {t.name: Tensor(t.name, t.data_type, full_dims(config, t)) for t in ens_in}
     for i, step in enumerate(config.ensemble_scheduling.step):
         where = f"{name} step {i} ({step.model_name})"
         if step.model_name not in leaf_configs:
             problems.append(f"{where}: unknown model")
             continue
-        s_in, s_out = config_tensors(leaf_configs[step.model_name])
+        leaf = leaf_configs[step.model_name]
+        s_in, s_out = config_tensors(leaf)
+        s_in = [Tensor(t.name, t.data_type, full_dims(leaf, t)) for t in s_in]
+        s_out = [Tensor(t.name, t.data_type, full_dims(leaf, t)) for t in s_out]
         s_in_by, s_out_by = {t.name: t for t in s_in}, {t.name: t for t in s_out}
         for t in s_in:
             if t.name not in step.input_map:
@@ -418,12 +456,15 @@ def check_ensemble(name: str, config, leaf_configs: dict) -> list[str]:
                 problems.append(f"{where}: output_map key '{model_tensor}' is not an output of the model")
             else:
                 available[ens_tensor] = Tensor(ens_tensor, s_out_by[model_tensor].data_type, s_out_by[model_tensor].dims)
+    ens_out = [Tensor(t.name, t.data_type, full_dims(config, t)) for t in ens_out]
     for t in ens_out:
         if t.name not in available or t.name in {x.name for x in ens_in}:
             problems.append(f"{name}: output '{t.name}' is produced by no step")
         elif (available[t.name].data_type, available[t.name].dims) != (t.data_type, t.dims):
             got = available[t.name]
-            problems.append(f"{name}: output '{t.name}' is {t.data_type} {list(t.dims)} in config, the step produces {got.data_type} {list(got.dims)}")
+            problems.append(
+                f"{name}: output '{t.name}' is {t.data_type} {list(t.dims)} in config, the step produces {got.data_type} {list(got.dims)}"
+            )
     return problems
 
 
@@ -453,5 +494,3 @@ def check_repository(repo: str | Path, graphs: dict[str, Path]) -> list[str]:
             continue
         problems += [f"{p} [{config_name}]" for p in check_ensemble(ENSEMBLE, ens, leaves)]
     return problems
-
-

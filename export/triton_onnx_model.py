@@ -49,9 +49,7 @@ class TritonPythonModel:
     def execute(self, requests):
         pb_utils = self.pb_utils
         try:
-            per_request = [
-                [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name, _ in self.inputs] for r in requests
-            ]
+            per_request = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name, _ in self.inputs] for r in requests]
             sizes = [arrays[0].shape[0] for arrays in per_request]
             feeds = {
                 name: np.ascontiguousarray(np.concatenate([arrays[i] for arrays in per_request]), dtype=dtype)

@@ -110,9 +110,7 @@ class TwoTowerConfig:
 class ItemEncoder(nn.Module):
     """Encodes item indices (``-1`` = padding, encoded as zeros) from id and side features."""
 
-    def __init__(
-        self, genre_matrix: np.ndarray, year_bucket: np.ndarray, pop_bucket: np.ndarray, width: int, id_dropout: float = 0.0
-    ):
+    def __init__(self, genre_matrix: np.ndarray, year_bucket: np.ndarray, pop_bucket: np.ndarray, width: int, id_dropout: float = 0.0):
         super().__init__()
         self.id_dropout = id_dropout
         n_items, n_genres = genre_matrix.shape
@@ -133,12 +131,7 @@ class ItemEncoder(nn.Module):
             # hide whole id vectors (not single units): the item must then be told by its features
             keep = (torch.rand(ids.shape[:-1], device=ids.device) >= self.id_dropout).to(ids.dtype)
             ids = ids * keep.unsqueeze(-1)
-        x = (
-            ids
-            + self.genre_proj(self.genres[idx])
-            + self.year_emb(self.year_bucket[idx])
-            + self.pop_emb(self.pop_bucket[idx])
-        )
+        x = ids + self.genre_proj(self.genres[idx]) + self.year_emb(self.year_bucket[idx]) + self.pop_emb(self.pop_bucket[idx])
         return x * valid.unsqueeze(-1).to(x.dtype)
 
 
@@ -277,9 +270,7 @@ class TwoTower(nn.Module):
     ):
         super().__init__()
         self.config = config
-        encoder = ItemEncoder(
-            catalog.genre_matrix, catalog.year_buckets(), stats.pop_buckets(), config.hidden, config.id_dropout
-        )
+        encoder = ItemEncoder(catalog.genre_matrix, catalog.year_buckets(), stats.pop_buckets(), config.hidden, config.id_dropout)
         self.item_tower = ItemTower(encoder, config.hidden, config.dim, config.dropout)
         self.user_tower = UserTower(
             encoder,
@@ -302,16 +293,11 @@ class TwoTower(nn.Module):
         self.eval()
         n = self.item_tower.encoder.genres.shape[0]
         device = self.log_temperature.device
-        out = [
-            self.item_tower(torch.arange(s, min(s + batch_size, n), device=device)).float().cpu()
-            for s in range(0, n, batch_size)
-        ]
+        out = [self.item_tower(torch.arange(s, min(s + batch_size, n), device=device)).float().cpu() for s in range(0, n, batch_size)]
         return torch.cat(out).numpy()
 
     @torch.no_grad()
-    def user_vectors(
-        self, history: np.ndarray, history_rating: np.ndarray, demographics: np.ndarray, batch_size: int = 4096
-    ) -> np.ndarray:
+    def user_vectors(self, history: np.ndarray, history_rating: np.ndarray, demographics: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         """float32 [n, dim] embeddings of users given their history windows."""
         self.eval()
         device = self.log_temperature.device
@@ -429,6 +415,7 @@ def train_two_tower(
     validate: Callable[[TwoTower], float] | None = None,
     epochs: int | None = None,
     progress: bool = True,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Trains the two-tower model on every position of every user's training sequence.
 
@@ -449,12 +436,13 @@ def train_two_tower(
         validate: Returns validation Recall@100 for a model; drives early stopping.
         epochs: Overrides ``config.epochs`` (used when refitting for a known best epoch).
         progress: Show a progress bar.
+        device: Where to train (default: CUDA when present, else the CPU).
 
     Returns:
         A :class:`TrainResult`.
     """
     seed_everything(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = TwoTower(config, catalog, stats, demographics.cardinalities).to(device)
     n_epochs = epochs if epochs is not None else config.epochs
     L = config.history_len

@@ -612,8 +612,15 @@ class IndexBundle:
         """
         if self._identity():
             return search_filtered(
-                self.index, queries, k, exclude=exclude, allowed_mask=allowed_mask,
-                on_gpu=on_gpu, max_rounds=max_rounds, vectors=self.vectors, exact_below=exact_below,
+                self.index,
+                queries,
+                k,
+                exclude=exclude,
+                allowed_mask=allowed_mask,
+                on_gpu=on_gpu,
+                max_rounds=max_rounds,
+                vectors=self.vectors,
+                exact_below=exact_below,
             )
         if self._row_of is None:
             row_of = np.full(int(self.id_map.max()) + 1, -1, dtype=np.int64)
@@ -630,8 +637,15 @@ class IndexBundle:
         rows_exclude = None if exclude is None else [rows(e) for e in exclude]
         rows_mask = None if allowed_mask is None else np.asarray(allowed_mask, dtype=bool)[self.id_map]
         found, scores = search_filtered(
-            self.index, queries, k, exclude=rows_exclude, allowed_mask=rows_mask,
-            on_gpu=on_gpu, max_rounds=max_rounds, vectors=self.vectors, exact_below=exact_below,
+            self.index,
+            queries,
+            k,
+            exclude=rows_exclude,
+            allowed_mask=rows_mask,
+            on_gpu=on_gpu,
+            max_rounds=max_rounds,
+            vectors=self.vectors,
+            exact_below=exact_below,
         )
         return np.where(found >= 0, self.id_map[np.maximum(found, 0)], -1), scores
 
@@ -679,4 +693,3 @@ def load_index_bundle(bundle_dir: str | Path, *, load_vectors: bool = True, veri
             identity = np.array_equal(id_map, np.arange(len(id_map)))
             vectors = by_item[: len(id_map)] if identity else by_item[id_map]  # rows = FAISS rows
     return IndexBundle(index=index, id_map=id_map, meta=meta, vectors=vectors)
-

@@ -4,8 +4,10 @@ The pipeline calls two models and nothing else:
 
 * ``user_tower``: (history [B, L] int64, history_rating [B, L] fp32, demographics [B, 3]
   int64) -> user_embedding [B, dim] fp32;
-* ``ranker_ensemble``: one row per candidate (item, retrieval_score, retrieval_rank,
-  history, history_rating, candidate_sources) -> score [N, 1] fp32 (features + LightGBM trees in one call).
+* ``ranker_ensemble``: U users' history windows once (history [U, L] int32, history_rating
+  [U, L] fp32) and their N = U * C candidates, C per user, grouped by user (item [N] int32,
+  retrieval_score [N] fp32, retrieval_rank [N] fp32, candidate_sources [N, S] fp32) -> score [N, 1] fp32 (features +
+  LightGBM trees in one call).
 
 :class:`TritonBackend` sends them to Triton over gRPC; :class:`InProcessBackend` runs the
 same ``model.onnx`` files of the repository with onnxruntime (service tests, and the floor
@@ -81,7 +83,7 @@ class InferenceBackend(Protocol):
         timeout_s: float,
         version: int | None = None,
     ) -> np.ndarray:
-        """float32 [N] ranker scores of N candidates of one user (history windows [N, L], source ranks [N, S])."""
+        """float32 [N] ranker scores of N = U * C candidates of U users (history windows [U, L], C candidates each, grouped by user; source ranks [N, S])."""
         ...
 
     def load_version(self, version: int, timeout_s: float) -> None:
@@ -129,7 +131,9 @@ class InProcessBackend:
         opts.log_severity_level = 3
         try:
             new = {
-                (m, version): ort.InferenceSession(str(self.repo / m / str(version) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+                (m, version): ort.InferenceSession(
+                    str(self.repo / m / str(version) / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+                )
                 for m in LEAF_MODELS
             }
         except Exception as exc:  # a missing or broken graph: the version is not servable
@@ -377,4 +381,3 @@ class TritonBackend:
 
     def close(self) -> None:
         self.client.close()
-

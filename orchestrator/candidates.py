@@ -29,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.artifacts import CANDIDATE_TABLES as TABLES_FILE
+from orchestrator.artifacts import CANDIDATE_TABLES
+from orchestrator.contract import CANDIDATE_SOURCE_NAMES as SOURCES
 
-SOURCES = ("two_tower", "item_knn", "genre_popular", "recent_popular", "popular")
-"""The candidate sources, in the column order of ``candidate_sources``."""
+TABLES_FILE = CANDIDATE_TABLES
+"""The published tables' file name (its home: ``orchestrator/artifacts.py``), beside the reader."""
 
 SOURCE_FEATURE_NAMES = tuple(f"source_rank_{s}" for s in SOURCES)
 """Ranker feature names of the ``candidate_sources`` columns (0-based rank in the source, -1 absent)."""
@@ -79,7 +80,7 @@ class CandidateTables:
     def n_items(self) -> int:
         return len(self.log_count)
 
-    def with_budgets(self, budgets: Sequence[float]) -> "CandidateTables":
+    def with_budgets(self, budgets: Sequence[float]) -> CandidateTables:
         """The same tables with other per-source budgets (normalised to sum 1)."""
         b = np.asarray(budgets, np.float32)
         return CandidateTables(**{**self.__dict__, "budgets": b / max(float(b.sum()), 1e-12)})
@@ -89,7 +90,7 @@ class CandidateTables:
         np.savez(Path(path), sources=np.array(SOURCES), **self.__dict__)
 
     @classmethod
-    def load(cls, path: str | Path) -> "CandidateTables":
+    def load(cls, path: str | Path) -> CandidateTables:
         """Reads tables written by :meth:`save`.
 
         Raises:
@@ -159,9 +160,7 @@ def popular_list(order: np.ndarray, blocked: np.ndarray | None, n: int) -> np.nd
     return _drop(order, blocked)[:n].astype(np.int64)
 
 
-def source_lists(
-    tables: CandidateTables, ann: np.ndarray, window: np.ndarray, blocked: np.ndarray | None, n: int
-) -> list[np.ndarray]:
+def source_lists(tables: CandidateTables, ann: np.ndarray, window: np.ndarray, blocked: np.ndarray | None, n: int) -> list[np.ndarray]:
     """Every source's ranked list for one user, in :data:`SOURCES` order.
 
     Args:

@@ -116,9 +116,7 @@ class Catalog:
         self._order = np.argsort(self.movie_ids, kind="stable")
         self._sorted_ids = self.movie_ids[self._order]
         self.titles = items["title"].astype(str).to_numpy(dtype=object)
-        self.genres: list[list[str]] = [
-            [g for g in s.split("|") if g] for s in items["genres"].fillna("").astype(str)
-        ]
+        self.genres: list[list[str]] = [[g for g in s.split("|") if g] for s in items["genres"].fillna("").astype(str)]
         self.years = items["year"].fillna(0).to_numpy(np.int64)
         self.popularity = items["popularity"].to_numpy(np.int64)
         self.recent_popularity = items["recent_popularity"].to_numpy(np.int64)
@@ -170,7 +168,9 @@ class Catalog:
             log.info("%s has no FAISS bundle: serving an exact in-memory flat index", art)
         bundle.index = to_device(bundle.index, use_gpu)
         if not (art / TABLES_FILE).is_file():
-            raise FileNotFoundError(f"{art / TABLES_FILE}: missing candidate tables (artifacts from before multi-source candidates: re-run `recsys train`)")
+            raise FileNotFoundError(
+                f"{art / TABLES_FILE}: missing candidate tables (artifacts from before multi-source candidates: re-run `recsys train`)"
+            )
         tables = CandidateTables.load(art / TABLES_FILE)
         return cls(items, vectors, bundle, manifest, mmr_genre_weight, tables, load_demographics(art, manifest))
 
@@ -222,9 +222,7 @@ class Catalog:
 
     # ------------------------------------------------------------------ lookups
 
-    def retrieve(
-        self, query: np.ndarray, k: int, allowed: np.ndarray | None, exclude: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def retrieve(self, query: np.ndarray, k: int, allowed: np.ndarray | None, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """FAISS top-``k`` by inner product among the admissible items (filters inside the search).
 
         Returns:
@@ -232,9 +230,7 @@ class Catalog:
             filters admit fewer).
         """
         k = max(1, min(k, self.n_items))
-        items, scores = self.index.search(
-            np.asarray(query, np.float32).reshape(1, -1), k, exclude=[exclude], allowed_mask=allowed
-        )
+        items, scores = self.index.search(np.asarray(query, np.float32).reshape(1, -1), k, exclude=[exclude], allowed_mask=allowed)
         keep = items[0] >= 0
         return items[0][keep], scores[0][keep]
 
@@ -259,9 +255,7 @@ class Catalog:
         scores = two_tower_scores(np.asarray(user, np.float32).reshape(-1), self.vectors, items)
         return items, scores, sources
 
-    def popular(
-        self, k: int, recent: bool, allowed: np.ndarray | None, exclude: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def popular(self, k: int, recent: bool, allowed: np.ndarray | None, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most rated admissible items and their counts (all time or recent window)."""
         order = self._by_recent if recent else self._by_popularity
         ok = np.ones(self.n_items, dtype=bool) if allowed is None else allowed.copy()  # never edit the caller's mask

@@ -41,6 +41,9 @@ SERVED_LEAF_MODELS = (USER_TOWER, RANKER_FEATURES, RANKER_TREES)
 """The graphs the online path runs (the ensemble chains the last two)."""
 SERVED_MODELS = (*SERVED_LEAF_MODELS, RANKER_ENSEMBLE)
 """A version is published when every one of these has it."""
+RANKER_MAX_ROWS = 4096
+"""The ``ranker`` model's ``max_batch_size``: the most candidate rows one ``ranker_ensemble`` call
+may carry (the unbatched ensemble hands all of a call's rows to that step as one batch)."""
 KEPT_VERSIONS = 2
 """Versions served side by side (the configs' ``version_policy: latest 2``): the one being
 replaced keeps answering its pinned requests while the next one loads, and A/B tests compare two."""
@@ -66,10 +69,16 @@ N_DEMOGRAPHICS = 3
 
 USER_INPUTS = (HISTORY, HISTORY_RATING, DEMOGRAPHICS)
 """The user tower's inputs, in graph order."""
+CANDIDATE_SOURCE_NAMES = ("two_tower", "item_knn", "genre_popular", "recent_popular", "popular")
+"""The candidate sources (``orchestrator/candidates.py``), in the column order of ``candidate_sources``."""
 CANDIDATE_INPUTS = (ITEM, RETRIEVAL_SCORE, RETRIEVAL_RANK, HISTORY, HISTORY_RATING, CANDIDATE_SOURCES)
-"""One row per candidate: the inputs of ``ranker_features`` and of the ensemble, in graph order."""
+"""The inputs of ``ranker_features`` and of the ensemble, in graph order: per candidate [N]
+(item, retrieval score and rank) and [N, S] (rank in each source), per user [U, L] (history,
+ratings), N = U * C."""
+PER_USER_INPUTS = (HISTORY, HISTORY_RATING)
+"""The ranker inputs sent once per user, not once per candidate."""
 
-TRITON_TO_NUMPY: dict[str, type] = {"TYPE_INT64": np.int64, "TYPE_FP32": np.float32}
+TRITON_TO_NUMPY: dict[str, type] = {"TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_FP32": np.float32}
 """The Triton data types the contract uses and the numpy dtype each one is sent as."""
 
 
@@ -96,30 +105,35 @@ def model_tensors(
         history_len: ``L``, the history window.
         dim: Embedding size.
         n_features: Ranker feature count.
-        n_sources: Candidate sources ``S`` (default: ``len(orchestrator.candidates.SOURCES)``).
+        n_sources: Candidate sources ``S`` (default: ``len(CANDIDATE_SOURCE_NAMES)``).
 
     Returns:
         Model name -> (input tensors, output tensors), in graph order.
     """
-    from orchestrator.candidates import SOURCES
-
     L, D, F = history_len, dim, n_features
-    S = len(SOURCES) if n_sources is None else n_sources
+    # ranker_features has no batch axis (max_batch_size 0, dims are whole shapes): per-candidate
+    # tensors [N], per-user tensors [U, L] sent once per user; INT32 ids halve INT64's bytes
+    # (catalogs are far below 2^31)
+    S = len(CANDIDATE_SOURCE_NAMES) if n_sources is None else n_sources
     candidates = (
-        Tensor(ITEM, "TYPE_INT64", (1,)),
-        Tensor(RETRIEVAL_SCORE, "TYPE_FP32", (1,)),
-        Tensor(RETRIEVAL_RANK, "TYPE_FP32", (1,)),
-        Tensor(HISTORY, "TYPE_INT64", (L,)),
-        Tensor(HISTORY_RATING, "TYPE_FP32", (L,)),
-        Tensor(CANDIDATE_SOURCES, "TYPE_FP32", (S,)),
+        Tensor(ITEM, "TYPE_INT32", (-1,)),
+        Tensor(RETRIEVAL_SCORE, "TYPE_FP32", (-1,)),
+        Tensor(RETRIEVAL_RANK, "TYPE_FP32", (-1,)),
+        Tensor(HISTORY, "TYPE_INT32", (-1, L)),
+        Tensor(HISTORY_RATING, "TYPE_FP32", (-1, L)),
+        Tensor(CANDIDATE_SOURCES, "TYPE_FP32", (-1, S)),
     )
     return {
         USER_TOWER: (
-            (Tensor(HISTORY, "TYPE_INT64", (L,)), Tensor(HISTORY_RATING, "TYPE_FP32", (L,)), Tensor(DEMOGRAPHICS, "TYPE_INT64", (N_DEMOGRAPHICS,))),
+            (
+                Tensor(HISTORY, "TYPE_INT64", (L,)),
+                Tensor(HISTORY_RATING, "TYPE_FP32", (L,)),
+                Tensor(DEMOGRAPHICS, "TYPE_INT64", (N_DEMOGRAPHICS,)),
+            ),
             (Tensor(USER_EMBEDDING, "TYPE_FP32", (D,)),),
         ),
         ITEM_TOWER: ((Tensor(ITEM, "TYPE_INT64", (1,)),), (Tensor(ITEM_EMBEDDING, "TYPE_FP32", (D,)),)),
-        RANKER_FEATURES: (candidates, (Tensor(FEATURES, "TYPE_FP32", (F,)),)),
+        RANKER_FEATURES: (candidates, (Tensor(FEATURES, "TYPE_FP32", (-1, F)),)),
         RANKER_TREES: ((Tensor(FEATURES, "TYPE_FP32", (F,)),), (Tensor(SCORE, "TYPE_FP32", (1,)),)),
     }
 
@@ -141,14 +155,21 @@ def candidate_feeds(
     ratings: np.ndarray,
     sources: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """The ranker's input tensors: candidates are the batch axis, per-row scalars have dims [1]."""
-    n = len(items)
+    """The ranker's input tensors: per-candidate [N], per-user [U, L] (N a multiple of U), compact dtypes.
+
+    Raises:
+        ValueError: The candidates do not split evenly over the users (a caller's defect).
+    """
+    history = np.ascontiguousarray(np.atleast_2d(history), dtype=np.int32)
+    n, users = len(items), len(history)
+    if users == 0 or n % users:
+        raise ValueError(f"{n} candidates do not split evenly over {users} history rows")
     return {
-        ITEM: np.asarray(items, np.int64).reshape(n, 1),
-        RETRIEVAL_SCORE: np.asarray(retrieval_scores, np.float32).reshape(n, 1),
-        RETRIEVAL_RANK: np.asarray(retrieval_ranks, np.float32).reshape(n, 1),
-        HISTORY: np.ascontiguousarray(history, dtype=np.int64),
-        HISTORY_RATING: np.ascontiguousarray(ratings, dtype=np.float32),
+        ITEM: np.ascontiguousarray(items, np.int32).reshape(n),
+        RETRIEVAL_SCORE: np.ascontiguousarray(retrieval_scores, np.float32).reshape(n),
+        RETRIEVAL_RANK: np.ascontiguousarray(retrieval_ranks, np.float32).reshape(n),
+        HISTORY: history,
+        HISTORY_RATING: np.ascontiguousarray(np.atleast_2d(ratings), dtype=np.float32),
         CANDIDATE_SOURCES: np.ascontiguousarray(sources, dtype=np.float32).reshape(n, -1),
     }
 

@@ -37,7 +37,7 @@ from orchestrator.artifacts import CATALOG_FILES, file_sha256
 from orchestrator.backends import InferenceBackend
 from orchestrator.catalog import Catalog
 from orchestrator.contract import KEPT_VERSIONS, SERVED_MODELS, latest_version, read_version_info
-from orchestrator.errors import Deadline, ModelUnavailable
+from orchestrator.errors import Deadline, ModelUnavailable, RecsysError
 from orchestrator.pipeline import Query, Recommender, Result
 from orchestrator.settings import ServeSettings
 from orchestrator.store import HistoryStore
@@ -210,6 +210,20 @@ class Router:
         result = arm.recommender.recommend(q, deadline)
         result.variant = arm.variant
         return result
+
+    def recommend_many(self, queries: list[Query], deadline: Deadline) -> list[Result | RecsysError]:
+        """:meth:`Recommender.recommend_many` per arm (each arm's users batched together), in order."""
+        arms: dict[int, tuple[Arm, list[int]]] = {}
+        for i, q in enumerate(queries):
+            arm = self.pick(q.user_id)
+            arms.setdefault(id(arm), (arm, []))[1].append(i)
+        results: list[Result | RecsysError | None] = [None] * len(queries)
+        for arm, idx in arms.values():
+            for i, result in zip(idx, arm.recommender.recommend_many([queries[i] for i in idx], deadline)):
+                if isinstance(result, Result):
+                    result.variant = arm.variant
+                results[i] = result
+        return results  # type: ignore[return-value]
 
     def __getattr__(self, name: str) -> Any:
         """The rest of the Recommender surface (``similar``, ``popular``, ``record``, the stages)

@@ -15,6 +15,7 @@ as Prometheus names them):
 ``recsys_triton_reachable``               gauge      1 when the last readiness poll succeeded
 ``recsys_request_log_dropped_total``      counter    request-log rows dropped (queue full)
 ``recsys_request_log_rows_total``         counter    request-log rows written
+``recsys_shed_total``                     counter    calls refused by admission control, by ``rpc``
 ========================================  =========  ==========================================
 
 Calls are counted by :class:`MetricsInterceptor`, the outermost interceptor, so refused
@@ -68,7 +69,9 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("recsys_requests", "Calls, by RPC, gRPC status code and A/B variant.", ("rpc", "code", "variant"), registry=r)
+        self.requests = Counter(
+            "recsys_requests", "Calls, by RPC, gRPC status code and A/B variant.", ("rpc", "code", "variant"), registry=r
+        )
         self.latency = Histogram(
             "recsys_request_latency_seconds", "Server-side time of a call, in seconds.", ("rpc",), buckets=REQUEST_BUCKETS_S, registry=r
         )
@@ -76,16 +79,24 @@ class Metrics:
             "recsys_stage_latency_seconds", "Wall time of one pipeline stage, in seconds.", ("stage",), buckets=STAGE_BUCKETS_S, registry=r
         )
         self.answers = Counter(
-            "recsys_answers", "Pipeline answers by A/B variant and the model version that made them.", ("variant", "model_version"), registry=r
+            "recsys_answers",
+            "Pipeline answers by A/B variant and the model version that made them.",
+            ("variant", "model_version"),
+            registry=r,
         )
         self.fallbacks = Counter("recsys_fallbacks", "Answers that are the popular movies, by reason.", ("reason",), registry=r)
+        self.shed = Counter("recsys_shed", "Calls refused with RESOURCE_EXHAUSTED by admission control, by RPC.", ("rpc",), registry=r)
         self.model = Info("recsys_model", "The served model set: model_version is the model repository version.", registry=r)
         self.triton_reachable = Gauge("recsys_triton_reachable", "1 when the inference backend passed its last readiness poll.", registry=r)
-        self.request_log_dropped = Counter("recsys_request_log_dropped", "Request-log rows dropped because the writer's queue was full.", registry=r)
+        self.request_log_dropped = Counter(
+            "recsys_request_log_dropped", "Request-log rows dropped because the writer's queue was full.", registry=r
+        )
         self.request_log_rows = Counter("recsys_request_log_rows", "Request-log rows written.", registry=r)
         # zero series from the start: rate() over a series that appears late misses its first step
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(reason)
+        for rpc in ("Recommend", "BatchRecommend", "Similar", "Popular"):  # zero series before the first shed
+            self.shed.labels(rpc)
         for stage in STAGES:
             self.stage_latency.labels(stage)
         self._calls: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
@@ -93,6 +104,10 @@ class Metrics:
         self._http: Any = None
         self._thread: Any = None
         self.port: int | None = None
+
+    def count_shed(self, rpc: str) -> None:
+        """One call of ``rpc`` refused by admission control."""
+        self.shed.labels(rpc).inc()
 
     def observe_call(self, rpc: str, code: grpc.StatusCode, seconds: float, variant: str = "") -> None:
         """Counts one finished call and its latency."""

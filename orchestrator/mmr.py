@@ -83,9 +83,7 @@ def mmr_rerank(
     if vecs.ndim != 2:
         raise ValueError(f"item_vectors must be 2-D [n, d], got shape {vecs.shape}")
     if vecs.shape[0] != rel.shape[0]:
-        raise ValueError(
-            f"item_vectors has {vecs.shape[0]} rows but relevance has {rel.shape[0]} entries"
-        )
+        raise ValueError(f"item_vectors has {vecs.shape[0]} rows but relevance has {rel.shape[0]} entries")
     if not (np.all(np.isfinite(rel)) and np.all(np.isfinite(vecs))):
         # NaN would make argmax pick it (NaN compares as the max) and corrupt the order.
         raise ValueError("relevance and item_vectors must be finite")

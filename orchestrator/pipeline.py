@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -28,8 +28,8 @@ import numpy as np
 
 from orchestrator.backends import InferenceBackend
 from orchestrator.catalog import Catalog, Filters
-from orchestrator.contract import history_window
-from orchestrator.errors import Deadline, DeadlineExceeded, ModelTimeout, ModelUnavailable, Unavailable
+from orchestrator.contract import CANDIDATE_SOURCE_NAMES, RANKER_MAX_ROWS, history_window
+from orchestrator.errors import Deadline, DeadlineExceeded, ModelTimeout, ModelUnavailable, RecsysError, Unavailable
 from orchestrator.rerank import RerankOptions, rerank
 from orchestrator.settings import ServeSettings
 from orchestrator.store import HistoryStore, UserHistory
@@ -41,6 +41,9 @@ HISTORY_UNAVAILABLE = "history_unavailable"
 FALLBACK_VERSION = "popularity"
 
 log = logging.getLogger(__name__)
+
+RANK_ROWS_PER_CALL = RANKER_MAX_ROWS
+"""Most candidate rows per ``ranker_ensemble`` call (``orchestrator/contract.py``)."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,96 @@ class Recommender:
             picked = self.rerank(cand, scores, q.k, q.rerank)
         return self.result(cand[picked], scores[picked], window, t)
 
+    def recommend_many(self, queries: Sequence[Query], deadline: Deadline) -> list[Result | RecsysError]:
+        """:meth:`recommend` for many queries, the models called in batches (BatchRecommend).
+
+        One user-tower call for every query with a history; FAISS and MMR per query (filters
+        differ); the ranker on whole users, :data:`RANK_ROWS_PER_CALL` rows per ensemble call
+        at most (the ranker step's ``max_batch_size``). A user with fewer candidates than the
+        widest one is padded with copies of its last candidate, whose scores are dropped. A
+        model failure falls every query of the batch back to the popular movies, as for one.
+
+        Returns:
+            Per query, in order, its Result or the error that query alone raised (e.g. an
+            unknown genre: InvalidArgument); errors of the whole batch (DeadlineExceeded) raise.
+        """
+        results: list[Result | RecsysError | None] = [None] * len(queries)
+        timers = [Timer() for _ in queries]
+        windows: list[Window] = []
+        filters: dict[int, tuple[np.ndarray | None, np.ndarray]] = {}
+        for i, q in enumerate(queries):
+            with timers[i]("history"):
+                window, reason = self.window(q)
+            windows.append(window)
+            try:
+                filters[i] = (self.catalog.allowed(q.filters), self.catalog.excluded(q.filters, window.seen))
+            except RecsysError as exc:  # this query's own fault: its failure, not the batch's
+                results[i] = exc
+                continue
+            if window.length == 0:
+                results[i] = self.fallback(q, window, reason, timers[i])
+        todo = [i for i, r in enumerate(results) if r is None]
+        if not todo:
+            return results  # type: ignore[return-value]
+        try:
+            t0 = time.perf_counter()
+            hist = np.stack([windows[i].items for i in todo])
+            rats = np.stack([windows[i].ratings for i in todo])
+            demo = np.concatenate([self.catalog.demographics_of(queries[i].user_id) for i in todo])
+            users = self.backend.user_embedding(hist, rats, demo, timeout_s=self.timeout(deadline, "user tower"))
+            tower_ms = (time.perf_counter() - t0) * 1e3
+            cands: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+            for j, i in enumerate(todo):
+                timers[i].ms["user_tower"] = tower_ms
+                with timers[i]("retrieval"):
+                    cands[i] = self.catalog.candidates(users[j], windows[i].items, self.settings.retrieve_k, *filters[i])
+            scores = self._rank_many(cands, windows, deadline, timers)
+        except ModelUnavailable as exc:
+            reason = self.reason(exc, deadline)
+            for i in todo:
+                results[i] = self.fallback(queries[i], windows[i], reason, timers[i])
+            return results  # type: ignore[return-value]
+        for i in todo:
+            cand = cands[i][0]
+            with timers[i]("reranking"):
+                picked = self.rerank(cand, scores[i], queries[i].k, queries[i].rerank)
+            results[i] = self.result(cand[picked], scores[i][picked], windows[i], timers[i])
+        return results  # type: ignore[return-value]
+
+    def _rank_many(
+        self, cands: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], windows: list[Window], deadline: Deadline, timers: list[Timer]
+    ) -> dict[int, np.ndarray]:
+        """Ranker scores of several users' candidates, whole users per call (see :meth:`recommend_many`)."""
+        scores = {i: np.zeros(0, np.float32) for i, (c, _, _) in cands.items() if len(c) == 0}
+        ranked = [i for i, (c, _, _) in cands.items() if len(c)]
+        width = max((len(cands[i][0]) for i in ranked), default=1)
+        per_call = max(1, RANK_ROWS_PER_CALL // width)
+        for lo in range(0, len(ranked), per_call):
+            group = ranked[lo : lo + per_call]
+            t0 = time.perf_counter()
+            items = np.zeros((len(group), width), np.int64)
+            sims = np.zeros((len(group), width), np.float32)
+            sources = np.zeros((len(group), width, len(CANDIDATE_SOURCE_NAMES)), np.float32)
+            for r, i in enumerate(group):
+                c, s, src = cands[i]
+                items[r], sims[r], sources[r] = c[-1], s[-1], src[-1]  # padding: copies of the last candidate, dropped below
+                items[r, : len(c)], sims[r, : len(c)], sources[r, : len(c)] = c, s, src
+            ranks = np.tile(np.arange(width, dtype=np.float32), len(group))
+            out = self.backend.rank(
+                items.reshape(-1),
+                sims.reshape(-1),
+                ranks,
+                np.stack([windows[i].items for i in group]),
+                np.stack([windows[i].ratings for i in group]),
+                sources.reshape(-1, len(CANDIDATE_SOURCE_NAMES)),
+                timeout_s=self.timeout(deadline, "ranking"),
+            ).reshape(len(group), width)
+            ms = (time.perf_counter() - t0) * 1e3
+            for r, i in enumerate(group):
+                scores[i] = out[r, : len(cands[i][0])]
+                timers[i].ms["ranking"] = ms
+        return scores
+
     # ------------------------------------------------------------------ stages
 
     def window(self, q: Query) -> tuple[Window, str]:
@@ -197,23 +290,22 @@ class Recommender:
     def user_vector(self, q: Query, window: Window, deadline: Deadline) -> np.ndarray:
         """The user tower's vector for the window (demographics of known users, else unknown)."""
         demo = self.catalog.demographics_of(q.user_id)
-        return self.backend.user_embedding(window.items[None], window.ratings[None], demo, timeout_s=self.timeout(deadline, "user tower"))[0]
+        return self.backend.user_embedding(window.items[None], window.ratings[None], demo, timeout_s=self.timeout(deadline, "user tower"))[
+            0
+        ]
 
     def timeout(self, deadline: Deadline, stage: str) -> float:
         """Time a model call may take: ``triton_timeout_s`` capped by the deadline."""
         return min(self.settings.triton_timeout_s, deadline.check(stage))
 
     def rank(self, cand: np.ndarray, sims: np.ndarray, sources: np.ndarray, window: Window, deadline: Deadline) -> np.ndarray:
-        """Ranker scores of the candidates (one row each, the history window repeated)."""
+        """Ranker scores of the candidates (the history window sent once, not once per candidate)."""
         if len(cand) == 0:
             return np.zeros(0, np.float32)
-        n = len(cand)
-        # one row per candidate (candidates are the batch axis, so Triton can batch users);
-        # broadcast views, copied once when serialised
-        hist = np.broadcast_to(window.items, (n, len(window.items)))
-        rats = np.broadcast_to(window.ratings, (n, len(window.ratings)))
-        ranks = np.arange(n, dtype=np.float32)  # 0-based merge order, as the ranker was trained
-        return self.backend.rank(cand, sims, ranks, hist, rats, sources, timeout_s=self.timeout(deadline, "ranking"))
+        ranks = np.arange(len(cand), dtype=np.float32)  # 0-based merge order, as the ranker was trained
+        return self.backend.rank(
+            cand, sims, ranks, window.items[None], window.ratings[None], sources, timeout_s=self.timeout(deadline, "ranking")
+        )
 
     def rerank(self, cand: np.ndarray, scores: np.ndarray, k: int, options: RerankOptions) -> np.ndarray:
         """Positions into ``cand`` after MMR, freshness and the per-genre quota."""
@@ -273,9 +365,7 @@ class Recommender:
 
     # ------------------------------------------------------------------ the other RPCs
 
-    def similar(
-        self, movie_id: int, k: int, filters: Filters, options: RerankOptions, user_id: int | None, deadline: Deadline
-    ) -> Result:
+    def similar(self, movie_id: int, k: int, filters: Filters, options: RerankOptions, user_id: int | None, deadline: Deadline) -> Result:
         """Nearest movies to one movie by item-embedding cosine, filtered, optionally MMR-diversified."""
         t = Timer()
         item = self.catalog.item_of(movie_id)
@@ -289,7 +379,12 @@ class Recommender:
             picked = self.rerank(cand, sims, k, options)
         title = self.catalog.titles[item]
         return Result(
-            cand[picked], sims[picked], [f"similar to {title}"] * len(picked), self.backend.model_version, timings_ms=t.ms, catalog=self.catalog
+            cand[picked],
+            sims[picked],
+            [f"similar to {title}"] * len(picked),
+            self.backend.model_version,
+            timings_ms=t.ms,
+            catalog=self.catalog,
         )
 
     def popular(self, k: int, recent: bool, filters: Filters) -> Result:

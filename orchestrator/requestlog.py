@@ -81,8 +81,16 @@ class LogRow:
 
     def values(self) -> tuple:
         return (
-            self.request_id, self.timestamp_s, self.user_id, self.rpc, json.dumps(self.movie_ids),
-            json.dumps([round(s, 6) for s in self.scores]), self.latency_ms, self.model_version, self.fallback_reason, self.variant,
+            self.request_id,
+            self.timestamp_s,
+            self.user_id,
+            self.rpc,
+            json.dumps(self.movie_ids),
+            json.dumps([round(s, 6) for s in self.scores]),
+            self.latency_ms,
+            self.model_version,
+            self.fallback_reason,
+            self.variant,
         )
 
 

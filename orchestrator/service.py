@@ -30,6 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from orchestrator.admission import Admission, AdmissionInterceptor
 from orchestrator.auth import ApiKeyInterceptor, load_keys, server_credentials
 from orchestrator.backends import InferenceBackend, InProcessBackend, TritonBackend
 from orchestrator.catalog import YEAR_RANGE, Catalog, Filters
@@ -251,8 +252,16 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
             self.metrics.observe_result(result.timings_ms, result.fallback, result.variant, result.model_version)
         if self.request_log is not None:
             row = LogRow(
-                request_id, time.time(), user_id, rpc, [i.movie_id for i in items], [i.score for i in items],
-                latency_ms, result.model_version, result.fallback, result.variant,
+                request_id,
+                time.time(),
+                user_id,
+                rpc,
+                [i.movie_id for i in items],
+                [i.score for i in items],
+                latency_ms,
+                result.model_version,
+                result.fallback,
+                result.variant,
             )
             self.request_log.log(row)
 
@@ -312,28 +321,40 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
             n = len(request.requests)
             if not 1 <= n <= self.settings.max_batch:
                 raise InvalidArgument(f"requests must hold 1..{self.settings.max_batch} requests, got {n}")
-            results = []
+            # parse every request first (a bad one becomes its Failure), then run the valid
+            # ones through the batched pipeline: one user-tower call, few ranker calls
+            results: dict[int, pb.BatchRecommendResult] = {}
+            queries: list[tuple[int, Query]] = []
             for i, sub in enumerate(request.requests):
-                deadline.check(f"request {i} of the batch")  # an expired batch fails whole
+                try:
+                    queries.append((i, parse_recommend(sub, self.settings)))
+                except RecsysError as exc:
+                    code, message = describe(exc)
+                    results[i] = pb.BatchRecommendResult(index=i, failure=pb.Failure(code=code.value[0], message=message))
+            if queries:
+                deadline.check("the batch")  # an expired batch fails whole
                 t0 = time.perf_counter()
                 try:
-                    query = parse_recommend(sub, self.settings)
-                    result = self.rec.recommend(query, deadline)
-                    res = recommend_response(self.catalog, result, t0)
-                    self._observe(request_id, "BatchRecommend", query.user_id, result, res.items, res.latency_ms)
-                    results.append(pb.BatchRecommendResult(index=i, response=res))
+                    answers = self.rec.recommend_many([q for _, q in queries], deadline)
                 except RecsysError as exc:
                     code, message = describe(exc)
                     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                         raise  # the caller stops listening: partial results would reach nobody
-                    results.append(pb.BatchRecommendResult(index=i, failure=pb.Failure(code=code.value[0], message=message)))
-            return pb.BatchRecommendResponse(results=results, latency_ms=(time.perf_counter() - started) * 1e3)
+                    answers = [exc] * len(queries)
+                for (i, query), result in zip(queries, answers):
+                    if isinstance(result, RecsysError):
+                        code, message = describe(result)
+                        results[i] = pb.BatchRecommendResult(index=i, failure=pb.Failure(code=code.value[0], message=message))
+                        continue
+                    res = recommend_response(self.catalog, result, t0)
+                    self._observe(request_id, "BatchRecommend", query.user_id, result, res.items, res.latency_ms)
+                    results[i] = pb.BatchRecommendResult(index=i, response=res)
+            ordered = [results[i] for i in range(n)]
+            return pb.BatchRecommendResponse(results=ordered, latency_ms=(time.perf_counter() - started) * 1e3)
 
         return self._handle(context, work)
 
-    def RecordInteraction(
-        self, request: pb.RecordInteractionRequest, context: grpc.ServicerContext
-    ) -> pb.RecordInteractionResponse:
+    def RecordInteraction(self, request: pb.RecordInteractionRequest, context: grpc.ServicerContext) -> pb.RecordInteractionResponse:
         """Appends one interaction, acknowledged only once it is durable."""
 
         def work(deadline: Deadline, request_id: str) -> pb.RecordInteractionResponse:
@@ -441,7 +462,10 @@ class Server:
         health: The health watcher.
         metrics: The server's Prometheus metrics (served on ``settings.metrics_port``).
         request_log: The request log, or None when it is off.
+        admission: The admission gate (``orchestrator/admission.py``), set by :func:`create_server`.
     """
+
+    admission: Admission | None = None
 
     def __init__(
         self,
@@ -541,7 +565,11 @@ def add_servicer(servicer: RecommenderService, server: grpc.Server) -> None:
         request_cls, response_cls = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
 
         def behaviour(
-            request: Any, context: grpc.ServicerContext, impl: Any = getattr(servicer, method.name), rpc: str = method.name, kind: str = method.input_type.full_name
+            request: Any,
+            context: grpc.ServicerContext,
+            impl: Any = getattr(servicer, method.name),
+            rpc: str = method.name,
+            kind: str = method.input_type.full_name,
         ) -> Any:
             if isinstance(request, Undecodable):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: the request body is not a valid {kind} ({request.error})")
@@ -567,6 +595,19 @@ def make_backend(settings: ServeSettings) -> InferenceBackend:
     if settings.triton_url:
         return TritonBackend(settings.triton_url)
     return InProcessBackend(settings.model_repository)
+
+
+def prestart_threads(pool: futures.ThreadPoolExecutor, n: int) -> None:
+    """Starts all ``n`` threads of ``pool`` now (it would grow them lazily, one per busy moment).
+
+    The pool is larger than the admission gate so refusals are answered at once; started up
+    front, its thread count is fixed from the start, so threads that appear later are leaks,
+    not the pool growing (``recsys bench faults`` counts them).
+    """
+    barrier = threading.Barrier(n)
+    # every task waits for all the others: none finishes before n threads exist
+    done = [pool.submit(barrier.wait, 10.0) for _ in range(n)]
+    futures.wait(done, timeout=15.0)
 
 
 def create_server(
@@ -604,16 +645,26 @@ def create_server(
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
     if keys:
         interceptors.append(ApiKeyInterceptor(keys))
-    # so_reuseport off: a second server on a taken port must fail, not share it silently
+    # after the key check: an unauthenticated caller never takes a slot
+    admission = Admission(min(settings.max_in_flight, settings.workers), settings.admission_wait_ms / 1e3, settings.retry_after_ms)
+    interceptors.append(AdmissionInterceptor(admission, metrics.count_shed))
+    # so_reuseport off: a second server on a taken port must fail, not share it silently;
+    # maximum_concurrent_rpcs = the pool: no call waits in the executor's unbounded queue
+    pool = futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="recsys")
+    prestart_threads(pool, settings.workers)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="recsys"),
+        pool,
         interceptors=interceptors,
         options=[("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=settings.workers,
     )
     request_log = None
     if settings.request_log:
         request_log = RequestLog(
-            settings.request_log_db(), settings.request_log_queue, on_drop=metrics.request_log_dropped.inc, on_write=metrics.request_log_rows.inc
+            settings.request_log_db(),
+            settings.request_log_queue,
+            on_drop=metrics.request_log_dropped.inc,
+            on_write=metrics.request_log_rows.inc,
         )
     add_servicer(RecommenderService(recommender, metrics, request_log), server)
     # non-blocking: Watch streams must not each hold one of the worker threads
@@ -629,9 +680,8 @@ def create_server(
         if request_log is not None:
             request_log.close()
         raise RuntimeError(f"cannot bind {address}")
-    watcher = HealthWatcher(
-        health_servicer, backend, settings.health_poll_s, lambda: recommender.warm_up(settings.warmup_calls), metrics
-    )
+    watcher = HealthWatcher(health_servicer, backend, settings.health_poll_s, lambda: recommender.warm_up(settings.warmup_calls), metrics)
     reloader = ReloadWatcher(recommender, settings.model_repository, settings.reload_poll_s)
-    return Server(server, port, recommender, watcher, metrics, request_log, reloader), port
-
+    built = Server(server, port, recommender, watcher, metrics, request_log, reloader)
+    built.admission = admission  # the gate, for operators' introspection and tests
+    return built, port

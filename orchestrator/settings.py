@@ -49,7 +49,14 @@ class ServeSettings:
         port: gRPC port; 0 picks a free one.
         metrics_port: Port of the Prometheus ``/metrics`` page (plain HTTP, bound to
             ``host``); None: no exporter; 0 picks a free port.
-        workers: Server threads (concurrent requests).
+        workers: Server threads, and gRPC's ``maximum_concurrent_rpcs`` (calls past it are
+            refused by gRPC itself). Should exceed ``max_in_flight``: the spare threads answer
+            shed calls at once (the gate is capped at ``workers``).
+        max_in_flight: Model-backed calls (Recommend, BatchRecommend, Similar, Popular) run at
+            once; past it calls are shed with RESOURCE_EXHAUSTED and a retry hint
+            (``orchestrator/admission.py``). About the calls two cores finish in a few tens of ms.
+        admission_wait_ms: Longest wait for a free slot before a call is shed.
+        retry_after_ms: The retry hint of a shed call (``grpc-retry-pushback-ms``).
         history_store: ``sqlite`` (default, a file) or ``redis``.
         history_db_path: SQLite file; None: one per artifacts set under :func:`default_state_dir`.
         redis_url: Redis URL when ``history_store == "redis"``.
@@ -94,7 +101,10 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 0
     metrics_port: int | None = None
-    workers: int = 8
+    workers: int = 64
+    max_in_flight: int = 16
+    admission_wait_ms: float = 2.0
+    retry_after_ms: int = 50
     history_store: str = "sqlite"
     history_db_path: Path | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -137,6 +147,10 @@ class ServeSettings:
             problems.append(f"metrics_port {self.metrics_port} is not in 0..65535")
         if self.workers < 1:
             problems.append(f"workers must be >= 1, got {self.workers}")
+        if self.max_in_flight < 1:
+            problems.append(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        if self.admission_wait_ms < 0 or self.retry_after_ms < 0:
+            problems.append("admission_wait_ms and retry_after_ms must be >= 0")
         if self.history_store not in HISTORY_STORES:
             problems.append(f"history_store must be one of {HISTORY_STORES}, got {self.history_store!r}")
         for name in ("default_deadline_s", "triton_timeout_s", "health_poll_s"):

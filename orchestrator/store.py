@@ -94,9 +94,6 @@ class HistoryStore(Protocol):
         ...
 
 
-
-
-
 def _seed_frame(path: Path) -> pd.DataFrame:
     frame = pd.read_parquet(path, columns=["user_id", "movie_id", "rating", "timestamp"])
     # primary-key order: B-tree appends instead of random inserts (minutes saved on 32M rows)
@@ -163,7 +160,12 @@ class SqliteHistoryStore:
                 conn.execute("COMMIT")
                 return
             frame = _seed_frame(parquet)
-            cols = (frame.user_id.to_numpy(np.int64), frame.timestamp.to_numpy(np.int64), frame.movie_id.to_numpy(np.int64), frame.rating.to_numpy(np.float64))
+            cols = (
+                frame.user_id.to_numpy(np.int64),
+                frame.timestamp.to_numpy(np.int64),
+                frame.movie_id.to_numpy(np.int64),
+                frame.rating.to_numpy(np.float64),
+            )
             for s in range(0, len(frame), SEED_CHUNK_ROWS):
                 rows = zip(*(c[s : s + SEED_CHUNK_ROWS].tolist() for c in cols))
                 conn.executemany("INSERT OR IGNORE INTO interactions VALUES (?, ?, ?, ?)", rows)
@@ -177,10 +179,14 @@ class SqliteHistoryStore:
     def history(self, user_id: int) -> UserHistory:
         """See :meth:`HistoryStore.history`."""
         try:
-            rows = self._conn().execute(
-                "SELECT movie_id, rating, timestamp FROM interactions WHERE user_id = ? ORDER BY timestamp, movie_id",
-                (int(user_id),),
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT movie_id, rating, timestamp FROM interactions WHERE user_id = ? ORDER BY timestamp, movie_id",
+                    (int(user_id),),
+                )
+                .fetchall()
+            )
         except sqlite3.Error as exc:
             raise Unavailable(f"history store cannot be read: {exc}") from exc
         if not rows:
@@ -264,7 +270,9 @@ class RedisHistoryStore:
             return
         frame = _seed_frame(parquet)
         pipe = self.client.pipeline(transaction=False)
-        for n, (u, m, r, t) in enumerate(zip(frame.user_id.tolist(), frame.movie_id.tolist(), frame.rating.tolist(), frame.timestamp.tolist())):
+        for n, (u, m, r, t) in enumerate(
+            zip(frame.user_id.tolist(), frame.movie_id.tolist(), frame.rating.tolist(), frame.timestamp.tolist())
+        ):
             member = f"{m}:{t}"
             pipe.zadd(f"{self.prefix}h:{u}", {member: t})
             pipe.hset(f"{self.prefix}r:{u}", member, r)

@@ -21,8 +21,15 @@ from pathlib import Path
 from typing import Any
 
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--window-size=1440,1000",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1440,1000",
 )
 """Headless, no sandbox (root in a container), and nothing that reaches the internet."""
 
@@ -59,8 +66,10 @@ def screenshot(driver: Any, url: str, out: str | Path, width: int = 1440, timeou
     driver.get(url)
     panels = ("recs-panel", "similar-panel", "popular-panel")
     WebDriverWait(driver, timeout_s, poll_frequency=0.05).until(
-        lambda d: all(d.find_element("id", p).get_attribute("data-state") in ("ready", "error", "idle") for p in panels)
-        and d.find_element("id", "popular-panel").get_attribute("data-state") != "idle",
+        lambda d: (
+            all(d.find_element("id", p).get_attribute("data-state") in ("ready", "error", "idle") for p in panels)
+            and d.find_element("id", "popular-panel").get_attribute("data-state") != "idle"
+        ),
         message="the panels did not answer",
     )
     driver.set_window_size(width, driver.execute_script("return document.documentElement.scrollHeight") + 140)

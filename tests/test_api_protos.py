@@ -44,7 +44,13 @@ def test_every_field_and_rpc_is_commented():
 def test_settings_validate_and_read_the_environment(tmp_path):
     s = ServeSettings.from_env({"RECSYS_RETRIEVE_K": "300", "RECSYS_TRITON_TIMEOUT_S": "0.5", "RECSYS_TRITON_URL": "triton:8001"}, port=5)
     assert (s.retrieve_k, s.triton_timeout_s, s.triton_url, s.port) == (300, 0.5, "triton:8001", 5)
-    for bad in ({"mmr_lambda": 1.5}, {"retrieve_k": 10, "mmr_pool": 50}, {"triton_timeout_s": 0}, {"history_store": "mongo"}, {"max_k": 501}):
+    for bad in (
+        {"mmr_lambda": 1.5},
+        {"retrieve_k": 10, "mmr_pool": 50},
+        {"triton_timeout_s": 0},
+        {"history_store": "mongo"},
+        {"max_k": 501},
+    ):
         with pytest.raises(ValueError):
             ServeSettings(**bad)
     with pytest.raises(ValueError, match="RECSYS_WORKERS"):

@@ -33,9 +33,7 @@ def _csr(dense: np.ndarray | list[list[float]]) -> sp.csr_matrix:
     return sp.csr_matrix(np.asarray(dense, dtype=np.float32))
 
 
-def _two_groups(
-    n_users_per_group: int = 20, n_items_per_group: int = 10
-) -> tuple[sp.csr_matrix, np.ndarray]:
+def _two_groups(n_users_per_group: int = 20, n_items_per_group: int = 10) -> tuple[sp.csr_matrix, np.ndarray]:
     """Block matrix: group-g users interacted with all group-g items except one held-out item.
 
     Returns:
@@ -196,9 +194,7 @@ def test_item_knn_matches_brute_force_shrunk_cosine() -> None:
         if len(kept) == k:
             dropped = np.setdiff1d(np.arange(dense.shape[1]), kept)
             assert full[dropped, j].max() <= sim[kept, j].min() + 1e-6
-    np.testing.assert_allclose(
-        model.score(np.arange(30)), (dense @ sim).astype(np.float32), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(model.score(np.arange(30)), (dense @ sim).astype(np.float32), rtol=1e-5, atol=1e-6)
 
 
 def test_item_knn_blocked_equals_unblocked(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,9 +61,10 @@ def full_run(artifacts, server, tmp_path_factory) -> tuple[pd.DataFrame, dict]:
 def reference(artifacts: Path, repo: Path, user_ids: np.ndarray, k: int, candidates: int) -> pd.DataFrame:
     """The same recommendations computed in process: onnxruntime graphs + FAISS + the
     orchestrator's per-user candidate merge + a plain sort."""
-    from orchestrator.ann import load_index_bundle
     from export.onnx_export import session
-    from orchestrator.candidates import TABLES_FILE, CandidateTables, blocked_mask, candidates as merged
+    from orchestrator.ann import load_index_bundle
+    from orchestrator.candidates import TABLES_FILE, CandidateTables, blocked_mask
+    from orchestrator.candidates import candidates as merged
 
     data = load_user_data(artifacts)
     tower = session(repo / "user_tower" / "1" / "model.onnx")
@@ -87,11 +88,11 @@ def reference(artifacts: Path, repo: Path, user_ids: np.ndarray, k: int, candida
             cand, sources = merged(tables, ann[u][ann[u] >= 0], hist[u], blocked_mask(data.n_items, seen[u]), candidates)
             n = len(cand)
             feed = {
-                "item": cand.reshape(-1, 1),
-                "retrieval_score": (item_vectors[cand] @ vec[u]).reshape(-1, 1).astype(np.float32),
-                "retrieval_rank": np.arange(n, dtype=np.float32).reshape(-1, 1),
-                "history": np.repeat(hist[u : u + 1], n, axis=0),
-                "history_rating": np.repeat(rating[u : u + 1], n, axis=0),
+                "item": cand.astype(np.int32),
+                "retrieval_score": (item_vectors[cand] @ vec[u]).astype(np.float32),
+                "retrieval_rank": np.arange(n, dtype=np.float32),
+                "history": hist[u : u + 1].astype(np.int32),  # the history once, not once per candidate
+                "history_rating": rating[u : u + 1].astype(np.float32),
                 "candidate_sources": sources,
             }
             f = features.run(["features"], feed)[0]
@@ -160,6 +161,7 @@ def test_interrupted_run_resumes_without_duplicates(full_run, artifacts, server,
 
 def test_resume_refuses_a_different_run(artifacts, server, tmp_path):
     out = tmp_path / "recs.parquet"
+
     def stop(chunk, table) -> None:
         raise StopRequested
 
@@ -178,8 +180,22 @@ def test_cli_stop_and_resume(full_run, artifacts, server, tmp_path, capsys):
     wanted = full_run[0]["user_id"].drop_duplicates().to_numpy()[[5, 0, 77, 200, 13]]
     users.write_text("\n".join(str(u) for u in wanted) + "\n")
     out = tmp_path / "cli.parquet"
-    argv = ["batch-score", "--artifacts", str(artifacts), "--url", server.http_url, "--users", str(users),
-            "--k", str(K), "--out", str(out), "--batch-size", "2", "--quiet"]
+    argv = [
+        "batch-score",
+        "--artifacts",
+        str(artifacts),
+        "--url",
+        server.http_url,
+        "--users",
+        str(users),
+        "--k",
+        str(K),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
     assert main([*argv, "--stop-after-chunks", "1"]) == 3
     assert not out.exists()
     assert main(argv) == 0

@@ -27,6 +27,17 @@ def test_bench_e2e_writes_the_issue_shape(tiny_artifacts, tiny_repository, tmp_p
         assert 0 < level["p50_ms"] <= level["p95_ms"] <= level["p99_ms"]
     stages = report["stages_ms"]
     assert {"user_tower", "retrieval", "ranking", "reranking", "rpc_overhead"} <= set(stages["served"])
-    assert set(report["targets"]) == {"served_c1_p50_ms", "served_c1_p99_ms", "served_minus_inprocess_p50_ms", "c16_qps", "c16_p99_ms"}
+    assert set(report["targets"]) == {
+        "served_c1_p50_ms", "served_c1_p99_ms", "inprocess_c1_p50_ms", "served_minus_inprocess_p50_ms", "c16_qps", "c16_p99_ms",
+        "overload_admitted_p99_ms", "overload_shed_p99_ms", "overload_internal", "batch_speedup",
+    }  # fmt: skip
     assert report["targets"]["c16_qps"]["met"] is None  # no c16 level in this run: not claimed either way
+    # issue 13's additions: an overload run at c64 and BatchRecommend against single calls
+    overload = report["overload"]
+    assert {"concurrency", "requests", "admitted", "shed", "admitted_p99_ms", "shed_p99_ms", "internal"} <= set(overload)
+    assert overload["concurrency"] == 64 and overload["admitted"] + overload["shed"] <= overload["requests"]
+    assert overload["admitted"] > 0 and overload["internal"] == 0
+    batch = report["batch"]
+    assert {"users", "single_users_per_s", "batch_users_per_s"} <= set(batch)
+    assert batch["single_users_per_s"] > 0 and batch["batch_users_per_s"] > 0
     assert out.with_suffix(".png").stat().st_size > 10_000

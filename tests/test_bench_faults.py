@@ -22,9 +22,32 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_faults_quick_on_the_tiny_model(tiny_artifacts, tiny_repository, tmp_path):
     out = tmp_path / "faults.json"
     cmd = [
-        sys.executable, "-m", "clients.cli", "bench", "faults", "--artifacts", str(tiny_artifacts), "--repo", str(tiny_repository),
-        "--quick", "--load-requests", "200", "--concurrency", "8", "--deadline-calls", "30", "--durability-n", "30",
-        "--fuzz-requests", "150", "--undecodable", "5", "--reload-timeout", "5", "--out", str(out),
+        sys.executable,
+        "-m",
+        "clients.cli",
+        "bench",
+        "faults",
+        "--artifacts",
+        str(tiny_artifacts),
+        "--repo",
+        str(tiny_repository),
+        "--quick",
+        "--load-requests",
+        "200",
+        "--concurrency",
+        "8",
+        "--deadline-calls",
+        "30",
+        "--durability-n",
+        "30",
+        "--fuzz-requests",
+        "150",
+        "--undecodable",
+        "5",
+        "--reload-timeout",
+        "5",
+        "--out",
+        str(out),
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.is_file(), proc.stderr[-3000:]

@@ -32,8 +32,21 @@ def test_bench_scaleout_quick_on_the_tiny_model(tiny_artifacts, tiny_repository,
     pytest.importorskip("redis")
     out = tmp_path / "scaleout.json"
     cmd = [
-        sys.executable, "-m", "clients.cli", "bench", "scaleout", "--artifacts", str(tiny_artifacts), "--repo", str(tiny_repository),
-        "--phase-s", "3", "--down-s", "1", "--out", str(out),
+        sys.executable,
+        "-m",
+        "clients.cli",
+        "bench",
+        "scaleout",
+        "--artifacts",
+        str(tiny_artifacts),
+        "--repo",
+        str(tiny_repository),
+        "--phase-s",
+        "3",
+        "--down-s",
+        "1",
+        "--out",
+        str(out),
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert out.is_file(), proc.stderr[-3000:]

@@ -23,9 +23,7 @@ from orchestrator.candidates import (
 @pytest.fixture(scope="module")
 def world():
     """8 items, 3 genres; items 0-3 co-occur (users 1-4), items 4-5 co-occur (users 5-6)."""
-    movies = pd.DataFrame(
-        {"movie_id": np.arange(10, 18), "title": [f"m{i}" for i in range(8)], "year": [1990] * 8, "genres": ["A"] * 8}
-    )
+    movies = pd.DataFrame({"movie_id": np.arange(10, 18), "title": [f"m{i}" for i in range(8)], "year": [1990] * 8, "genres": ["A"] * 8})
     genre_matrix = np.zeros((8, 3), np.float32)
     genre_matrix[[0, 1, 2, 3], 0] = 1
     genre_matrix[[4, 5], 1] = 1
@@ -99,7 +97,9 @@ def test_merge_interleaves_by_budget_without_duplicates_and_records_ranks():
 def test_budget_search_prefers_the_source_that_finds_the_relevant_items():
     n = 4
     # source 0 (two_tower) finds nothing relevant, source 2 (genre_popular) finds everything
-    lists = [[np.array([100, 101, 102, 103]), np.zeros(0, np.int64), np.array([7, 8, 9, 6]), np.zeros(0, np.int64), np.zeros(0, np.int64)]] * 3
+    lists = [
+        [np.array([100, 101, 102, 103]), np.zeros(0, np.int64), np.array([7, 8, 9, 6]), np.zeros(0, np.int64), np.zeros(0, np.int64)]
+    ] * 3
     relevant = [np.array([7, 8, 9, 6])] * 3
     budgets, trials = choose_budgets(lists, relevant, n, steps=4)
     assert budgets[2] == 1.0 and len(trials) == 4

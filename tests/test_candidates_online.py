@@ -41,8 +41,13 @@ def n_cand(tiny_artifacts) -> int:
 def api(start_triton, repo, tiny_artifacts, tmp_path_factory, n_cand):
     triton = start_triton(repo)
     a, server = make_api(
-        tiny_artifacts, repo, tmp_path_factory.mktemp("cand_db") / "h.sqlite",
-        triton_url=triton.grpc_url, retrieve_k=n_cand, mmr_pool=n_cand, reload_poll_s=3600.0,
+        tiny_artifacts,
+        repo,
+        tmp_path_factory.mktemp("cand_db") / "h.sqlite",
+        triton_url=triton.grpc_url,
+        retrieve_k=n_cand,
+        mmr_pool=n_cand,
+        reload_poll_s=3600.0,
     )
     yield a
     a.client.close()
@@ -56,7 +61,9 @@ def offline(artifacts: Path, frame: pd.DataFrame, users: np.ndarray, n: int) -> 
     model = load_two_tower(artifacts / "two_tower.pt")
     tables = CandidateTables.load(artifacts / TABLES_FILE)
     c = merged_candidates(model, period, load_demographics(artifacts), tables, users, n)
-    feats = candidate_features(load_ranker_features(artifacts / "ranker_features.pt"), c.history, c.history_rating, c.items, c.scores, c.sources)
+    feats = candidate_features(
+        load_ranker_features(artifacts / "ranker_features.pt"), c.history, c.history_rating, c.items, c.scores, c.sources
+    )
     ranked, scores = rerank(lgb.Booster(model_file=str(artifacts / "ranker.lgb")), feats, c.items)
     return [{int(catalog.movie_ids[i]): float(s) for i, s in zip(r, sc) if i >= 0} for r, sc in zip(ranked, scores)]
 

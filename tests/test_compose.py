@@ -304,7 +304,7 @@ def test_orchestrator_healthcheck_is_the_project_probe(services, name):
 def test_every_depends_on_names_a_service_with_a_known_condition(services):
     for name, svc in services.items():
         deps = svc.get("depends_on", {})
-        for dep, spec in (deps.items() if isinstance(deps, dict) else ((d, {}) for d in deps)):
+        for dep, spec in deps.items() if isinstance(deps, dict) else ((d, {}) for d in deps):
             assert dep in services, f"{name} depends on unknown service {dep}"
             assert spec.get("condition", "service_started") in ("service_started", "service_healthy", "service_completed_successfully")
             if spec.get("condition") == "service_healthy":
@@ -412,12 +412,7 @@ def test_prometheus_scrapes_triton_and_orchestrator(services):
     config = load_yaml(PROMETHEUS)
     prom = services["prometheus"]
     assert _mounts(prom)["/etc/prometheus/prometheus.yml"] == ("./deploy/prometheus.yml", "ro")
-    targets = {
-        target
-        for job in config["scrape_configs"]
-        for static in job.get("static_configs", [])
-        for target in static["targets"]
-    }
+    targets = {target for job in config["scrape_configs"] for static in job.get("static_configs", []) for target in static["targets"]}
     assert {"triton:8002", "orchestrator:9100"} <= targets
     for target in targets:
         host, port = target.rsplit(":", 1)

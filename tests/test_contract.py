@@ -35,7 +35,7 @@ from orchestrator.contract import MODEL_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED_IN = ROOT / "model_repository"
-ONNX_TYPES = {onnx.TensorProto.INT64: mc.TYPE_INT64, onnx.TensorProto.FLOAT: mc.TYPE_FP32}
+ONNX_TYPES = {onnx.TensorProto.INT64: mc.TYPE_INT64, onnx.TensorProto.INT32: mc.TYPE_INT32, onnx.TensorProto.FLOAT: mc.TYPE_FP32}
 
 
 def parse(path: Path) -> mc.ModelConfig:
@@ -76,7 +76,9 @@ def wiring_closes(ensemble: mc.ModelConfig, leaves: dict[str, mc.ModelConfig]) -
 def test_checked_in_configs_parse(model, config_name):
     config = parse(CHECKED_IN / model / config_name)
     assert config.name == model
-    assert config.max_batch_size > 0
+    # the feature step (and so the ensemble) takes [U, L] histories with [N] candidates: no batch axis
+    unbatched = model in ("ranker_features", ENSEMBLE)
+    assert (config.max_batch_size == 0) if unbatched else (config.max_batch_size > 0)
     if model == ENSEMBLE:
         assert config.platform == "ensemble"
         return
@@ -84,8 +86,14 @@ def test_checked_in_configs_parse(model, config_name):
     assert config.backend == ("python" if config_name == "configs/cpu.pbtxt" else "onnxruntime")
     kind = mc.ModelInstanceGroup.KIND_CPU if cpu else mc.ModelInstanceGroup.KIND_GPU
     assert [g.kind for g in config.instance_group] == [kind]
+    if unbatched:
+        assert not config.HasField("dynamic_batching")
+        return
     assert config.HasField("dynamic_batching")
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    policy = config.dynamic_batching.default_queue_policy  # overload: reject, never queue without bound
+    assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
+    assert policy.max_queue_size > 0 and policy.default_timeout_microseconds > 0
     assert all(0 < p <= config.max_batch_size for p in config.dynamic_batching.preferred_batch_size)
 
 
@@ -145,7 +153,10 @@ def test_checked_in_ensemble_wiring_closes(config_name):
     assert check_ensemble(ENSEMBLE, ensemble, leaves) == []
     # the ensemble takes exactly the feature model's inputs and returns the ranker's output
     assert list(ensemble.input) == list(leaves["ranker_features"].input)
-    assert list(ensemble.output) == list(leaves["ranker"].output)
+    # the unbatched ensemble states the ranker's batched [1] output with its batch axis
+    assert [(t.name, t.data_type, [-1, *t.dims]) for t in leaves["ranker"].output] == [
+        (t.name, t.data_type, list(t.dims)) for t in ensemble.output
+    ]
     steps = ensemble.ensemble_scheduling.step
     assert [s.model_name for s in steps] == ["ranker_features", "ranker"]
     assert steps[0].output_map["features"] == steps[1].input_map["features"]  # a named intermediate tensor
@@ -163,7 +174,10 @@ def test_exported_graphs_match_both_configs(tiny_repository, model, config_name)
         dtype, dims = sig[t.name]
         assert dtype == t.data_type, (model, t.name)
         assert isinstance(dims[0], str), (model, t.name, "batch axis must be dynamic")
-        assert dims[1:] == list(t.dims), (model, t.name)
+        if config.max_batch_size > 0:
+            assert dims[1:] == list(t.dims), (model, t.name)
+        else:  # whole shapes in the config: -1 where the graph's axis is symbolic
+            assert [-1 if isinstance(d, str) else d for d in dims] == list(t.dims), (model, t.name)
 
 
 def test_exported_repository_passes_the_export_checks(tiny_repository):

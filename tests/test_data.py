@@ -185,13 +185,13 @@ def test_quoted_newline_counts_lines(tmp_path: Path) -> None:
 
 # One row of each problem, each on a known line.
 DIRTY = RATINGS_HEADER + (
-    "1,1,4.0,100\n"          # line 2: fine
-    "1,2,,100\n"             # line 3: null rating
-    "1,1,4.0,100\n"          # line 4: duplicate of line 2
-    "1,3,7,100\n"            # line 5: rating out of range
-    f"1,2,3.5,{NOW + 1}\n"   # line 6: future
-    "1,99,3.0,100\n"         # line 7: unknown movie
-    "2,2,3.0,50\n"           # line 8: fine
+    "1,1,4.0,100\n"  # line 2: fine
+    "1,2,,100\n"  # line 3: null rating
+    "1,1,4.0,100\n"  # line 4: duplicate of line 2
+    "1,3,7,100\n"  # line 5: rating out of range
+    f"1,2,3.5,{NOW + 1}\n"  # line 6: future
+    "1,99,3.0,100\n"  # line 7: unknown movie
+    "2,2,3.0,50\n"  # line 8: fine
 )
 
 
@@ -200,12 +200,18 @@ def test_dirty_rows_dropped_and_counted(tmp_path: Path) -> None:
     report = ml.report
     assert report.rows_read["ratings.csv"] == 7
     assert report.dropped == {
-        "null": 1, "duplicate": 1, "rating_out_of_range": 1,
-        "future_timestamp": 1, "movie_without_metadata": 1,
+        "null": 1,
+        "duplicate": 1,
+        "rating_out_of_range": 1,
+        "future_timestamp": 1,
+        "movie_without_metadata": 1,
     }
     assert report.first_line == {
-        "null": 3, "duplicate": 4, "rating_out_of_range": 5,
-        "future_timestamp": 6, "movie_without_metadata": 7,
+        "null": 3,
+        "duplicate": 4,
+        "rating_out_of_range": 5,
+        "future_timestamp": 6,
+        "movie_without_metadata": 7,
     }
     assert ml.n_ratings == 2
     # Sorted by timestamp: (2, 2, t=50) before (1, 1, t=100).
@@ -231,7 +237,7 @@ def test_blank_lines_are_not_rows(tmp_path: Path) -> None:
 def test_strict_raises_first_problem(tmp_path: Path, drop_line: int) -> None:
     # Keep only the first problem row in front of `drop_line`, so each reason leads once.
     lines = DIRTY.splitlines(keepends=True)
-    kept = lines[:2] + lines[drop_line - 1:]
+    kept = lines[:2] + lines[drop_line - 1 :]
     root = write_dataset(tmp_path, "".join(kept))
     with pytest.raises(DataError) as info:
         load_movielens(root, now=NOW, strict=True, progress=False)
@@ -267,29 +273,37 @@ def test_optional_files_counted(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------- titles
 
 
-@pytest.mark.parametrize("title, expected", [
-    ("Toy Story (1995)", ("Toy Story", 1995)),
-    ("Seven (Se7en) (1995)", ("Seven (Se7en)", 1995)),
-    ("City of Lost Children, The (Cité des enfants perdus, La) (1995)",
-     ("City of Lost Children, The (Cité des enfants perdus, La)", 1995)),
-    ("Toy Story (1995)   ", ("Toy Story", 1995)),
-    ("Fawlty Towers (1975-1979)", ("Fawlty Towers", 1975)),
-    ("Stranger Things (2016\u2013)", ("Stranger Things", 2016)),
-    ("Babylon 5", ("Babylon 5", 0)),
-    ("1984 (1984)", ("1984", 1984)),
-    ("Movie (1995) Director's Cut", ("Movie (1995) Director's Cut", 0)),
-])
+@pytest.mark.parametrize(
+    "title, expected",
+    [
+        ("Toy Story (1995)", ("Toy Story", 1995)),
+        ("Seven (Se7en) (1995)", ("Seven (Se7en)", 1995)),
+        (
+            "City of Lost Children, The (Cité des enfants perdus, La) (1995)",
+            ("City of Lost Children, The (Cité des enfants perdus, La)", 1995),
+        ),
+        ("Toy Story (1995)   ", ("Toy Story", 1995)),
+        ("Fawlty Towers (1975-1979)", ("Fawlty Towers", 1975)),
+        ("Stranger Things (2016\u2013)", ("Stranger Things", 2016)),
+        ("Babylon 5", ("Babylon 5", 0)),
+        ("1984 (1984)", ("1984", 1984)),
+        ("Movie (1995) Director's Cut", ("Movie (1995) Director's Cut", 0)),
+    ],
+)
 def test_parse_title(title: str, expected: tuple[str, int]) -> None:
     assert parse_title(title) == expected
 
 
 def test_loader_years_match_parse_title(tmp_path: Path) -> None:
-    titles = ["Seven (Se7en) (1995)", "Fawlty Towers (1975-1979)", "Toy Story (1995)  ",
-              "City of Lost Children, The (Cité des enfants perdus, La) (1995)", "Babylon 5"]
-    movies = "movieId,title,genres\n" + "".join(
-        f'{i},"{t}",(no genres listed)\n' for i, t in enumerate(titles, start=1))
-    ml = load_movielens(write_dataset(tmp_path, RATINGS_HEADER + "1,1,4.0,100\n", movies),
-                        now=NOW, progress=False)
+    titles = [
+        "Seven (Se7en) (1995)",
+        "Fawlty Towers (1975-1979)",
+        "Toy Story (1995)  ",
+        "City of Lost Children, The (Cité des enfants perdus, La) (1995)",
+        "Babylon 5",
+    ]
+    movies = "movieId,title,genres\n" + "".join(f'{i},"{t}",(no genres listed)\n' for i, t in enumerate(titles, start=1))
+    ml = load_movielens(write_dataset(tmp_path, RATINGS_HEADER + "1,1,4.0,100\n", movies), now=NOW, progress=False)
     assert list(zip(ml.movies["title"], ml.movies["year"])) == [parse_title(t) for t in titles]
     assert ml.genres == [] and ml.genre_matrix.shape == (5, 0)
 

@@ -103,7 +103,7 @@ def test_orchestrator_deployment_runs_the_real_command_and_settings(docs):
     settings = ServeSettings.from_env(env)  # every variable is a setting, every value parses
     assert settings.history_store == "redis" and settings.api_keys_file is not None
     fields = {f.upper() for f in ServeSettings.__dataclass_fields__}
-    assert {k[len(ENV_PREFIX):] for k in env} <= fields
+    assert {k[len(ENV_PREFIX) :] for k in env} <= fields
     port = int(args[args.index("--port") + 1])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert orch[probe]["grpc"]["port"] == port, probe
@@ -192,7 +192,9 @@ def health_server():
 def _probe(port: int) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
     env["RECSYS_PORT"] = str(port)
-    return subprocess.run([sys.executable, "-m", "orchestrator.healthcheck"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.healthcheck"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def test_healthcheck_probe_follows_the_server_status(health_server):

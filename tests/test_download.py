@@ -26,8 +26,27 @@ from export.data import load_movielens
 from export.download import BASE_URL_ENV, DownloadError, download
 
 README = "SUMMARY\n\nUsage License\n=============\nResearch use only; cite Harper & Konstan (2015).\n"
-GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-          "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 
 
 CHILDREN = "Children's"
@@ -57,35 +76,44 @@ def archive_100k(n_extra_ratings: int = 3000) -> bytes:
     ratings = ["1\t1\t5\t881250949", "2\t2\t3\t891717742", "3\t3\t1\t878887116"]
     for i in range(n_extra_ratings):  # distinct (user, movie, timestamp): no duplicates dropped
         ratings.append(f"{rng.integers(1, 4)}\t{rng.integers(1, 4)}\t{rng.integers(1, 6)}\t{880000000 + i}")
-    return _zip("ml-100k", {
-        "u.data": ("\n".join(ratings) + "\n").encode(),
-        "u.item": ("\n".join(items) + "\n").encode("latin-1"),
-        "u.user": b"1|24|M|technician|85711\n2|53|F|other|94043\n3|23|M|writer|32067\n",
-        "u.genre": ("\n".join(f"{g}|{i}" for i, g in enumerate(GENRES)) + "\n\n").encode(),
-        "README": README.encode(),
-    })
+    return _zip(
+        "ml-100k",
+        {
+            "u.data": ("\n".join(ratings) + "\n").encode(),
+            "u.item": ("\n".join(items) + "\n").encode("latin-1"),
+            "u.user": b"1|24|M|technician|85711\n2|53|F|other|94043\n3|23|M|writer|32067\n",
+            "u.genre": ("\n".join(f"{g}|{i}" for i, g in enumerate(GENRES)) + "\n\n").encode(),
+            "README": README.encode(),
+        },
+    )
 
 
 def archive_1m() -> bytes:
-    return _zip("ml-1m", {
-        "ratings.dat": b"1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n",
-        "movies.dat": "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
-                      "661::James and the Giant Peach (1996)::Animation|Children's|Musical\n"
-                      "2::Misérables, Les (1995)::Drama\n".encode("latin-1"),
-        "users.dat": b"1::F::1::10::48067\n2::M::56::16::70072\n",
-        "README": README.encode(),
-    })
+    return _zip(
+        "ml-1m",
+        {
+            "ratings.dat": b"1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n",
+            "movies.dat": "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
+            "661::James and the Giant Peach (1996)::Animation|Children's|Musical\n"
+            "2::Misérables, Les (1995)::Drama\n".encode("latin-1"),
+            "users.dat": b"1::F::1::10::48067\n2::M::56::16::70072\n",
+            "README": README.encode(),
+        },
+    )
 
 
 def archive_csv(folder: str) -> bytes:
-    return _zip(folder, {
-        "ratings.csv": b"userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,3.5,964981247\n2,1,0.5,964982224\n",
-        "movies.csv": b'movieId,title,genres\n1,Toy Story (1995),Adventure|Animation\n3,"Grumpier Old Men, The (1995)",Comedy|Romance\n',
-        "tags.csv": b"userId,movieId,tag,timestamp\n2,1,funny,1445714994\n",
-        "links.csv": b"movieId,imdbId,tmdbId\n1,0114709,862\n3,0113228,15602\n",
-        "genome-scores.csv": b"movieId,tagId,relevance\n1,1,0.5\n",
-        "README.txt": README.encode(),
-    })
+    return _zip(
+        folder,
+        {
+            "ratings.csv": b"userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,3.5,964981247\n2,1,0.5,964982224\n",
+            "movies.csv": b'movieId,title,genres\n1,Toy Story (1995),Adventure|Animation\n3,"Grumpier Old Men, The (1995)",Comedy|Romance\n',
+            "tags.csv": b"userId,movieId,tag,timestamp\n2,1,funny,1445714994\n",
+            "links.csv": b"movieId,imdbId,tmdbId\n1,0114709,862\n3,0113228,15602\n",
+            "genome-scores.csv": b"movieId,tagId,relevance\n1,1,0.5\n",
+            "README.txt": README.encode(),
+        },
+    )
 
 
 class Server:
@@ -134,7 +162,7 @@ class Server:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 self.end_headers()
                 cut = outer.break_after.pop(self.path, None)
-                self.wfile.write(body[start:] if cut is None else body[start:start + cut])
+                self.wfile.write(body[start:] if cut is None else body[start : start + cut])
                 if cut is not None:
                     self.wfile.flush()
                     self.close_connection = True

@@ -84,8 +84,12 @@ def get(url: str, headers: dict | None = None, method: str = "GET") -> tuple[int
 
 def test_title_search_prefers_prefixes_then_popularity():
     table = MovieTable(
-        [Movie(1, "Toy Story", ("Animation",), 1995, 450), Movie(2, "The Story of Us", ("Drama",), 1999, 900),
-         Movie(3, "Story of a Fox", (), 0, 10), Movie(4, "Heat", ("Action",), 1995, 300)],
+        [
+            Movie(1, "Toy Story", ("Animation",), 1995, 450),
+            Movie(2, "The Story of Us", ("Drama",), 1999, 900),
+            Movie(3, "Story of a Fox", (), 0, 10),
+            Movie(4, "Heat", ("Action",), 1995, 300),
+        ],
         "test",
     )
     assert [m.movie_id for m in table.search("story")] == [3, 2, 1]  # prefix first, then most rated
@@ -226,13 +230,36 @@ def test_api_keys_and_tls_reach_through_the_explorer(tiny_artifacts, tiny_reposi
         pytest.skip("the openssl command is not installed")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     settings = ServeSettings(
-        artifacts_dir=tiny_artifacts, model_repository=tiny_repository, history_db_path=tmp_path / "h.sqlite",
-        tls_cert=cert, tls_key=key, api_keys="page-key-0001",
+        artifacts_dir=tiny_artifacts,
+        model_repository=tiny_repository,
+        history_db_path=tmp_path / "h.sqlite",
+        tls_cert=cert,
+        tls_key=key,
+        api_keys="page-key-0001",
     )
     server, port = create_orchestrator(settings)
     server.start()
@@ -262,7 +289,10 @@ def test_api_keys_and_tls_reach_through_the_explorer(tiny_artifacts, tiny_reposi
 def test_recsys_explore_command_serves_until_sigterm(explorer, target, tiny_artifacts):
     proc = subprocess.Popen(
         [sys.executable, "-m", "clients.cli", "explore", "--target", target, "--port", "0", "--artifacts", str(tiny_artifacts), "--json"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         info = json.loads(proc.stdout.readline())
@@ -275,12 +305,16 @@ def test_recsys_explore_command_serves_until_sigterm(explorer, target, tiny_arti
         assert proc.wait(timeout=20) == 0
     bad = subprocess.run(
         [sys.executable, "-m", "clients.cli", "explore", "--target", target, "--port", "0", "--artifacts", "/nonexistent"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert bad.returncode == 1 and "items.parquet not found" in bad.stderr
 
 
 # ----------------------------------------------------------------------------- the page in Chromium
+
 
 def _screenshot_script():
     """scripts/explore_screenshot.py, the one home of how Chromium is started here."""
@@ -310,9 +344,11 @@ def wait_for(driver, predicate, timeout: float = 30.0, what: str = ""):
 
 def ready(panel: str, renders_before: int = -1):
     """Waits for an answer drawn after ``renders_before``, ready or error."""
+
     def check(d):
         state = d.find_element("id", panel).get_attribute("data-state")
         return state in ("ready", "error") and d.execute_script("return window.explorer.renders") > renders_before
+
     return check
 
 
@@ -331,8 +367,10 @@ def test_page_for_a_user_in_chromium(browser, api, explorer, tmp_path):
     wall_ms = (time.perf_counter() - start) * 1e3
     first_render_ms = browser.execute_script("return window.explorer.firstRenderMs")
     load = os.getloadavg()[0]
-    print(f"\nexplorer first render for a user: {first_render_ms:.0f} ms after navigation start "
-          f"({wall_ms:.0f} ms wall from driver.get; load average {load:.1f} on {os.cpu_count()} cores)")
+    print(
+        f"\nexplorer first render for a user: {first_render_ms:.0f} ms after navigation start "
+        f"({wall_ms:.0f} ms wall from driver.get; load average {load:.1f} on {os.cpu_count()} cores)"
+    )
     assert browser.find_element("id", "recs-panel").get_attribute("data-state") == "ready"
     first = rows(browser)
     direct = api.client.recommend(api.user, k=10)
@@ -367,9 +405,14 @@ def test_page_for_a_user_in_chromium(browser, api, explorer, tmp_path):
 
     # popular by window
     browser.find_element("css selector", "#pop_window option[value=recent]").click()
-    wait_for(browser, lambda d: "pop_window=recent" in d.current_url and d.find_element("id", "popular-panel").get_attribute("data-state") == "ready")
-    popular = [int(x) for x in browser.execute_script(
-        "return [...document.querySelectorAll('#popular li[data-movie-id]')].map(li => li.dataset.movieId)")]
+    wait_for(
+        browser,
+        lambda d: "pop_window=recent" in d.current_url and d.find_element("id", "popular-panel").get_attribute("data-state") == "ready",
+    )
+    popular = [
+        int(x)
+        for x in browser.execute_script("return [...document.querySelectorAll('#popular li[data-movie-id]')].map(li => li.dataset.movieId)")
+    ]
     assert popular == [i.movie_id for i in api.client.popular(k=6, recent=True).items]
 
     # the screenshot: the user's page as it opens, the whole page tall

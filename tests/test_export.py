@@ -52,12 +52,14 @@ def graph(repo: Path, name: str, version: int = 1) -> Path:
 
 
 def candidate_features(features, x: dict[str, np.ndarray]) -> np.ndarray:
+    """The offline reference: every candidate with its own user's history row (U = N, C = 1)."""
+    per_row = np.repeat(np.arange(len(x["history"])), len(x["item"]) // len(x["history"]))
     return features.compute(
         x["item"].reshape(-1),
         x["retrieval_score"].reshape(-1),
         x["retrieval_rank"].reshape(-1),
-        x["history"],
-        x["history_rating"],
+        x["history"][per_row],
+        x["history_rating"][per_row],
         x["candidate_sources"],
     )
 
@@ -93,10 +95,11 @@ def test_item_tower_onnx_matches_pytorch(tiny_repository, model):
         np.testing.assert_allclose(got, expected[rows.reshape(-1)], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("batch", [1, 7, 256])
-def test_ranker_features_onnx_matches_feature_module(tiny_repository, features, model, batch):
+@pytest.mark.parametrize(("batch", "users"), [(1, 1), (7, 7), (200, 1), (256, 4)])
+def test_ranker_features_onnx_matches_feature_module(tiny_repository, features, model, batch, users):
+    """Histories sent once per user (U < N) give the features of one history row per candidate."""
     n_items = features.genres.shape[0]
-    x = sample_candidate_inputs(batch, n_items, model.config.history_len, seed=200 + batch)
+    x = sample_candidate_inputs(batch, n_items, model.config.history_len, seed=200 + batch, users=users)
     x["history"][-1] = -1  # empty history: the features' guards must agree too
     x["history_rating"][-1] = 0
     expected = candidate_features(features, x)
@@ -239,7 +242,9 @@ def test_mismatch_with_checked_in_configs_is_refused(tiny_artifacts, tmp_path):
 def test_dtype_and_name_mismatch_in_one_config_is_refused(tiny_repository, tiny_artifacts, tmp_path):
     repo = shutil.copytree(tiny_repository, tmp_path / "repo")
     cpu = repo / "ranker_features" / "configs" / "cpu.pbtxt"
-    cpu.write_text(cpu.read_text().replace('name: "retrieval_rank"\n    data_type: TYPE_FP32', 'name: "retrieval_rank"\n    data_type: TYPE_INT64'))
+    cpu.write_text(
+        cpu.read_text().replace('name: "retrieval_rank"\n    data_type: TYPE_FP32', 'name: "retrieval_rank"\n    data_type: TYPE_INT64')
+    )
     native = repo / "ranker" / "config.pbtxt"
     native.write_text(native.read_text().replace('name: "score"', 'name: "scores"'))
     with pytest.raises(ExportError) as exc:

@@ -159,8 +159,13 @@ def test_thread_settings_are_restored(vectors):
 
 def test_flat_recall_is_exact_and_others_clear_a_floor(results):
     by_kind = {r["kind"]: r for r in results}
-    print("\n" + "\n".join(f"{r['kind']:9s} recall@100={r['recall']:.4f} p50={r['p50_ms']:.3f}ms "
-                           f"p99={r['p99_ms']:.3f}ms bytes={r['bytes']} {r['params']}" for r in results))
+    print(
+        "\n"
+        + "\n".join(
+            f"{r['kind']:9s} recall@100={r['recall']:.4f} p50={r['p50_ms']:.3f}ms p99={r['p99_ms']:.3f}ms bytes={r['bytes']} {r['params']}"
+            for r in results
+        )
+    )
     assert by_kind["flat"]["recall"] == 1.0
     # Tuned for 0.95 on other queries; the floors are loose so a noisy draw cannot fail them.
     assert by_kind["ivf_flat"]["recall"] >= 0.9
@@ -195,8 +200,9 @@ def test_bundle_round_trip(tmp_path, indexes, vectors, item_table, kind):
     item_table.to_parquet(tmp_path / "items.parquet", index=False)
     np.save(tmp_path / "item_embeddings.npy", vectors)
     out = tmp_path / "faiss"
-    meta = write_index_bundle(out, indexes[kind], kind, tmp_path / "items.parquet",
-                              recall=0.97, vectors_path=tmp_path / "item_embeddings.npy")
+    meta = write_index_bundle(
+        out, indexes[kind], kind, tmp_path / "items.parquet", recall=0.97, vectors_path=tmp_path / "item_embeddings.npy"
+    )
     assert {p.name for p in out.iterdir()} == {"faiss.index", "id_map.npy", "index.json"}
     on_disk = json.loads((out / "index.json").read_text())
     assert on_disk == meta
@@ -311,8 +317,7 @@ def test_filtered_genre_year_and_excludes_equal_brute_force(indexes, vectors, it
     rng = np.random.default_rng(1)
     exclude = [rng.choice(N, 300, replace=False) for _ in range(20)]
     for ex in (None, exclude):
-        items, scores = search_filtered(indexes["flat"], queries, 50, exclude=ex, allowed_mask=allowed, on_gpu=on_gpu,
-                                        exact_below=0)
+        items, scores = search_filtered(indexes["flat"], queries, 50, exclude=ex, allowed_mask=allowed, on_gpu=on_gpu, exact_below=0)
         ref = brute_force(vectors, queries, 50, ex, allowed)
         assert_exact(items, scores, *ref, vectors, queries, ex, allowed)
 
@@ -323,15 +328,13 @@ def test_filter_with_fewer_than_k_items_pads(indexes, vectors, item_table, on_gp
     assert 0 < allowed.sum() < 50
     queries = make_queries(vectors, 5, seed=13)
     exclude = [np.flatnonzero(allowed)[:2]] * 5
-    items, scores = search_filtered(indexes["flat"], queries, 100, exclude=exclude, allowed_mask=allowed, on_gpu=on_gpu,
-                                    exact_below=0)
+    items, scores = search_filtered(indexes["flat"], queries, 100, exclude=exclude, allowed_mask=allowed, on_gpu=on_gpu, exact_below=0)
     n_ok = int(allowed.sum()) - 2
     assert ((items >= 0).sum(axis=1) == n_ok).all()
     assert (items[:, n_ok:] == -1).all() and np.isneginf(scores[:, n_ok:]).all()
     assert_exact(items, scores, *brute_force(vectors, queries, 100, exclude, allowed), vectors, queries, exclude, allowed)
     # Nothing admissible at all: every row is padding.
-    items, scores = search_filtered(indexes["flat"], queries, 10, allowed_mask=np.zeros(N, bool), on_gpu=on_gpu,
-                                    exact_below=0)
+    items, scores = search_filtered(indexes["flat"], queries, 10, allowed_mask=np.zeros(N, bool), on_gpu=on_gpu, exact_below=0)
     assert (items == -1).all() and np.isneginf(scores).all()
 
 
@@ -375,8 +378,9 @@ def test_filtered_approximate_indexes_keep_their_recall(indexes, vectors, item_t
     queries = make_queries(vectors, 20, seed=16)
     rng = np.random.default_rng(2)
     exclude = [rng.choice(N, 100, replace=False) for _ in range(20)]
-    items, _ = search_filtered(indexes[kind], queries, 50, exclude=exclude, allowed_mask=allowed,
-                               on_gpu=on_gpu, vectors=vectors, exact_below=0)
+    items, _ = search_filtered(
+        indexes[kind], queries, 50, exclude=exclude, allowed_mask=allowed, on_gpu=on_gpu, vectors=vectors, exact_below=0
+    )
     ref_items, _ = brute_force(vectors, queries, 50, exclude, allowed)
     assert (items >= 0).all()
     for r in range(len(items)):
@@ -391,8 +395,9 @@ def test_filtered_approximate_indexes_are_never_short(indexes, vectors, item_tab
     queries = make_queries(vectors, 10, seed=17)
     exclude = [np.flatnonzero(allowed)[r::7] for r in range(10)]
     # No `vectors`: IVF cannot reconstruct, so only the retries can fill the rows.
-    items, _ = search_filtered(indexes[kind], queries, 100, exclude=exclude, allowed_mask=allowed,
-                               on_gpu=on_gpu, exact_below=0, max_rounds=4)
+    items, _ = search_filtered(
+        indexes[kind], queries, 100, exclude=exclude, allowed_mask=allowed, on_gpu=on_gpu, exact_below=0, max_rounds=4
+    )
     ref_items, _ = brute_force(vectors, queries, 100, exclude, allowed)
     np.testing.assert_array_equal((items >= 0).sum(axis=1), (ref_items >= 0).sum(axis=1))
     assert overlap(items, ref_items) >= 0.85

@@ -47,9 +47,7 @@ def test_one_history_window_for_training_and_serving():
     # two users' time-ordered interactions, flat, as Histories stores them
     items = np.array([5, 6, 7, 1, 2, 3, 4, 9], np.int64)
     ratings = np.arange(1, 9, dtype=np.float32)
-    store = Histories(
-        user_ids=np.array([10, 20]), offsets=np.array([0, 3, 8]), items=items, ratings=ratings, timestamps=np.arange(8)
-    )
+    store = Histories(user_ids=np.array([10, 20]), offsets=np.array([0, 3, 8]), items=items, ratings=ratings, timestamps=np.arange(8))
     train_items, train_ratings = store.last(np.array([10, 20, 99]), 4)
     for row, (a, b) in enumerate([(0, 3), (3, 8)]):
         serve_items, serve_ratings = history_window(items[a:b], ratings[a:b], 4)

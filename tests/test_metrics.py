@@ -269,7 +269,10 @@ class TestEvaluateRankings:
         ranked = (rng.integers(0, n_items, size=(n_users, 1)) + 37 * np.arange(100)) % n_items
         relevant = [rng.choice(n_items, size=20, replace=False) for _ in range(n_users)]
         got = evaluate_rankings(
-            ranked, relevant, n_items=n_items, item_vectors=rng.normal(size=(n_items, 64)),
+            ranked,
+            relevant,
+            n_items=n_items,
+            item_vectors=rng.normal(size=(n_items, 64)),
             item_popularity=rng.integers(0, 100, size=n_items),
         )
         assert 0.0 <= got["recall@100"] <= 1.0

@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_EXPORT
+
 from export.batch_score import BatchScoreError, load_demographics, load_user_data, user_inputs
 from export.pipeline import train
 from export.synth import SynthSpec, synthesize

@@ -80,8 +80,11 @@ def test_triton_unreachable_serves_the_fallback(tiny_artifacts, tiny_repository,
     from orchestrator.settings import ServeSettings
 
     settings = ServeSettings(
-        artifacts_dir=tiny_artifacts, model_repository=tiny_repository, triton_url=f"127.0.0.1:{free_port()}",
-        history_db_path=tmp_path / "h.sqlite", health_poll_s=0.2,
+        artifacts_dir=tiny_artifacts,
+        model_repository=tiny_repository,
+        triton_url=f"127.0.0.1:{free_port()}",
+        history_db_path=tmp_path / "h.sqlite",
+        health_poll_s=0.2,
     )
     server, port = create_server(settings)
     with server, RecsysClient(f"127.0.0.1:{port}") as client:
@@ -118,11 +121,29 @@ def test_stalled_triton_deadline_and_timeout(api, triton, tiny_artifacts, repo, 
 
 def test_recsys_serve_runs_and_stops_on_sigterm(triton, api, tiny_artifacts, repo, tmp_path):
     cmd = [
-        sys.executable, "-m", "clients.cli", "serve", "--artifacts", str(tiny_artifacts), "--repo", str(repo),
-        "--triton-url", triton.grpc_url, "--port", "0", "--metrics-port", "9100", "--history-db", str(tmp_path / "h.sqlite"),
-        "--json", "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "clients.cli",
+        "serve",
+        "--artifacts",
+        str(tiny_artifacts),
+        "--repo",
+        str(repo),
+        "--triton-url",
+        triton.grpc_url,
+        "--port",
+        "0",
+        "--metrics-port",
+        "9100",
+        "--history-db",
+        str(tmp_path / "h.sqlite"),
+        "--json",
+        "--log-level",
+        "warning",
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     try:
         lines = []
         while not lines or not lines[-1].startswith("}"):

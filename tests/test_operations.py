@@ -39,9 +39,7 @@ NEW_USER = 10_000_001
 
 
 def serve(artifacts: Path, repo: Path, tmp: Path, **settings):
-    s = ServeSettings(
-        artifacts_dir=artifacts, model_repository=repo, history_db_path=tmp / "history.sqlite", health_poll_s=0.2, **settings
-    )
+    s = ServeSettings(artifacts_dir=artifacts, model_repository=repo, history_db_path=tmp / "history.sqlite", health_poll_s=0.2, **settings)
     server, port = create_server(s)
     return server.start(), port
 
@@ -52,9 +50,7 @@ def active_users(artifacts: Path, n: int) -> list[int]:
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples
-    }
+    return {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def sample(found: dict, name: str, **labels) -> float:
@@ -68,8 +64,12 @@ def test_key_entries_parse_and_fail_without_echoing_the_key():
     keys = parse_keys(["# comment", "", "alpha", "beta:2.5  # trailing"], "keys.txt")
     assert sorted(k.rate_per_s or 0 for k in keys.values()) == [0, 2.5]
     assert all(k.tag.startswith("sha256:") and len(k.tag) == 15 for k in keys.values())
-    for bad, words in ((["secret:fast"], "entry 1: requests_per_second 'fast'"), (["secret:0"], "must be a finite number > 0"),
-                       (["a", "a"], "listed twice"), (["two words"], "printable ASCII")):
+    for bad, words in (
+        (["secret:fast"], "entry 1: requests_per_second 'fast'"),
+        (["secret:0"], "must be a finite number > 0"),
+        (["a", "a"], "listed twice"),
+        (["two words"], "printable ASCII"),
+    ):
         with pytest.raises(ValueError, match=words) as excinfo:
             parse_keys(bad, "keys.txt")
         assert "secret" not in str(excinfo.value)
@@ -142,9 +142,28 @@ def certificate(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("tls")
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
@@ -235,9 +254,16 @@ def test_dashboards_query_only_exported_or_triton_metrics():
                 for name in promql_metrics(target["expr"]):
                     used.add(name)
                     assert name in exported or name.startswith("nv_") or name == "up", f"{path.name}: {panel['title']}: {name}"
-    assert {"recsys_requests_total", "recsys_request_latency_seconds_bucket", "recsys_stage_latency_seconds_bucket",
-            "recsys_fallbacks_total", "recsys_model_info", "recsys_triton_reachable", "nv_inference_queue_duration_us",
-            "nv_inference_compute_infer_duration_us"} <= used
+    assert {
+        "recsys_requests_total",
+        "recsys_request_latency_seconds_bucket",
+        "recsys_stage_latency_seconds_bucket",
+        "recsys_fallbacks_total",
+        "recsys_model_info",
+        "recsys_triton_reachable",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_infer_duration_us",
+    } <= used
 
 
 # ----------------------------------------------------------------------------- request log, replay
@@ -375,7 +401,9 @@ def test_delete_user_without_request_log(tiny_artifacts, tiny_repository, tmp_pa
 
 
 def test_operations_settings(tmp_path):
-    s = ServeSettings.from_env({"RECSYS_REQUEST_LOG": "off", "RECSYS_API_KEYS": "a,b:3", "RECSYS_TLS_CERT": "c.pem", "RECSYS_TLS_KEY": "k.pem"})
+    s = ServeSettings.from_env(
+        {"RECSYS_REQUEST_LOG": "off", "RECSYS_API_KEYS": "a,b:3", "RECSYS_TLS_CERT": "c.pem", "RECSYS_TLS_KEY": "k.pem"}
+    )
     assert s.request_log is False and s.tls_cert == Path("c.pem") and "a,b:3" not in repr(s)
     with pytest.raises(ValueError, match="RECSYS_REQUEST_LOG"):
         ServeSettings.from_env({"RECSYS_REQUEST_LOG": "maybe"})
@@ -391,7 +419,10 @@ def test_operations_settings(tmp_path):
 
 
 def test_stop_flushes_under_concurrent_load(tiny_artifacts, tiny_repository, tmp_path):
-    server, port = serve(tiny_artifacts, tiny_repository, tmp_path, workers=4)
+    # threads above the 4 callers: gRPC's maximum_concurrent_rpcs equals workers, and a call
+    # still closing when the next one starts would otherwise be refused (that is admission's
+    # test, tests/test_admission.py; this one is about the flush)
+    server, port = serve(tiny_artifacts, tiny_repository, tmp_path, workers=8)
     errors: list[BaseException] = []
 
     def hammer() -> None:

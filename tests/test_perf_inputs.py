@@ -10,14 +10,14 @@ tiny model against its repository. No network and no perf_analyzer binary needed
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from benchmarks.perf_analyzer.make_inputs import CANDIDATE_MODELS, DEFAULT_OUT, MODELS, make_inputs, read_config
+from benchmarks.perf_analyzer.make_inputs import DEFAULT_OUT, MODELS, make_inputs, read_config
+from benchmarks.perf_analyzer.run import entry_fits
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = ("config.pbtxt", "configs/cpu.pbtxt")
@@ -36,16 +36,16 @@ def check_inputs(inputs: Path, repo: Path, n_items: int | None = None) -> dict:
             config = read_config(repo / model / config_file)
             assert config.name == model
             b = info["batch_size"]
-            assert 1 <= b <= config.max_batch_size, (model, config_file)
+            assert 1 <= b <= max(config.max_batch_size, 1), (model, config_file)
             # -b B builds each request from B consecutive entries; whole users need len % B == 0
             assert len(entries) >= b and len(entries) % b == 0, model
             specs = {t.name: t for t in config.input}
             for i, entry in enumerate(entries):
                 assert set(entry) == set(specs), (model, i, set(entry) ^ set(specs))
                 for name, t in specs.items():
-                    values = entry[name]
-                    assert isinstance(values, list) and len(values) == math.prod(t.dims), (model, name)
-                    if t.data_type == model_config_pb2.TYPE_INT64:
+                    assert entry_fits(entry[name], list(t.dims)), (model, name)
+                    values = entry[name]["content"] if isinstance(entry[name], dict) else entry[name]
+                    if t.data_type in (model_config_pb2.TYPE_INT64, model_config_pb2.TYPE_INT32):
                         assert all(type(v) is int for v in values), (model, name)
                     elif t.data_type == model_config_pb2.TYPE_FP32:
                         arr = np.asarray(values, dtype=np.float64)
@@ -59,29 +59,32 @@ def check_inputs(inputs: Path, repo: Path, n_items: int | None = None) -> dict:
 def check_ranges(model: str, entries: list[dict], n_items: int, cards: list[int], meta: dict) -> None:
     """Ids index inside their tables; histories are left-padded windows with matching ratings."""
     for entry in entries:
+        # a whole request (no batch axis): check each of its rows as a row entry
+        entry = {k: (v["content"] if isinstance(v, dict) else v) for k, v in entry.items()}
         if "item" in entry:
             assert all(0 <= v < n_items for v in entry["item"]), model
         if "history" in entry:
-            hist = np.asarray(entry["history"])
-            rating = np.asarray(entry["history_rating"])
+            hist = np.asarray(entry["history"]).reshape(-1, meta["history_len"])
+            rating = np.asarray(entry["history_rating"]).reshape(hist.shape)
             assert ((hist >= -1) & (hist < n_items)).all(), model
             pad = hist == -1
             # padding only on the left: once a real item appears, no -1 follows
-            assert not (np.maximum.accumulate(~pad) & pad).any(), model
+            assert not (np.maximum.accumulate(~pad, axis=1) & pad).any(), model
             assert (rating[pad] == 0).all() and ((rating[~pad] >= 0) & (rating[~pad] <= 5)).all(), model
         if "demographics" in entry:
             assert all(0 <= v < c for v, c in zip(entry["demographics"], cards)), model
         if "retrieval_rank" in entry:
-            assert 0 <= entry["retrieval_rank"][0] < meta["candidates"], model
-            assert -1.0 - 1e-6 <= entry["retrieval_score"][0] <= 1.0 + 1e-6, model  # cosine of unit vectors
+            assert all(0 <= r < meta["candidates"] for r in entry["retrieval_rank"]), model
+            assert all(-1.0 - 1e-6 <= v <= 1.0 + 1e-6 for v in entry["retrieval_score"]), model  # cosine of unit vectors
 
 
 def test_checked_in_inputs_fit_the_checked_in_configs():
     meta = check_inputs(DEFAULT_OUT, ROOT / "model_repository")
     assert meta["history_len"] == 50 and meta["n_features"] == 23
-    for model in CANDIDATE_MODELS:
-        assert meta["models"][model]["batch_size"] == meta["candidates"]
-    # the candidate rows of the feature model and the ensemble are the same requests
+    assert meta["models"]["ranker"]["batch_size"] == meta["candidates"]  # one user's rows per request
+    for model in ("ranker_features", "ranker_ensemble"):  # no batch axis: one entry is one request
+        assert meta["models"][model]["batch_size"] == 1
+    # the feature model and the ensemble get the same requests
     assert (DEFAULT_OUT / "ranker_features.json").read_text() == (DEFAULT_OUT / "ranker_ensemble.json").read_text()
 
 
@@ -100,7 +103,8 @@ def test_generated_inputs_fit_other_shapes(tiny_artifacts, tiny_repository, tmp_
     """The generator follows the repository's shapes (tiny: L = 10, 30 candidates)."""
     meta = make_inputs(tiny_artifacts, tiny_repository, tmp_path, users=5, items=7, ranker_users=2)
     assert meta["history_len"] == 10 and meta["candidates"] == 30
-    assert meta["models"]["ranker_ensemble"]["entries"] == 60
+    assert meta["models"]["ranker_ensemble"]["entries"] == 2  # one request per user
+    assert meta["models"]["ranker"]["entries"] == 60
     check_inputs(tmp_path, tiny_repository)
     # a file cut for other dims is caught
     with pytest.raises(AssertionError):
@@ -114,7 +118,11 @@ def test_run_helpers_without_the_binary(tmp_path):
     run_check(DEFAULT_OUT, ROOT / "model_repository", list(MODELS))
     pa = PerfAnalyzer(binary=tmp_path / "pa" / "perf_analyzer", root=tmp_path / "root")
     cmd = pa.command("-m", "ranker")
-    assert cmd[:3] == [str(tmp_path / "root/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"), "--library-path", str(tmp_path / "root/usr/lib/x86_64-linux-gnu")]
+    assert cmd[:3] == [
+        str(tmp_path / "root/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+        "--library-path",
+        str(tmp_path / "root/usr/lib/x86_64-linux-gnu"),
+    ]
     header = "Concurrency,Inferences/Second,Client Send,p50 latency,p90 latency,p95 latency,p99 latency\n"
     for c, thr in ((1, "1000.5"), (2, "1800.0")):
         (tmp_path / f"c{c}.csv").write_text(header + f"{c},{thr},10,900,1000,1100,1500\n")
@@ -122,4 +130,12 @@ def test_run_helpers_without_the_binary(tmp_path):
     lines = (tmp_path / "m.csv").read_text().splitlines()
     assert lines[0] == header.strip() and len(lines) == 3
     row = summarise("ranker", 200, {"Concurrency": "2", "Inferences/Second": "1800.0", "p50 latency": "900", "p99 latency": "1500"})
-    assert row == {"model": "ranker", "batch": 200, "concurrency": 2, "infer_per_s": 1800.0, "requests_per_s": 9.0, "p50_us": 900, "p99_us": 1500}
+    assert row == {
+        "model": "ranker",
+        "batch": 200,
+        "concurrency": 2,
+        "infer_per_s": 1800.0,
+        "requests_per_s": 9.0,
+        "p50_us": 900,
+        "p99_us": 1500,
+    }

@@ -103,8 +103,18 @@ def test_evaluate_report_shape(tiny_data, tmp_path):
     assert list(on_disk["models"]) == list(MODEL_NAMES)
     assert out.with_suffix(".png").stat().st_size > 10_000
     for name, metrics in on_disk["models"].items():
-        for key in ("ndcg@10", "recall@20", "recall@100", "map@10", "precision@10", "hitrate@10", "mrr",
-                    "coverage@10", "ild@10", "novelty@10"):
+        for key in (
+            "ndcg@10",
+            "recall@20",
+            "recall@100",
+            "map@10",
+            "precision@10",
+            "hitrate@10",
+            "mrr",
+            "coverage@10",
+            "ild@10",
+            "novelty@10",
+        ):
             assert 0.0 <= metrics[key] or key == "novelty@10", (name, key)
             assert np.isfinite(metrics[key])
     for key in ("val_starts", "test_starts", "test_users", "items", "relevance"):

@@ -126,7 +126,11 @@ def test_hot_reload_on_triton_pins_versions_and_loses_nothing(tiny_artifacts, re
         h = np.full((3, 10), -1, np.int64)
         h[:, -2:] = [[1, 2]] * 3
         args = (
-            np.array([3, 4, 5]), np.ones(3, np.float32), np.arange(3, dtype=np.float32), h, np.zeros((3, 10), np.float32),
+            np.array([3, 4, 5]),
+            np.ones(3, np.float32),
+            np.arange(3, dtype=np.float32),
+            h,
+            np.zeros((3, 10), np.float32),
             np.full((3, len(SOURCES)), -1.0, np.float32),
         )
         old = backend.rank(*args, timeout_s=5, version=first)

@@ -190,12 +190,28 @@ class TestRecommenderAPI:
         ]
         resp = api.client.batch_recommend(reqs)
         assert [r.index for r in resp.results] == [0, 1, 2, 3]
-        assert [r.WhichOneof("outcome") for r in resp.results] == ["response", "failure", "response", "failure"]
+        assert [r.WhichOneof("outcome") for r in resp.results] == ["response", "failure", "response", "failure"], resp
         assert resp.results[1].failure.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert "k must be in 1..500" in resp.results[1].failure.message
         assert ids(resp.results[0].response) == ids(api.client.recommend(api.user, k=3))
         with pytest.raises(E.InvalidArgument):
             api.client.batch_recommend([])
+
+    def test_batch_recommend_equals_single_calls(self, api):
+        """Batched models (one user-tower call, users padded to one candidate width) change no answer."""
+        counts = api.ratings.user_id.value_counts()
+        users = [int(u) for u in counts.index[len(counts) // 4 :: max(1, len(counts) // 8)][:5]]
+        specs = [((u,), {}) for u in users]
+        specs.append(((users[0],), {"genres": ["Comedy"]}))  # fewer candidates than the others
+        specs.append(((), {"history": sorted(api.seen(api.user))[:3]}))
+        specs.append(((), {"history": [UNKNOWN_MOVIE]}))  # cold start inside a batch
+        resp = api.client.batch_recommend([recommend_request(*a, k=4, **kw) for a, kw in specs])
+        assert [r.WhichOneof("outcome") for r in resp.results] == ["response"] * len(specs)
+        for (a, kw), res in zip(specs, resp.results):
+            single = api.client.recommend(*a, k=4, **kw)
+            assert ids(res.response) == ids(single)
+            assert [round(i.score, 4) for i in res.response.items] == [round(i.score, 4) for i in single.items]
+            assert res.response.is_fallback == single.is_fallback
 
     def test_record_interaction_is_reflected_in_the_next_recommend(self, api):
         user = api.user + 100_000  # a fresh user so the shared history stays untouched
@@ -330,7 +346,10 @@ class Wrapped:
 def wrapped(tiny_artifacts, tiny_repository, tmp_path_factory):
     backend = Wrapped(InProcessBackend(tiny_repository))
     s = ServeSettings(
-        artifacts_dir=tiny_artifacts, model_repository=tiny_repository, triton_timeout_s=0.3, health_poll_s=0.05,
+        artifacts_dir=tiny_artifacts,
+        model_repository=tiny_repository,
+        triton_timeout_s=0.3,
+        health_poll_s=0.05,
         history_db_path=tmp_path_factory.mktemp("wrapped") / "h.sqlite",
     )
     server, port = create_server(s, backend=backend)

@@ -99,9 +99,7 @@ def test_history_windows_are_left_padded_and_time_ordered(catalog):
 
 def test_relevance_and_ranker_labels(catalog):
     mid = catalog.movie_ids
-    period = pd.DataFrame(
-        {"user_id": [1, 1, 2], "movie_id": [mid[0], mid[1], mid[0]], "rating": [4.0, 3.5, 5.0], "timestamp": [1, 2, 3]}
-    )
+    period = pd.DataFrame({"user_id": [1, 1, 2], "movie_id": [mid[0], mid[1], mid[0]], "rating": [4.0, 3.5, 5.0], "timestamp": [1, 2, 3]})
     rel = relevant_items(period, catalog.index_of())
     assert {u: r.tolist() for u, r in rel.items()} == {1: [0], 2: [0]}
     assert RELEVANCE_MIN_RATING == 4.0

@@ -94,8 +94,7 @@ def test_planted_affinity_drives_choice_and_rating(generated: tuple[dict, MovieL
     aff = np.einsum("ij,ij->i", lf.user_factors[users], lf.item_factors[items])
     # Users pick items they like more than a random item...
     rng = np.random.default_rng(0)
-    random_aff = np.einsum("ij,ij->i", lf.user_factors[users],
-                           lf.item_factors[rng.integers(0, SPEC.items, len(users))])
+    random_aff = np.einsum("ij,ij->i", lf.user_factors[users], lf.item_factors[rng.integers(0, SPEC.items, len(users))])
     assert aff.mean() > random_aff.mean() + 0.2
     # ...and rate high-affinity items higher.
     rating = r["rating"].to_numpy()

@@ -20,6 +20,7 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
+from export.features import FEATURE_NAMES
 from export.onnx_export import sample_candidate_inputs, sample_user_inputs, session
 from orchestrator.contract import MODEL_NAMES
 from orchestrator.tritonserver import EmbeddedTriton, check
@@ -27,8 +28,7 @@ from orchestrator.tritonserver import EmbeddedTriton, check
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
 ROOT = Path(__file__).resolve().parents[1]
-from orchestrator.contract import CANDIDATE_INPUTS  # noqa: E402
-TRITON_TYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+TRITON_TYPES = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +92,15 @@ def test_item_tower_through_triton_equals_onnxruntime(client, tiny_repository, s
 
 
 def test_ranker_features_through_triton_equals_onnxruntime(client, tiny_repository, shapes):
-    x = sample_candidate_inputs(30, shapes["n_items"], shapes["L"], seed=2)
+    x = sample_candidate_inputs(30, shapes["n_items"], shapes["L"], seed=2, users=3)  # histories sent once per user
     got = infer(client, "ranker_features", x, ["features"])["features"]
+    assert got.shape == (30, len(FEATURE_NAMES))
     np.testing.assert_allclose(got, local(tiny_repository, "ranker_features", x, "features"), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("batch", [1, 30, 200])
-def test_ranker_ensemble_equals_onnxruntime_and_lightgbm(client, tiny_repository, tiny_artifacts, shapes, batch):
-    x = sample_candidate_inputs(batch, shapes["n_items"], shapes["L"], seed=3 + batch)
+@pytest.mark.parametrize(("batch", "users"), [(1, 1), (30, 3), (200, 1)])
+def test_ranker_ensemble_equals_onnxruntime_and_lightgbm(client, tiny_repository, tiny_artifacts, shapes, batch, users):
+    x = sample_candidate_inputs(batch, shapes["n_items"], shapes["L"], seed=3 + batch, users=users)
     got = infer(client, "ranker_ensemble", x, ["score"])["score"]
     assert got.shape == (batch, 1)
     feats = local(tiny_repository, "ranker_features", x, "features")

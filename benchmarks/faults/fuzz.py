@@ -25,8 +25,23 @@ INT64 = (-(2**63), 2**63 - 1)
 EDGE_INTS = (0, -1, 1, 2, 10, 199, 200, 201, 499, 500, 501, 1_000, 1_001, 10_000, 2**31 - 1, -(2**31), 2**63 - 1, -(2**63))
 EDGE_FLOATS = (math.nan, math.inf, -math.inf, 0.0, -0.0, 0.49, 0.5, 1.0, 4.99, 5.0, 5.01, -1.0, 1e-45, 3.4e38, -3.4e38)
 HOSTILE_TEXT = (
-    "", " ", "\t\n", "action", "ACTION", "Sci-Fi ", "Comedy|Drama", "(no genres listed)", "\x00", "\u202e", "\ufeffDrama",
-    "💥", "Ação", "%s%n", "'; DROP TABLE interactions; --", "*", "Action" * 200,
+    "",
+    " ",
+    "\t\n",
+    "action",
+    "ACTION",
+    "Sci-Fi ",
+    "Comedy|Drama",
+    "(no genres listed)",
+    "\x00",
+    "\u202e",
+    "\ufeffDrama",
+    "💥",
+    "Ação",
+    "%s%n",
+    "'; DROP TABLE interactions; --",
+    "*",
+    "Action" * 200,
 )
 
 
@@ -63,7 +78,9 @@ def fuzz_calls(movies: np.ndarray, users: np.ndarray, genres: tuple[str, ...]) -
     count = mostly(st.integers(1, 250), int32)
     names = list(genres) + [g.lower() for g in genres] + [g.upper() for g in genres]
     text = mostly(st.sampled_from(names), st.one_of(st.sampled_from(HOSTILE_TEXT), st.text(st.characters(codec="utf-8"), max_size=40)))
-    year = mostly(st.integers(1900, 2010), st.one_of(st.integers(*INT32), st.integers(1700, 2200), st.sampled_from((1799, 1800, 2100, 2101))))
+    year = mostly(
+        st.integers(1900, 2010), st.one_of(st.integers(*INT32), st.integers(1700, 2200), st.sampled_from((1799, 1800, 2100, 2101)))
+    )
     small = st.one_of(st.integers(0, 5), st.integers(0, 60))
     big = st.sampled_from((999, 1_000, 1_001, 9_999, 10_000, 10_001, 100_000))
     rare_big = st.one_of(small, small, small, big)
@@ -175,12 +192,19 @@ def fuzz_calls(movies: np.ndarray, users: np.ndarray, genres: tuple[str, ...]) -
         if draw(st.booleans()):
             msg.rating = draw(mostly(st.sampled_from((0.0, 0.5, 1.0, 2.5, 4.0, 5.0)), f32))
         if draw(st.booleans()):
-            msg.timestamp_s = draw(mostly(st.integers(0, now + 86_400), st.one_of(st.integers(*INT64), st.sampled_from((-1, now + 86_401)))))
+            msg.timestamp_s = draw(
+                mostly(st.integers(0, now + 86_400), st.one_of(st.integers(*INT64), st.sampled_from((-1, now + 86_401))))
+            )
         return msg
 
     empty = st.sampled_from(
-        [("Recommend", pb.RecommendRequest()), ("Similar", pb.SimilarRequest()), ("Popular", pb.PopularRequest()),
-         ("BatchRecommend", pb.BatchRecommendRequest()), ("RecordInteraction", pb.RecordInteractionRequest())]
+        [
+            ("Recommend", pb.RecommendRequest()),
+            ("Similar", pb.SimilarRequest()),
+            ("Popular", pb.PopularRequest()),
+            ("BatchRecommend", pb.BatchRecommendRequest()),
+            ("RecordInteraction", pb.RecordInteractionRequest()),
+        ]
     )
     return st.one_of(
         st.tuples(st.just("Recommend"), recommend()),
@@ -321,7 +345,9 @@ class FuzzJudge:
                     self._example(self.examples, rpc, msg.requests[r.index], name, r.failure.message, f"BatchRecommend result {r.index}")
                 elif name not in CLIENT_ERRORS:
                     self.other += 1
-                    self._example(self.other_examples, rpc, msg.requests[r.index], name, r.failure.message, f"BatchRecommend result {r.index}")
+                    self._example(
+                        self.other_examples, rpc, msg.requests[r.index], name, r.failure.message, f"BatchRecommend result {r.index}"
+                    )
                 if not r.failure.message.strip():
                     self.empty_messages += 1
 
@@ -359,8 +385,12 @@ def phase_fuzz(stack: Stack, workload: Workload, s: FaultSettings) -> dict[str, 
 
     @seed(s.seed)
     @hsettings(
-        max_examples=s.fuzz_requests, database=None, deadline=None, phases=[Phase.generate],
-        suppress_health_check=list(HealthCheck), print_blob=False,
+        max_examples=s.fuzz_requests,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        print_blob=False,
     )
     @given(calls)
     def probe(call: tuple[str, Any]) -> None:
@@ -402,4 +432,3 @@ def phase_fuzz(stack: Stack, workload: Workload, s: FaultSettings) -> dict[str, 
         "undecodable": undecodable,
         "seconds": round(seconds, 1),
     }
-

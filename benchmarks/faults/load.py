@@ -165,17 +165,20 @@ def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
 
 
 def phase_load(stack: Stack, workload: Workload, s: FaultSettings) -> dict[str, Any]:
-    """``load``: a fixed number of calls at high concurrency; every non-OK status is an error."""
+    """``load``: a fixed number of calls at high concurrency; every non-OK status is an error, except
+    RESOURCE_EXHAUSTED: admission control's refusal past ``max_in_flight`` (issue 13), counted as ``shed``."""
     runner = LoadRunner(stack.target, workload, s.load_concurrency, s.load_requests, s.call_timeout_s, s.seed).start()
     while runner.running():
         runner.join(10)
         log(f"load: {len(runner.outcomes):,} / {s.load_requests:,}")
     summary = summarize(runner.outcomes)
-    errors = summary["requests"] - summary["ok"]
+    shed = summary["by_status"].get("RESOURCE_EXHAUSTED", 0)
+    errors = summary["requests"] - summary["ok"] - shed
     return {
         "requests": summary["requests"],
         "errors": errors,
-        "errors_by_status": {k: v for k, v in summary["by_status"].items() if k != "OK"},
+        "errors_by_status": {k: v for k, v in summary["by_status"].items() if k not in ("OK", "RESOURCE_EXHAUSTED")},
+        "shed": shed,
         "fallback": sum(summary["fallback_by_reason"].values()),
         "fallback_by_reason": summary["fallback_by_reason"],
         "concurrency": s.load_concurrency,
@@ -205,8 +208,10 @@ def phase_triton_killed(stack: Stack, workload: Workload, s: FaultSettings) -> d
         raise
     t_ready = time.monotonic()
     orphans = stack.reap_orphans(stubs)
-    log(f"triton_killed: Triton restarted, ready after {t_ready - t_restart:.1f} s; "
-        f"{len(orphans)} of the killed server's {len(stubs)} backend stubs still ran {t_ready - t_kill:.0f} s after the kill")
+    log(
+        f"triton_killed: Triton restarted, ready after {t_ready - t_restart:.1f} s; "
+        f"{len(orphans)} of the killed server's {len(stubs)} backend stubs still ran {t_ready - t_kill:.0f} s after the kill"
+    )
 
     def personal_since_restart(o: Outcome) -> bool:
         return o[2] == "OK" and not o[3] and o[0] >= t_restart
@@ -302,7 +307,10 @@ def phase_reload(stack: Stack, workload: Workload, s: FaultSettings) -> dict[str
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "clients.cli", "export", "--artifacts", str(stack.artifacts), "--repo", str(stack.repo), "--quiet"],
-            cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
         )
     try:
         rc = proc.wait(timeout=s.export_timeout_s)
@@ -349,7 +357,9 @@ def phase_reload(stack: Stack, workload: Workload, s: FaultSettings) -> dict[str
     }
 
 
-async def _record_until(target: str, calls: list[tuple[int, int, float, int]], n: int, concurrency: int, kill: Callable[[], None]) -> tuple[set, Counter]:
+async def _record_until(
+    target: str, calls: list[tuple[int, int, float, int]], n: int, concurrency: int, kill: Callable[[], None]
+) -> tuple[set, Counter]:
     """RecordInteraction ``calls`` in order until ``n`` are acknowledged, then ``kill()`` at once.
 
     Returns:
@@ -390,7 +400,12 @@ def phase_durability(stack: Stack, workload: Workload, s: FaultSettings) -> dict
     now = int(time.time())
     # twice as many calls as needed: the kill lands with some of them still in flight
     calls = [
-        (base + i, int(workload.movies[rng.randrange(len(workload.movies))]), rng.choice((0.0, 1.0, 2.5, 3.0, 4.5, 5.0)), now - rng.randrange(86_400))
+        (
+            base + i,
+            int(workload.movies[rng.randrange(len(workload.movies))]),
+            rng.choice((0.0, 1.0, 2.5, 3.0, 4.5, 5.0)),
+            now - rng.randrange(86_400),
+        )
         for i in range(2 * s.durability_n)
     ]
     pid = stack.orchestrator_pid
@@ -437,4 +452,3 @@ def phase_durability(stack: Stack, workload: Workload, s: FaultSettings) -> dict
         "concurrency": s.durability_concurrency,
         "user_ids": [base, base + len(calls) - 1],
     }
-

@@ -25,7 +25,9 @@ from export import DEFAULT_DATA_DIR
 # ---------------------------------------------------------------------------- the run
 
 
-def prepare_deployment(artifacts: str | None, repo: str | None, data: str, workdir: Path, in_place: bool) -> tuple[Path, Path, dict[str, Any]]:
+def prepare_deployment(
+    artifacts: str | None, repo: str | None, data: str, workdir: Path, in_place: bool
+) -> tuple[Path, Path, dict[str, Any]]:
     """The artifacts and repository to serve: copies of the given ones, or a tiny model trained on ``data``."""
     if (artifacts is None) != (repo is None):
         raise ValueError("give both --artifacts and --repo, or neither (then a tiny model is trained on --data)")
@@ -35,7 +37,11 @@ def prepare_deployment(artifacts: str | None, repo: str | None, data: str, workd
         art, rep = workdir / "artifacts", workdir / "model_repository"
         shutil.copytree(artifacts, art)
         shutil.copytree(repo, rep, ignore=shutil.ignore_patterns("__pycache__"))
-        return art, rep, {"source": "copies of the given folders", "artifacts": str(Path(artifacts).resolve()), "repo": str(Path(repo).resolve())}
+        return (
+            art,
+            rep,
+            {"source": "copies of the given folders", "artifacts": str(Path(artifacts).resolve()), "repo": str(Path(repo).resolve())},
+        )
     import torch
 
     from export.onnx_export import export_repository
@@ -61,12 +67,19 @@ def skipped_section(phase: str) -> dict[str, Any]:
     return {**{k: None for k in SECTION_KEYS[phase]}, "skipped": True}
 
 
-def run_benchmark(s: FaultSettings, artifacts: str | None = None, repo: str | None = None, data: str = DEFAULT_DATA_DIR,
-                  keep: bool = False, in_place: bool = False) -> dict[str, Any]:
+def run_benchmark(
+    s: FaultSettings,
+    artifacts: str | None = None,
+    repo: str | None = None,
+    data: str = DEFAULT_DATA_DIR,
+    keep: bool = False,
+    in_place: bool = False,
+) -> dict[str, Any]:
     """Every phase not skipped, in order, on one stack; the report (see the module docstring)."""
     import pandas as pd
 
     from orchestrator.settings import ServeSettings
+
     workdir = Path(tempfile.mkdtemp(prefix="recsys-faults-"))
     report: dict[str, Any] = {}
     stack = None
@@ -85,8 +98,12 @@ def run_benchmark(s: FaultSettings, artifacts: str | None = None, repo: str | No
             orch_s = stack.start_orchestrator()
             log(f"Triton ready in {triton_s:.1f} s, orchestrator SERVING in {orch_s:.1f} s at {stack.target}")
             phases = {
-                "load": phase_load, "triton_killed": phase_triton_killed, "deadline": phase_deadline,
-                "reload": phase_reload, "durability": phase_durability, "fuzz": phase_fuzz,
+                "load": phase_load,
+                "triton_killed": phase_triton_killed,
+                "deadline": phase_deadline,
+                "reload": phase_reload,
+                "durability": phase_durability,
+                "fuzz": phase_fuzz,
             }
             for name, fn in phases.items():
                 if name in s.skip:
@@ -100,11 +117,21 @@ def run_benchmark(s: FaultSettings, artifacts: str | None = None, repo: str | No
         report = {
             "conditions": conditions(
                 deployment=source,
-                catalog={"items": len(workload.movies), "users": len(workload.users), "interactions": n_interactions,
-                         "genres": len(workload.genres)},
+                catalog={
+                    "items": len(workload.movies),
+                    "users": len(workload.users),
+                    "interactions": n_interactions,
+                    "genres": len(workload.genres),
+                },
                 settings=asdict(s),
-                orchestrator={**{k: served.get(k) for k in ("workers", "triton_timeout_s", "default_deadline_s", "health_poll_s", "retrieve_k", "reload_poll_s")},
-                              "env": env, "flags": list(stack.serve_flags)},
+                orchestrator={
+                    **{
+                        k: served.get(k)
+                        for k in ("workers", "triton_timeout_s", "default_deadline_s", "health_poll_s", "retrieve_k", "reload_poll_s")
+                    },
+                    "env": env,
+                    "flags": list(stack.serve_flags),
+                },
                 triton={"startup_s": round(triton_s, 2), "config": "embedded, CPU configs (configs/cpu.pbtxt)"},
                 orchestrator_startup_s=round(orch_s, 2),
                 load_average=load.record(),
@@ -132,24 +159,49 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     ld, tk, dl, rl, du, fz = (report.get(p, {}) for p in PHASES)
     return [
         t("load", "errors", ld.get("errors"), "0", lambda: ld["errors"] == 0),
-        t("triton_killed", "unanswered", None if tk.get("skipped") else tk["requests"] - tk["answered"], "0",
-          lambda: tk["answered"] == tk["requests"]),
+        t(
+            "triton_killed",
+            "unanswered",
+            None if tk.get("skipped") else tk["requests"] - tk["answered"],
+            "0",
+            lambda: tk["answered"] == tk["requests"],
+        ),
         t("triton_killed", "health NOT_SERVING while down", tk.get("health_not_serving"), "yes", lambda: tk["health_not_serving"]),
-        t("triton_killed", "recovered_after_ready_s", tk.get("recovered_after_ready_s"), "<= 5",
-          lambda: tk["recovered_after_ready_s"] is not None and tk["recovered_after_ready_s"] <= 5.0),
-        t("deadline", "calls not DEADLINE_EXCEEDED", None if dl.get("skipped") else dl["calls"] - dl["deadline_exceeded"], "0",
-          lambda: dl["deadline_exceeded"] == dl["calls"]),
+        t(
+            "triton_killed",
+            "recovered_after_ready_s",
+            tk.get("recovered_after_ready_s"),
+            "<= 5",
+            lambda: tk["recovered_after_ready_s"] is not None and tk["recovered_after_ready_s"] <= 5.0,
+        ),
+        t(
+            "deadline",
+            "calls not DEADLINE_EXCEEDED",
+            None if dl.get("skipped") else dl["calls"] - dl["deadline_exceeded"],
+            "0",
+            lambda: dl["deadline_exceeded"] == dl["calls"],
+        ),
         t("deadline", "leaked_threads", dl.get("leaked_threads"), "<= 0", lambda: dl["leaked_threads"] <= 0),
         t("deadline", "leaked_fds", dl.get("leaked_fds"), "<= 0", lambda: dl["leaked_fds"] <= 0),
         t("reload", "failed", rl.get("failed"), "0", lambda: rl["failed"] == 0),
         t("reload", "new version served", rl.get("reloaded"), "yes", lambda: rl["reloaded"]),
-        t("reload", "old version answers after the first new one", rl.get("old_version_after_new"), "0",
-          lambda: rl["old_version_after_new"] == 0),
+        t(
+            "reload",
+            "old version answers after the first new one",
+            rl.get("old_version_after_new"),
+            "0",
+            lambda: rl["old_version_after_new"] == 0,
+        ),
         t("durability", "lost", du.get("lost"), "0", lambda: du["lost"] == 0 and du["acked"] > 0),
         t("fuzz", "internal", fz.get("internal"), "0", lambda: fz["internal"] == 0),
         t("fuzz", "crashes", fz.get("crashes"), "0", lambda: fz["crashes"] == 0),
-        t("fuzz", "other statuses / empty messages", None if fz.get("skipped") else fz["other_status"] + fz["empty_messages"], "0",
-          lambda: fz["other_status"] == 0 and fz["empty_messages"] == 0),
+        t(
+            "fuzz",
+            "other statuses / empty messages",
+            None if fz.get("skipped") else fz["other_status"] + fz["empty_messages"],
+            "0",
+            lambda: fz["other_status"] == 0 and fz["empty_messages"] == 0,
+        ),
     ]
 
 
@@ -163,34 +215,64 @@ def table(report: dict[str, Any]) -> str:
     rows = []
     ld = report["load"]
     if not ld.get("skipped"):
-        rows.append(("load", f"{ld['requests']:,} Recommend at c{ld['concurrency']}: {ld['errors']} errors {ld['errors_by_status']}, "
-                     f"{ld['qps']} QPS, {ms(ld)}"))
+        rows.append(
+            (
+                "load",
+                f"{ld['requests']:,} Recommend at c{ld['concurrency']}: {ld['errors']} errors {ld['errors_by_status']}, "
+                f"{ld['qps']} QPS, {ms(ld)}",
+            )
+        )
     tk = report["triton_killed"]
     if not tk.get("skipped"):
-        rows.append(("triton_killed", f"{tk['requests']:,} calls at c{tk['concurrency']}: {tk['answered']:,} answered, {tk['fallback']:,} fallback; "
-                     f"NOT_SERVING {tk['health_not_serving_after_kill_s']} s after the kill; Triton restart {tk['triton_restart_s']} s; "
-                     f"first personal answer {tk['recovered_s']} s after the restart began, {tk['recovered_after_ready_s']} s after ready; "
-                     f"orphaned backend stubs {tk['orphaned_backend_stub_models'] or 0}"))
+        rows.append(
+            (
+                "triton_killed",
+                f"{tk['requests']:,} calls at c{tk['concurrency']}: {tk['answered']:,} answered, {tk['fallback']:,} fallback; "
+                f"NOT_SERVING {tk['health_not_serving_after_kill_s']} s after the kill; Triton restart {tk['triton_restart_s']} s; "
+                f"first personal answer {tk['recovered_s']} s after the restart began, {tk['recovered_after_ready_s']} s after ready; "
+                f"orphaned backend stubs {tk['orphaned_backend_stub_models'] or 0}",
+            )
+        )
     dl = report["deadline"]
     if not dl.get("skipped"):
-        rows.append(("deadline", f"{dl['calls']:,} calls, {dl['deadline_s'] * 1e3:.0f} ms deadline, Triton stopped: {dl['by_status']}; "
-                     f"threads {dl['threads']['before']} -> peak {dl['threads']['peak']} -> {dl['threads']['after']}, "
-                     f"fds {dl['fds']['before']} -> peak {dl['fds']['peak']} -> {dl['fds']['after']} ({dl['settle_s']} s after SIGCONT)"))
+        rows.append(
+            (
+                "deadline",
+                f"{dl['calls']:,} calls, {dl['deadline_s'] * 1e3:.0f} ms deadline, Triton stopped: {dl['by_status']}; "
+                f"threads {dl['threads']['before']} -> peak {dl['threads']['peak']} -> {dl['threads']['after']}, "
+                f"fds {dl['fds']['before']} -> peak {dl['fds']['peak']} -> {dl['fds']['after']} ({dl['settle_s']} s after SIGCONT)",
+            )
+        )
     rl = report["reload"]
     if not rl.get("skipped"):
-        rows.append(("reload", f"{rl['requests']:,} calls at c{rl['concurrency']} during `recsys export` ({rl['export_s']} s, rc {rl['export_rc']}): "
-                     f"{rl['failed']} failed, {rl['fallback']} fallback, versions {rl['versions']}, reloaded {rl['reloaded']}"
-                     + (f", new version first {rl['first_new_version_after_export_s']} s after the export" if rl["reloaded"] else "")))
+        rows.append(
+            (
+                "reload",
+                f"{rl['requests']:,} calls at c{rl['concurrency']} during `recsys export` ({rl['export_s']} s, rc {rl['export_rc']}): "
+                f"{rl['failed']} failed, {rl['fallback']} fallback, versions {rl['versions']}, reloaded {rl['reloaded']}"
+                + (f", new version first {rl['first_new_version_after_export_s']} s after the export" if rl["reloaded"] else ""),
+            )
+        )
     du = report["durability"]
     if not du.get("skipped"):
-        rows.append(("durability", f"{du['acked']:,} acknowledged, SIGKILL, restart {du['restart_s']} s: {du['found']:,} found, {du['lost']} lost; "
-                     f"visible via Recommend {du['visible_via_recommend']['with_history']}/{du['visible_via_recommend']['checked']}"))
+        rows.append(
+            (
+                "durability",
+                f"{du['acked']:,} acknowledged, SIGKILL, restart {du['restart_s']} s: {du['found']:,} found, {du['lost']} lost; "
+                f"visible via Recommend {du['visible_via_recommend']['with_history']}/{du['visible_via_recommend']['checked']}",
+            )
+        )
     fz = report["fuzz"]
     if not fz.get("skipped"):
         und = fz.get("undecodable") or {}
-        rows.append(("fuzz", f"{fz['requests']:,} hostile requests ({fz['seconds']} s): {fz['internal']} INTERNAL/UNKNOWN, {fz['crashes']} crashes, "
-                     f"{fz['other_status']} other statuses, {fz['empty_messages']} empty messages; statuses {fz['by_status']}; "
-                     f"undecodable bytes: {und.get('by_status')}"))
+        rows.append(
+            (
+                "fuzz",
+                f"{fz['requests']:,} hostile requests ({fz['seconds']} s): {fz['internal']} INTERNAL/UNKNOWN, {fz['crashes']} crashes, "
+                f"{fz['other_status']} other statuses, {fz['empty_messages']} empty messages; statuses {fz['by_status']}; "
+                f"undecodable bytes: {und.get('by_status')}",
+            )
+        )
     return markdown_table(("phase", "figures"), rows)
 
 
@@ -234,9 +316,15 @@ def run_cli(args: argparse.Namespace) -> int:
     """``recsys bench faults``: runs, writes the JSON, prints the table; 0 only if every target is met."""
     s = FaultSettings.quick() if args.quick else FaultSettings()
     overrides = {
-        "load_requests": args.load_requests, "load_concurrency": args.concurrency, "deadline_calls": args.deadline_calls,
-        "durability_n": args.durability_n, "fuzz_requests": args.fuzz_requests, "undecodable": args.undecodable,
-        "reload_timeout_s": args.reload_timeout, "reload_poll_s": args.reload_poll_s, "health_poll_s": args.health_poll_s,
+        "load_requests": args.load_requests,
+        "load_concurrency": args.concurrency,
+        "deadline_calls": args.deadline_calls,
+        "durability_n": args.durability_n,
+        "fuzz_requests": args.fuzz_requests,
+        "undecodable": args.undecodable,
+        "reload_timeout_s": args.reload_timeout,
+        "reload_poll_s": args.reload_poll_s,
+        "health_poll_s": args.health_poll_s,
         "seed": args.seed,
     }
     s = replace(s, skip=tuple(args.skip), **{k: v for k, v in overrides.items() if v is not None})

@@ -98,8 +98,18 @@ class FaultSettings:
 
     def __post_init__(self) -> None:
         problems = [f"unknown phase {p!r} in skip (phases: {', '.join(PHASES)})" for p in self.skip if p not in PHASES]
-        counts = ("load_requests", "load_concurrency", "k", "kill_concurrency", "deadline_calls", "deadline_concurrency",
-                  "reload_concurrency", "durability_n", "durability_concurrency", "fuzz_requests")
+        counts = (
+            "load_requests",
+            "load_concurrency",
+            "k",
+            "kill_concurrency",
+            "deadline_calls",
+            "deadline_concurrency",
+            "reload_concurrency",
+            "durability_n",
+            "durability_concurrency",
+            "fuzz_requests",
+        )
         problems += [f"{name} must be >= 1, got {getattr(self, name)}" for name in counts if getattr(self, name) < 1]
         seconds = ("call_timeout_s", "deadline_s", "settle_s", "reload_timeout_s", "reload_poll_s", "export_timeout_s", "fuzz_timeout_s")
         problems += [f"{name} must be > 0, got {getattr(self, name)}" for name in seconds if not getattr(self, name) > 0]
@@ -228,9 +238,23 @@ class Stack:
         http, grpc_port, metrics = self.triton_ports
         out_path = self.workdir / f"triton-{n}.out"
         cmd = [
-            sys.executable, "-m", "clients.cli", "triton", "--repo", str(self.repo), "--http-port", str(http),
-            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics), "--timeout", str(timeout_s),
-            "--log", str(self.workdir / f"triton-{n}.log"), "--json",
+            sys.executable,
+            "-m",
+            "clients.cli",
+            "triton",
+            "--repo",
+            str(self.repo),
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc_port),
+            "--metrics-port",
+            str(metrics),
+            "--timeout",
+            str(timeout_s),
+            "--log",
+            str(self.workdir / f"triton-{n}.log"),
+            "--json",
         ]
         with open(out_path, "wb") as out, open(self.workdir / f"triton-{n}.err", "wb") as err:
             self.launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
@@ -283,14 +307,33 @@ class Stack:
         n = self.starts["orchestrator"]
         self.starts["orchestrator"] += 1
         cmd = [
-            sys.executable, "-m", "clients.cli", "serve", "--artifacts", str(self.artifacts), "--repo", str(self.repo),
-            "--triton-url", self.triton_url, "--port", str(self.port), "--history-db", str(self.history_db),
-            "--log-level", "warning", "--json", *self.serve_flags,
+            sys.executable,
+            "-m",
+            "clients.cli",
+            "serve",
+            "--artifacts",
+            str(self.artifacts),
+            "--repo",
+            str(self.repo),
+            "--triton-url",
+            self.triton_url,
+            "--port",
+            str(self.port),
+            "--history-db",
+            str(self.history_db),
+            "--log-level",
+            "warning",
+            "--json",
+            *self.serve_flags,
         ]
         self.orchestrator_log = self.workdir / f"orchestrator-{n}.log"
         with open(self.workdir / f"orchestrator-{n}.out", "wb") as out, open(self.orchestrator_log, "wb") as err:
             self.orchestrator = subprocess.Popen(
-                cmd, cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                cmd,
+                cwd=ROOT,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         expires = t0 + timeout_s

@@ -7,16 +7,20 @@ files hold real requests instead, cut from the artifacts:
 * ``user_tower``: real users' history windows (the ``Histories.last`` rule, length ``L`` from
   the served config) with their ratings and demographic codes; one user per entry.
 * ``item_tower``: item indices of the catalog; one item per entry.
-* ``ranker_features`` / ``ranker_ensemble``: one entry per *candidate row* of a few users
-  (item, retrieval score and 0-based rank, the user's window), the top ``N`` of the user
-  tower (run in process with onnxruntime on the published ``model.onnx``) over the item
-  embeddings, seen items excluded: what the orchestrator sends.
+* ``ranker_features`` / ``ranker_ensemble``: one entry per *user request* of a few users
+  (their ``N`` candidates' item, retrieval score and 0-based rank as ``[N]`` tensors, the
+  user's window once as ``[1, L]``; each input as ``{"content", "shape"}`` because these
+  models have no batch axis), the top ``N`` of the user tower (run in process with
+  onnxruntime on the published ``model.onnx``) over the item embeddings, seen items
+  excluded: what the orchestrator sends.
 * ``ranker``: the feature rows of the same candidates, computed by the published
   ``ranker_features`` graph.
 
 Batching: perf_analyzer forms a batch of ``-b B`` from ``B`` consecutive entries (round
-robin), so with one *row* per entry ``-b 200`` sends one user's 200 candidates per request,
-the realistic ranker request. ``meta.json`` records each model's batch size for ``run``.
+robin), so with one feature *row* per entry ``-b 200`` sends one user's 200 candidates per
+``ranker`` request, the realistic ranker request; the unbatched ``ranker_features`` and
+``ranker_ensemble`` take ``-b 1`` (one user's request per entry). ``meta.json`` records each
+model's batch size for ``run``.
 
     python -m benchmarks.perf_analyzer.make_inputs --artifacts artifacts --repo model_repository \\
         --out benchmarks/perf_analyzer/inputs
@@ -56,11 +60,14 @@ from orchestrator.contract import (
 
 MODELS = MODEL_NAMES
 CANDIDATE_MODELS = (RANKER_FEATURES, RANKER_TREES, RANKER_ENSEMBLE)
+REQUEST_MODELS = (RANKER_FEATURES, RANKER_ENSEMBLE)
+"""Models without a batch axis: one entry is one whole request, shapes given explicitly."""
 CPU_CONFIG = "configs/cpu.pbtxt"
 DEFAULT_OUT = Path(__file__).resolve().parent / "inputs"
 
 _NUMPY = {
     model_config_pb2.TYPE_INT64: np.int64,
+    model_config_pb2.TYPE_INT32: np.int32,
     model_config_pb2.TYPE_FP32: np.float32,
 }
 
@@ -177,13 +184,21 @@ def make_inputs(
     tables = CandidateTables.load(artifacts / TABLES_FILE)
     top, top_scores, sources = merged_from_ann(tables, ann, x[HISTORY][who], seen, vectors[who], item_vectors, candidates)
     keep = top >= 0
-    user_row, rank = np.nonzero(keep)
-    rows = candidate_feeds(
-        top[user_row, rank], top_scores[user_row, rank], rank, x[HISTORY][who][user_row], x[HISTORY_RATING][who][user_row],
-        sources[user_row, rank],
-    )
-    features_version = latest_version(repo / RANKER_FEATURES)
-    features = _session(features_version / "model.onnx").run([FEATURES], rows)[0]
+    features_session = _session(latest_version(repo / RANKER_FEATURES) / "model.onnx")
+    requests, feature_rows = [], []
+    for row in who:  # one request per user: its candidates [N], its window once [1, L]
+        n = int(keep[row].sum())
+        request = candidate_feeds(
+            top[row, :n],
+            top_scores[row, :n],
+            np.arange(n),
+            x[HISTORY][row : row + 1],
+            x[HISTORY_RATING][row : row + 1],
+            sources[row, :n],
+        )
+        requests.append(request)
+        feature_rows.append(features_session.run([FEATURES], request)[0])
+    features = np.concatenate(feature_rows)
     if features.shape[1] != n_features:
         raise ValueError(f"ranker_features returns {features.shape[1]} features, the ranker config wants {n_features}")
 
@@ -191,22 +206,25 @@ def make_inputs(
     payloads = {
         USER_TOWER: x,
         ITEM_TOWER: {ITEM: item_ids},
-        RANKER_FEATURES: rows,
+        RANKER_FEATURES: requests,
         RANKER_TREES: {FEATURES: features.astype(np.float32)},
-        RANKER_ENSEMBLE: rows,
+        RANKER_ENSEMBLE: requests,
     }
     out.mkdir(parents=True, exist_ok=True)
     models: dict[str, dict[str, Any]] = {}
     for model, arrays in payloads.items():
         # only the inputs the config names, in its order (the ensemble and the feature model
         # share the candidate rows)
-        arrays = {name: arrays[name] for name in specs[model]}
+        if model in REQUEST_MODELS:
+            entries = [{name: {"content": _values(r[name]), "shape": list(r[name].shape)} for name in specs[model]} for r in arrays]
+        else:
+            entries = _entries({name: arrays[name] for name in specs[model]})
         path = out / f"{model}.json"
-        path.write_text(json.dumps({"data": _entries(arrays)}, separators=(",", ":")) + "\n")
+        path.write_text(json.dumps({"data": entries}, separators=(",", ":")) + "\n")
         models[model] = {
             "file": path.name,
-            "entries": int(len(next(iter(arrays.values())))),
-            "batch_size": int(candidates) if model in CANDIDATE_MODELS else 1,
+            "entries": len(entries),
+            "batch_size": int(candidates) if model == "ranker" else 1,
         }
     meta = {
         "generated_at": pd.Timestamp.now(tz="UTC").isoformat(),
@@ -242,8 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="folder with users.csv (default: the manifest's data path)")
     args = parser.parse_args(argv)
     meta = make_inputs(
-        args.artifacts, args.repo, args.out, users=args.users, items=args.items,
-        ranker_users=args.ranker_users, candidates=args.candidates, seed=args.seed, data_dir=args.data,
+        args.artifacts,
+        args.repo,
+        args.out,
+        users=args.users,
+        items=args.items,
+        ranker_users=args.ranker_users,
+        candidates=args.candidates,
+        seed=args.seed,
+        data_dir=args.data,
     )
     print(json.dumps(meta["models"], indent=2))
     return 0

@@ -128,11 +128,24 @@ def fetch_binary(cache: Path, version: str = PERF_ANALYZER_VERSION) -> Path:
         return binary
     tmp = _fresh_dir(cache, f"perf_analyzer-{version}")
     try:
-        _run([
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--python-version", "3.11", "--platform", WHEEL_PLATFORM,
-            f"perf-analyzer=={version}", "-d", str(tmp / "wheel"), "--quiet",
-        ])
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                "3.11",
+                "--platform",
+                WHEEL_PLATFORM,
+                f"perf-analyzer=={version}",
+                "-d",
+                str(tmp / "wheel"),
+                "--quiet",
+            ]
+        )
         wheels = list((tmp / "wheel").glob("perf_analyzer-*.whl"))
         if not wheels:
             raise PerfAnalyzerError(f"pip downloaded no perf_analyzer wheel into {tmp / 'wheel'}")
@@ -154,9 +167,7 @@ def debian_source() -> tuple[str, str]:
     if sources.is_file():
         uri = keyring = None
         for block in sources.read_text().split("\n\n"):
-            fields = dict(
-                line.split(":", 1) for line in block.splitlines() if ":" in line and not line.lstrip().startswith("#")
-            )
+            fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line and not line.lstrip().startswith("#"))
             fields = {k.strip(): v.strip() for k, v in fields.items()}
             if "security" not in fields.get("URIs", "") and fields.get("URIs"):
                 uri, keyring = fields["URIs"].split()[0], fields.get("Signed-By", DEFAULT_KEYRING)
@@ -191,12 +202,18 @@ def fetch_libraries(cache: Path) -> Path:
         sources.write_text(f"Types: deb\nURIs: {uri}\nSuites: {DEBIAN_SUITE}\nComponents: main\nSigned-By: {keyring}\n")
         # every path apt would write is private: the machine's lists, caches and dpkg status stay as they are
         options = [
-            "-o", f"Dir::Etc::sourcelist={sources}",
-            "-o", "Dir::Etc::sourceparts=/dev/null",
-            "-o", f"Dir::State::Lists={apt / 'lists'}",
-            "-o", f"Dir::Cache={apt / 'cache'}",
-            "-o", "Dir::State::status=/dev/null",
-            "-o", "APT::Sandbox::User=root",
+            "-o",
+            f"Dir::Etc::sourcelist={sources}",
+            "-o",
+            "Dir::Etc::sourceparts=/dev/null",
+            "-o",
+            f"Dir::State::Lists={apt / 'lists'}",
+            "-o",
+            f"Dir::Cache={apt / 'cache'}",
+            "-o",
+            "Dir::State::status=/dev/null",
+            "-o",
+            "APT::Sandbox::User=root",
             "-q",
         ]
         _run(["apt-get", *options, "update"])
@@ -230,6 +247,26 @@ def ensure_perf_analyzer(cache: Path | None = None) -> PerfAnalyzer:
 # --------------------------------------------------------------------------- the sweep
 
 
+def entry_fits(value: Any, dims: list[int]) -> bool:
+    """Whether one input of an ``--input-data`` entry fits a config's dims.
+
+    A flat list is one batch row of ``dims``; ``{"content", "shape"}`` (models without a batch
+    axis, whose dims hold ``-1``) is a whole tensor whose shape must match ``dims``.
+    """
+    if isinstance(value, dict):
+        shape, content = value.get("shape"), value.get("content")
+        if not isinstance(shape, list) or not isinstance(content, list) or len(shape) != len(dims):
+            return False
+        size = 1
+        for d in shape:
+            size *= d
+        return all(d == -1 or d == s for d, s in zip(dims, shape)) and len(content) == size
+    want = 1
+    for d in dims:
+        want *= d
+    return isinstance(value, list) and len(value) == want
+
+
 def check_inputs(inputs: Path, repo: Path | None, models: list[str]) -> dict[str, Any]:
     """``meta.json`` of the input folder, checked against the repository's configs when given.
 
@@ -247,10 +284,7 @@ def check_inputs(inputs: Path, repo: Path | None, models: list[str]) -> dict[str
         if repo is not None and (repo / model / CPU_CONFIG).is_file():
             first = json.loads((inputs / f"{model}.json").read_text())["data"][0]
             for name, (_, dims) in input_specs(read_config(repo / model / CPU_CONFIG)).items():
-                want = 1
-                for d in dims:
-                    want *= d
-                if name not in first or len(first[name]) != want:
+                if not entry_fits(first.get(name), dims):
                     raise PerfAnalyzerError(
                         f"{inputs / (model + '.json')}: input {name} does not match {repo / model / CPU_CONFIG} "
                         f"(dims {dims}); regenerate with python -m benchmarks.perf_analyzer.make_inputs"
@@ -280,12 +314,28 @@ def measure(
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"c{concurrency}.csv"
     args = [
-        "-m", model, "-u", url, "-i", "grpc",
-        "--input-data", str(input_file), "-b", str(batch_size),
-        "--concurrency-range", f"{concurrency}:{concurrency}",
-        "--max-threads", str(max(4, concurrency)),
-        "-p", str(measurement_ms), "-r", str(max_trials), "-s", str(stability),
-        "-f", str(csv_path),
+        "-m",
+        model,
+        "-u",
+        url,
+        "-i",
+        "grpc",
+        "--input-data",
+        str(input_file),
+        "-b",
+        str(batch_size),
+        "--concurrency-range",
+        f"{concurrency}:{concurrency}",
+        "--max-threads",
+        str(max(4, concurrency)),
+        "-p",
+        str(measurement_ms),
+        "-r",
+        str(max_trials),
+        "-s",
+        str(stability),
+        "-f",
+        str(csv_path),
     ]
     cmd = pa.command(*args)
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -387,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-trials", type=int, default=6, help="-r (default: %(default)s)")
     parser.add_argument("--stability", type=int, default=15, help="-s percentage (default: %(default)s; a shared 2-core machine is noisy)")
     parser.add_argument("--retries", type=int, default=1, help="re-measure an unstable point with a 2x window (default: %(default)s)")
-    parser.add_argument("--cache", type=Path, default=None, help="perf_analyzer cache folder (default: ~/.cache/triton-recsys/perf_analyzer)")
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="perf_analyzer cache folder (default: ~/.cache/triton-recsys/perf_analyzer)"
+    )
     parser.add_argument("--fetch-only", action="store_true", help="fetch perf_analyzer and its libraries, print the version, exit")
     args = parser.parse_args(argv)
     args.load_at_start = [round(x, 2) for x in os.getloadavg()]
@@ -437,8 +489,16 @@ def main(argv: list[str] | None = None) -> int:
                     stability = args.stability + 10 * attempt
                     try:
                         found = measure(
-                            pa, model, url, args.inputs / f"{model}.json", batch[model], c, args.out / model,
-                            window, args.max_trials, stability,
+                            pa,
+                            model,
+                            url,
+                            args.inputs / f"{model}.json",
+                            batch[model],
+                            c,
+                            args.out / model,
+                            window,
+                            args.max_trials,
+                            stability,
                         )
                         break
                     except PerfAnalyzerError as exc:
@@ -446,7 +506,10 @@ def main(argv: list[str] | None = None) -> int:
                             failures.append(str(exc))
                             print(str(exc), file=sys.stderr)
                         else:
-                            print(f"perf_analyzer: {model} c={c} failed in {window} ms windows; retrying with {2 * window} ms", file=sys.stderr)
+                            print(
+                                f"perf_analyzer: {model} c={c} failed in {window} ms windows; retrying with {2 * window} ms",
+                                file=sys.stderr,
+                            )
                 if found is None:
                     continue
                 for r in found:

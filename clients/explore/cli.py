@@ -57,7 +57,8 @@ def add_explore_command(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("explore", help="a read-only page on 127.0.0.1 to look at recommendations in a browser")
     ex.add_argument("--port", type=int, default=8080, help="HTTP port on 127.0.0.1; 0 picks a free one (default: %(default)s)")
     ex.add_argument(
-        "--artifacts", default=None,
+        "--artifacts",
+        default=None,
         help=f"folder with items.parquet, for title search (default: {DEFAULT_ARTIFACTS} when it has one; else search is off)",
     )
     _target_flags(ex)

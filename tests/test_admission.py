@@ -1,0 +1,174 @@
+"""Admission control on a real gRPC server: past ``max_in_flight`` calls are shed fast, marked
+as safe to retry, counted; the client retries only marked refusals."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pandas as pd
+import pytest
+
+from clients import errors as E
+from clients.client import RecsysClient, _shed_pushback_s
+from orchestrator.admission import PUSHBACK_HEADER, SHED_HEADER, Admission
+from orchestrator.backends import InProcessBackend
+from orchestrator.service import create_server
+from orchestrator.settings import ServeSettings
+from protos.recsys.v1 import recsys_pb2 as pb
+from protos.recsys.v1 import recsys_pb2_grpc
+
+
+class SlowBackend:
+    """The in-process backend with a fixed delay before each user-tower call (a busy model)."""
+
+    def __init__(self, inner: InProcessBackend):
+        self.inner = inner
+        self.name = inner.name
+        self.delay_s = 0.0
+
+    @property
+    def model_version(self) -> str:
+        return self.inner.model_version
+
+    def ready(self, timeout_s: float) -> bool:
+        return True
+
+    def user_embedding(self, *args, timeout_s, version=None):
+        time.sleep(self.delay_s)
+        return self.inner.user_embedding(*args, timeout_s=timeout_s, version=version)
+
+    def rank(self, *args, timeout_s, version=None):
+        return self.inner.rank(*args, timeout_s=timeout_s, version=version)
+
+    def load_version(self, version, timeout_s):
+        self.inner.load_version(version, timeout_s)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture(scope="module")
+def gated(tiny_artifacts, tiny_repository, tmp_path_factory):
+    backend = SlowBackend(InProcessBackend(tiny_repository))
+    s = ServeSettings(
+        artifacts_dir=tiny_artifacts,
+        model_repository=tiny_repository,
+        history_db_path=tmp_path_factory.mktemp("adm") / "h.sqlite",
+        workers=16,
+        max_in_flight=2,
+        admission_wait_ms=0.0,
+        retry_after_ms=40,
+        triton_timeout_s=5.0,
+        warmup_calls=1,
+    )
+    server, port = create_server(s, backend=backend)
+    server.start()
+    RecsysClient(f"127.0.0.1:{port}").wait_until_serving(30)
+    ratings = pd.read_parquet(tiny_artifacts / "interactions.parquet")
+    counts = ratings.user_id.value_counts()
+    user = int(counts[(counts >= 8) & (counts <= 20)].index[0])  # a moderate history: unseen movies left
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield backend, server, port, recsys_pb2_grpc.RecommenderStub(channel), user
+    channel.close()
+    server.stop()
+
+
+def test_calls_past_the_limit_are_shed_fast_with_a_retry_hint(gated):
+    backend, server, _port, stub, user = gated
+    backend.delay_s = 1.0
+    outcomes: list[tuple[str, float, object]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(6)
+
+    def call() -> None:
+        start.wait()
+        try:
+            stub.Recommend(pb.RecommendRequest(user_id=user, k=3), timeout=20)
+            out = ("ok", time.perf_counter(), None)
+        except grpc.RpcError as exc:
+            out = (exc.code().name, time.perf_counter(), exc)
+        with lock:
+            outcomes.append(out)
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        backend.delay_s = 0.0
+    codes = sorted(o[0] for o in outcomes)
+    assert codes == ["RESOURCE_EXHAUSTED"] * 4 + ["ok"] * 2, codes
+    # refused at once: every refusal arrives before the first admitted call (1 s of model time) ends
+    # (an order, not a duration: this test must not depend on how busy the machine is)
+    assert max(end for code, end, _ in outcomes if code != "ok") < min(end for code, end, _ in outcomes if code == "ok")
+    for code, _end, exc in outcomes:
+        if code == "RESOURCE_EXHAUSTED":
+            assert "retry after 40 ms" in exc.details()
+            meta = dict(exc.trailing_metadata())
+            assert meta[SHED_HEADER] == "1" and meta[PUSHBACK_HEADER] == "40"
+    assert server.metrics.shed.labels("Recommend")._value.get() == 4
+    # the gate is free again afterwards
+    stub.Recommend(pb.RecommendRequest(user_id=user, k=3), timeout=10)
+
+
+def wait_full(server, timeout_s: float = 20.0) -> None:
+    """Until both admission slots are taken (the blocking calls reached the server)."""
+    expires = time.monotonic() + timeout_s
+    while server.admission.in_flight < server.admission.limit:
+        assert time.monotonic() < expires, "the blocking calls never reached the server"
+        time.sleep(0.01)
+
+
+def test_client_retries_shed_calls_until_admitted(gated):
+    backend, server, port, stub, user = gated
+    backend.delay_s = 0.5
+    blockers = [
+        threading.Thread(target=stub.Recommend, args=(pb.RecommendRequest(user_id=user, k=3),), kwargs={"timeout": 10}) for _ in range(2)
+    ]
+    try:
+        for t in blockers:
+            t.start()
+        wait_full(server)
+        with RecsysClient(f"127.0.0.1:{port}", retries=30, backoff_s=0.05, max_backoff_s=0.2) as client:
+            resp = client.recommend(user, k=3, timeout_s=20)  # shed, retried, admitted once a slot frees
+            assert len(resp.items) == 3
+        with RecsysClient(f"127.0.0.1:{port}", retries=0) as client:
+            for t in blockers:
+                t.join(5)
+            blockers = [
+                threading.Thread(target=stub.Recommend, args=(pb.RecommendRequest(user_id=user, k=3),), kwargs={"timeout": 10})
+                for _ in range(2)
+            ]
+            for t in blockers:
+                t.start()
+            wait_full(server)
+            with pytest.raises(E.ResourceExhausted) as excinfo:  # no retries left: the refusal reaches the caller
+                client.recommend(user, k=3, timeout_s=20)
+            assert "overloaded" in str(excinfo.value)
+    finally:
+        for t in blockers:
+            t.join(10)
+        backend.delay_s = 0.0
+
+
+def test_only_marked_refusals_are_retryable():
+    shed = ((SHED_HEADER, "1"), (PUSHBACK_HEADER, "40"))
+    assert _shed_pushback_s(grpc.StatusCode.RESOURCE_EXHAUSTED, shed) == pytest.approx(0.04)
+    assert _shed_pushback_s(grpc.StatusCode.RESOURCE_EXHAUSTED, ()) is None  # e.g. gRPC's own limit: may not be safe
+    assert _shed_pushback_s(grpc.StatusCode.RESOURCE_EXHAUSTED, None) is None
+    assert _shed_pushback_s(grpc.StatusCode.INTERNAL, shed) is None
+
+
+def test_admission_gate_counts_and_refuses():
+    gate = Admission(2, wait_s=0.0, retry_after_ms=10)
+    assert gate.try_enter() and gate.try_enter()
+    assert gate.in_flight == 2
+    assert not gate.try_enter()
+    gate.leave()
+    assert gate.try_enter()
+    with pytest.raises(ValueError):
+        Admission(0)
