@@ -89,6 +89,10 @@ class InferenceBackend(Protocol):
         """Makes ``version`` of every model callable (pinned) next to the versions already served."""
         ...
 
+    def version_ready(self, version: int, timeout_s: float) -> bool:
+        """Whether ``version`` of every model answers pinned calls now (False when it cannot be asked)."""
+        ...
+
     def close(self) -> None:
         """Releases connections / sessions."""
         ...
@@ -148,6 +152,9 @@ class InProcessBackend:
 
     def ready(self, timeout_s: float) -> bool:  # noqa: ARG002 - loaded at construction
         return True
+
+    def version_ready(self, version: int, timeout_s: float) -> bool:  # noqa: ARG002 - a dictionary lookup
+        return all((m, version) in self._sessions for m in LEAF_MODELS)
 
     def _run(self, model: str, output: str, feeds: dict[str, np.ndarray], timeout_s: float, version: int | None) -> np.ndarray:
         if timeout_s <= 0:
@@ -370,11 +377,15 @@ class TritonBackend:
                 self._loading = False
         self.ready(timeout_s=2.0)  # the ensemble's version and model_version, refreshed
 
-    def _ready_version(self, model: str, version: int) -> bool:
+    def _ready_version(self, model: str, version: int, timeout_s: float = 2.0) -> bool:
         try:
-            return bool(self.client.is_model_ready(model, str(version), client_timeout=2.0))
+            return bool(self.client.is_model_ready(model, str(version), client_timeout=timeout_s))
         except Exception:  # noqa: BLE001 - "not ready yet" in every form
             return False
+
+    def version_ready(self, version: int, timeout_s: float) -> bool:
+        """Every leaf model READY at ``version`` in Triton (the ensemble is not pinned: see :meth:`rank`)."""
+        return all(self._ready_version(m, version, timeout_s) for m in LEAF_MODELS)
 
     def close(self) -> None:
         self.client.close()

@@ -92,6 +92,9 @@ class Metrics:
             "recsys_request_log_dropped", "Request-log rows dropped because the writer's queue was full.", registry=r
         )
         self.request_log_rows = Counter("recsys_request_log_rows", "Request-log rows written.", registry=r)
+        self.version_load_failures = Counter(
+            "recsys_version_load_failures", "Failed attempts to load a model version (start-up, hot reload, retries).", registry=r
+        )
         # zero series from the start: rate() over a series that appears late misses its first step
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(reason)

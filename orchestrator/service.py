@@ -34,7 +34,7 @@ from orchestrator.admission import Admission, AdmissionInterceptor
 from orchestrator.auth import ApiKeyInterceptor, load_keys, server_credentials
 from orchestrator.backends import InferenceBackend, InProcessBackend, TritonBackend
 from orchestrator.catalog import YEAR_RANGE, Catalog, Filters
-from orchestrator.deployment import ReloadWatcher, Router, published_version
+from orchestrator.deployment import ReloadWatcher, Router, start_version
 from orchestrator.errors import Deadline, InvalidArgument, RecsysError, abort, describe
 from orchestrator.metrics import Metrics, MetricsInterceptor
 from orchestrator.pipeline import HISTORY_UNAVAILABLE, MODEL_TIMEOUT, MODEL_UNAVAILABLE, NO_HISTORY, Query, Recommender, Result
@@ -398,13 +398,14 @@ class HealthWatcher:
     NOT_SERVING until the first successful check (the catalog and the index are loaded
     before the server exists), then follows the backend: a Recommend still answers with the
     popular fallback while it is NOT_SERVING, but load balancers should prefer another
-    replica.
+    replica. Given the :class:`~orchestrator.deployment.Router`, "ready" also means that
+    every pinned version is READY in the backend (:meth:`Router.ready`).
     """
 
     def __init__(
         self,
         servicer: health.HealthServicer,
-        backend: InferenceBackend,
+        backend: InferenceBackend | Router,
         poll_s: float,
         warm_up: Callable[[], object] | None = None,
         metrics: Metrics | None = None,
@@ -631,15 +632,25 @@ def create_server(
 
     Raises:
         RuntimeError: The port cannot be bound, or a TLS file cannot be read.
+        StartupError: No published version's catalog matches the artifacts (a RuntimeError:
+            ``recsys serve`` exits 1 with its message).
         ValueError: The API keys do not parse.
     """
     # keys and certificates first: a typo there should fail before minutes of loading
     keys = load_keys(settings)
     credentials = server_credentials(settings)
-    catalog = catalog or Catalog.load(settings.artifacts_dir, settings.mmr_genre_weight)
-    store = store or make_store(settings)
+    own_backend = backend is None
     backend = backend or make_backend(settings)
-    recommender = Router(settings, catalog, store, backend, published_version(settings.model_repository))
+    try:
+        # the newest version the artifacts can serve, hash-checked like a hot reload's
+        version, folder = start_version(settings.model_repository, settings.artifacts_dir, backend)
+    except Exception:
+        if own_backend:
+            backend.close()
+        raise
+    catalog = catalog or Catalog.load(folder, settings.mmr_genre_weight)
+    store = store or make_store(settings)
+    recommender = Router(settings, catalog, store, backend, version)
     metrics = Metrics()
     # metrics outermost: calls the key check refuses are counted too
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
@@ -680,8 +691,18 @@ def create_server(
         if request_log is not None:
             request_log.close()
         raise RuntimeError(f"cannot bind {address}")
-    watcher = HealthWatcher(health_servicer, backend, settings.health_poll_s, lambda: recommender.warm_up(settings.warmup_calls), metrics)
-    reloader = ReloadWatcher(recommender, settings.model_repository, settings.reload_poll_s)
+    watcher = HealthWatcher(health_servicer, recommender, settings.health_poll_s, lambda: recommender.warm_up(settings.warmup_calls), metrics)
+    # with hot reload off the watcher still keeps the pinned version loaded
+    reloader = ReloadWatcher(
+        recommender,
+        settings.model_repository,
+        settings.reload_poll_s or settings.health_poll_s,
+        follow_newer=settings.reload_poll_s > 0,
+        retry_s=settings.reload_retry_s,
+        retry_max_s=settings.reload_retry_max_s,
+        max_attempts=settings.reload_max_attempts,
+        on_failure=metrics.version_load_failures.inc,
+    )
     built = Server(server, port, recommender, watcher, metrics, request_log, reloader)
     built.admission = admission  # the gate, for operators' introspection and tests
     return built, port

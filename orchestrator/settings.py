@@ -78,6 +78,11 @@ class ServeSettings:
         reload_poll_s: How often the model repository is polled for a newer version to
             hot-reload (``orchestrator/deployment.py``); 0 turns hot reload off.
         reload_timeout_s: Longest a new version may take to become ready in the backend.
+        reload_retry_s: Delay before retrying a version that failed to load; doubles per
+            failure up to ``reload_retry_max_s``.
+        reload_retry_max_s: Longest delay between two load attempts of one version.
+        reload_max_attempts: Attempts at a newer version before it is left alone until a
+            newer one appears (the pinned version is retried without a limit).
         ab_version: The model version of the A/B ``treatment`` arm (None: no experiment);
             it must be one of the two newest published versions (Triton serves those).
         ab_share: Share of users (by a stable hash of the id) routed to ``ab_version``.
@@ -122,6 +127,9 @@ class ServeSettings:
     warmup_calls: int = 20
     reload_poll_s: float = 2.0
     reload_timeout_s: float = 120.0
+    reload_retry_s: float = 5.0
+    reload_retry_max_s: float = 60.0
+    reload_max_attempts: int = 6
     ab_version: int | None = None
     ab_share: float = 0.0
     ab_salt: str = "recsys-ab"
@@ -168,6 +176,8 @@ class ServeSettings:
             problems.append(f"mmr_genre_weight must be in [0, 1], got {self.mmr_genre_weight}")
         if self.reload_poll_s < 0 or not self.reload_timeout_s > 0:
             problems.append("reload_poll_s must be >= 0 (0: off) and reload_timeout_s > 0")
+        if not 0 < self.reload_retry_s <= self.reload_retry_max_s or self.reload_max_attempts < 1:
+            problems.append("reload_retry_s must be in (0, reload_retry_max_s] and reload_max_attempts >= 1")
         if not 0.0 <= self.ab_share <= 1.0:
             problems.append(f"ab_share must be in [0, 1], got {self.ab_share}")
         if self.ab_share > 0 and self.ab_version is None:
