@@ -66,6 +66,10 @@ class InferenceBackend(Protocol):
         """Whether both models can answer now."""
         ...
 
+    def live(self, timeout_s: float) -> bool:
+        """Whether the backend answers at all (it may be without the models), so that a load can be asked."""
+        ...
+
     def user_embedding(
         self, history: np.ndarray, ratings: np.ndarray, demographics: np.ndarray, timeout_s: float, version: int | None = None
     ) -> np.ndarray:
@@ -151,6 +155,9 @@ class InProcessBackend:
         return str(self.version)
 
     def ready(self, timeout_s: float) -> bool:  # noqa: ARG002 - loaded at construction
+        return True
+
+    def live(self, timeout_s: float) -> bool:  # noqa: ARG002 - in this process
         return True
 
     def version_ready(self, version: int, timeout_s: float) -> bool:  # noqa: ARG002 - a dictionary lookup
@@ -288,6 +295,13 @@ class TritonBackend:
             return bool(ok)
         except Exception as exc:  # any failure to ask is "not ready", which is what health reports
             log.debug("triton at %s not ready: %r", self.url, exc)
+            return False
+
+    def live(self, timeout_s: float) -> bool:
+        """Triton's ``/v2/health/live``: up and answering, whatever its models' state."""
+        try:
+            return bool(self.client.is_server_live(client_timeout=timeout_s))
+        except Exception:  # noqa: BLE001 - unreachable, stopped or restarting: not live
             return False
 
     def _infer(self, model: str, feeds: dict[str, np.ndarray], output: str, timeout_s: float, version: int | None = None) -> np.ndarray:

@@ -189,6 +189,9 @@ class PinnedBackend:
     def version_ready(self, version: int, timeout_s: float) -> bool:
         return self.inner.version_ready(version, timeout_s)
 
+    def live(self, timeout_s: float) -> bool:
+        return self.inner.live(timeout_s)
+
     def user_embedding(
         self, history: np.ndarray, ratings: np.ndarray, demographics: np.ndarray, timeout_s: float, version: int | None = None
     ) -> np.ndarray:
@@ -449,18 +452,21 @@ class ReloadWatcher:
             self.on_failure()
         served = self.router.versions
         if pinned:
-            log.error("pinned version %s failed to load (attempt %d), retry in %.0f s; health NOT_SERVING: %s", version, attempts, delay, exc)
+            log.error(
+                "pinned version %s failed to load (attempt %d), retry in %.1f s; health NOT_SERVING: %s", version, attempts, delay, exc
+            )
         elif attempts >= self.max_attempts:
             log.error("version %s failed to load %d times, giving up until a newer one; serving %s: %s", version, attempts, served, exc)
         else:
-            log.error("version %s failed to load (attempt %d), retry in %.0f s; serving %s: %s", version, attempts, delay, served, exc)
+            log.error("version %s failed to load (attempt %d), retry in %.1f s; serving %s: %s", version, attempts, delay, served, exc)
 
     def check(self) -> bool:
         """One poll; True when a new version was swapped in."""
         control = self.router.versions.get(CONTROL)
-        # only when the backend answers: while Triton is down or restarting it loads its own
+        # only when the backend is live: while Triton is down or restarting it loads its own
         # versions at start, and a load call queued behind a stopped Triton would reload it later
-        if control is not None and self._due(control, pinned=True) and self.router.backend.ready(2.0):
+        # ("ready" is no gate: with the newest version UNAVAILABLE Triton reports the model unready)
+        if control is not None and self._due(control, pinned=True) and self.router.backend.live(2.0):
             try:
                 if self.router.load_pinned():
                     log.info("pinned version %s is READY", control)

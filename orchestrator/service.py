@@ -691,7 +691,9 @@ def create_server(
         if request_log is not None:
             request_log.close()
         raise RuntimeError(f"cannot bind {address}")
-    watcher = HealthWatcher(health_servicer, recommender, settings.health_poll_s, lambda: recommender.warm_up(settings.warmup_calls), metrics)
+    watcher = HealthWatcher(
+        health_servicer, recommender, settings.health_poll_s, lambda: recommender.warm_up(settings.warmup_calls), metrics
+    )
     # with hot reload off the watcher still keeps the pinned version loaded
     reloader = ReloadWatcher(
         recommender,

@@ -338,6 +338,9 @@ class Wrapped:
     def load_version(self, version, timeout_s):
         self.inner.load_version(version, timeout_s)
 
+    def live(self, timeout_s):
+        return True
+
     def version_ready(self, version, timeout_s):
         return self.is_ready and self.inner.version_ready(version, timeout_s)
 

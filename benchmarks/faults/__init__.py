@@ -32,7 +32,7 @@ Phases, in this order (each can be skipped; its JSON section then says ``"skippe
     continues until personal answers report the new version or a timeout. The orchestrator
     is started with ``RECSYS_RELOAD_POLL_S`` (``ServeSettings.reload_poll_s``, read by
     ``from_env``). Targets: no failed call, the new version served, no old-version answer
-    once a new-version one has been seen.
+    once a new-version one has been seen, no ``MODEL_UNAVAILABLE`` fallback.
 ``durability``
     RecordInteraction for fresh users (ids above every known one) at concurrency 8; the
     orchestrator is SIGKILLed the moment the N-th acknowledgement arrives, restarted on the
@@ -52,6 +52,9 @@ Output: the JSON report (``--out``): ``conditions`` and one section per phase, e
 figures and its ``targets`` (``value``, ``wanted``, ``met``; ``met`` is null when skipped);
 progress on stderr; a table, any INTERNAL/UNKNOWN request with the server's traceback, and
 the targets on stdout. Exit code 0 only when every target of every phase that ran is met.
+Where a popular-fallback answer counts as answered is stated per phase in
+``FALLBACK_COUNTS_AS`` (``benchmarks/faults/run.py``), copied into each section as
+``fallback_counts_as`` and printed after the targets.
 """
 
 from benchmarks.faults.run import add_arguments, main, run_benchmark, run_cli
