@@ -73,7 +73,23 @@ def _user(artifacts: Path) -> int:
 def test_a_version_exported_while_down_is_loaded_at_start_not_served_as_fallbacks(tiny_artifacts, repo_copy, tmp_path, start_triton):
     triton = start_triton(repo_copy)  # loads version 1, the only one on disk
     new = _publish(tiny_artifacts, repo_copy)  # lands while no orchestrator runs: nobody loads it
-    server, _ = create_server(_settings(tiny_artifacts, repo_copy, tmp_path, triton_url=triton.grpc_url))
+    settings = _settings(tiny_artifacts, repo_copy, tmp_path, triton_url=triton.grpc_url)
+    # pinned to the version on disk that Triton has not loaded, the router is not ready
+    # although Triton and its models are: health must not say SERVING then
+    from orchestrator.backends import TritonBackend
+    from orchestrator.catalog import Catalog
+    from orchestrator.deployment import Router
+    from orchestrator.service import make_store
+
+    backend, store = TritonBackend(triton.grpc_url), make_store(settings)
+    try:
+        router = Router(settings, Catalog.load(tiny_artifacts), store, backend, new)
+        assert backend.ready(5.0) and not router.ready(5.0)
+        assert Router(settings, router.catalog, store, backend, new - 1).ready(5.0)
+    finally:
+        backend.close()
+        store.close()
+    server, _ = create_server(settings)
     # pinned to the newest READY version, not to the newest on disk
     assert server.recommender.versions == {CONTROL: new - 1}
     user = _user(tiny_artifacts)
