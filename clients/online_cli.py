@@ -272,7 +272,7 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--history-db", default=None, help="SQLite file (default: one per artifacts folder in the state dir)")
     srv.add_argument("--redis-url", default=None)
     srv.add_argument("--triton-timeout", type=float, default=None, help="seconds a Triton call may take before the fallback")
-    srv.add_argument("--api-keys-file", default=None, help="file of key[:requests_per_second] lines; calls then need x-api-key")
+    srv.add_argument("--api-keys-file", default=None, help="file of key[:requests_per_second][:scope] lines (scope read|interact|admin); calls then need x-api-key")
     srv.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     srv.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     srv.add_argument("--request-log", default=None, help="request log SQLite file (default: beside the history DB)")

@@ -82,9 +82,10 @@ class ServeSettings:
             it must be one of the two newest published versions (Triton serves those).
         ab_share: Share of users (by a stable hash of the id) routed to ``ab_version``.
         ab_salt: Salt of that hash: a new salt reshuffles users between arms.
-        api_keys_file: File of API keys, one ``key[:requests_per_second]`` a line (``#``
-            comments); with :attr:`api_keys`, the keys a call must send as ``x-api-key``
-            metadata. No key configured at all: authentication is off.
+        api_keys_file: File of API keys, one ``key[:requests_per_second][:scope]`` a line
+            (``#`` comments; scope ``read``, ``interact`` (the default) or ``admin``, see
+            ``orchestrator/auth.py``); with :attr:`api_keys`, the keys a call must send as
+            ``x-api-key`` metadata. No key configured at all: authentication is off.
         api_keys: The same entries comma-separated (``RECSYS_API_KEYS``); never printed.
         tls_cert: PEM certificate chain of the gRPC port; with ``tls_key``: TLS on.
         tls_key: PEM private key of ``tls_cert``.
