@@ -26,8 +26,8 @@ import numpy as np
 from orchestrator.backends import InferenceBackend
 from orchestrator.catalog import Catalog, Filters
 from orchestrator.contract import RANKER_MAX_ROWS, history_window
-from orchestrator.errors import Deadline, DeadlineExceeded, ModelTimeout, ModelUnavailable, RecsysError, Unavailable
-from orchestrator.rerank import RerankOptions, rerank
+from orchestrator.errors import Deadline, DeadlineExceeded, InvalidArgument, ModelTimeout, ModelUnavailable, RecsysError, Unavailable
+from orchestrator.rerank import PROMOTION_KINDS, RerankOptions, place_promotions, rerank
 from orchestrator.settings import ServeSettings
 from orchestrator.store import HistoryStore, UserHistory
 
@@ -80,6 +80,7 @@ class Result:
         catalog: The catalog ``items`` index into (a hot reload may swap the served one
             while this answer is being built).
         variant: A/B arm that answered (``""`` without an experiment).
+        dropped_promotions: Promoted movie ids not shown (filtered or seen).
     """
 
     items: np.ndarray
@@ -92,6 +93,7 @@ class Result:
     history_length: int = 0
     catalog: Catalog | None = None
     variant: str = ""
+    dropped_promotions: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -164,8 +166,8 @@ class Recommender:
         except ModelUnavailable as exc:
             return self.fallback(q, window, self.reason(exc, deadline), t)  # Triton down or slow
         with t("reranking"):
-            picked = self.rerank(cand, scores, q.k, q.rerank)
-        return self.result(cand[picked], scores[picked], window, t)
+            picked = self.rerank(cand, scores, q.k + len(q.rerank.promotions), q.rerank)
+        return self.result(cand[picked], scores[picked], window, t, q)
 
     def recommend_many(self, queries: Sequence[Query], deadline: Deadline) -> list[Result | RecsysError]:
         """:meth:`recommend` for many queries, the models called in batches (BatchRecommend).
@@ -190,6 +192,7 @@ class Recommender:
             windows.append(window)
             try:
                 filters[i] = (self.catalog.allowed(q.filters), self.catalog.excluded(q.filters, window.seen))
+                self.promoted_items(q)
             except RecsysError as exc:  # this query's own fault: its failure, not the batch's
                 results[i] = exc
                 continue
@@ -218,9 +221,10 @@ class Recommender:
             return results  # type: ignore[return-value]
         for i in todo:
             cand = cands[i][0]
+            q = queries[i]
             with timers[i]("reranking"):
-                picked = self.rerank(cand, scores[i], queries[i].k, queries[i].rerank)
-            results[i] = self.result(cand[picked], scores[i][picked], windows[i], timers[i])
+                picked = self.rerank(cand, scores[i], q.k + len(q.rerank.promotions), q.rerank)
+            results[i] = self.result(cand[picked], scores[i][picked], windows[i], timers[i], q)
         return results  # type: ignore[return-value]
 
     def _rank_many(
@@ -305,11 +309,55 @@ class Recommender:
         cat = self.catalog
         return rerank(scores, cat.mmr_vectors[cand], k, options, cat.freshness(cand), cat.genre_matrix[cand])
 
-    def result(self, items: np.ndarray, scores: np.ndarray, window: Window, t: Timer) -> Result:
-        """The model's answer, each item explained by the most similar movie of the history."""
+    def result(self, items: np.ndarray, scores: np.ndarray, window: Window, t: Timer, q: Query | None = None) -> Result:
+        """The model's answer, each item explained by the most similar movie of the history
+        (the promotions of ``q`` pinned in)."""
         because = self.catalog.nearest_in(items, window.items[window.items >= 0])
         explain = [f"because you watched {self.catalog.titles[h]}" if h >= 0 else "" for h in because]
-        return Result(items, scores, explain, self.backend.model_version, None, t.ms, window.ignored, window.length, self.catalog)
+        items, scores, explain, dropped = self.promote(q, window, items, scores, explain)
+        res = Result(items, scores, explain, self.backend.model_version, None, t.ms, window.ignored, window.length, self.catalog)
+        res.dropped_promotions = dropped
+        return res
+
+    def promoted_items(self, q: Query) -> np.ndarray:
+        """Item indices of ``q``'s promotions.
+
+        Raises:
+            InvalidArgument: A promoted movie is not in the catalog.
+        """
+        ids = [p.movie_id for p in q.rerank.promotions]
+        items = self.catalog.to_items(ids)
+        for n, (movie, item) in enumerate(zip(ids, items.tolist())):
+            if item < 0:
+                raise InvalidArgument(f"rerank.promotions[{n}].movie_id {movie} is not in the catalog ({self.catalog.n_items} movies)")
+        return items
+
+    def promote(
+        self, q: Query | None, window: Window, items: np.ndarray, scores: np.ndarray, explain: list[str]
+    ) -> tuple[np.ndarray, np.ndarray, list[str], list[int]]:
+        """The first ``q.k`` of a list with ``q``'s promotions pinned in (:func:`place_promotions`).
+
+        A promotion the filters exclude or the user has seen is dropped, as any other movie
+        would be. Promoted items score 0 and are explained by their kind.
+
+        Returns:
+            ``(items, scores, explanations, dropped promoted movie ids)``.
+        """
+        if q is None or not q.rerank.promotions:
+            k = len(items) if q is None else q.k
+            return items[:k], scores[:k], explain[:k], []
+        promos = q.rerank.promotions
+        promoted = self.promoted_items(q)
+        allowed = self.catalog.allowed(q.filters)
+        ok = ~np.isin(promoted, self.catalog.excluded(q.filters, window.seen))
+        if allowed is not None:
+            ok &= allowed[promoted]
+        shown = [p for p, keep in zip(promos, ok.tolist()) if keep]
+        out, source = place_promotions(items, q.k, promoted[ok], np.array([p.position for p in shown], np.int64))
+        at = {int(i): n for n, i in enumerate(items.tolist())}
+        new_scores = np.array([0.0 if j >= 0 else scores[at[i]] for i, j in zip(out.tolist(), source.tolist())], np.float32)
+        new_explain = [PROMOTION_KINDS[shown[j].kind] if j >= 0 else explain[at[i]] for i, j in zip(out.tolist(), source.tolist())]
+        return out, new_scores, new_explain, [p.movie_id for p, keep in zip(promos, ok.tolist()) if not keep]
 
     def reason(self, exc: ModelUnavailable, deadline: Deadline) -> str:
         """The fallback reason for a model failure, or DEADLINE_EXCEEDED when no time is left."""
@@ -322,9 +370,12 @@ class Recommender:
         """The popular movies that pass the filters (the user's seen ones excluded)."""
         allowed, exclude = self.catalog.allowed(q.filters), self.catalog.excluded(q.filters, window.seen)
         with t("reranking"):
-            items, counts = self.catalog.popular(q.k, False, allowed, exclude)
-        explain = [f"popular: {int(c)} ratings" for c in counts]
-        return Result(items, counts, explain, FALLBACK_VERSION, reason, t.ms, window.ignored, window.length, self.catalog)
+            items, counts = self.catalog.popular(q.k + len(q.rerank.promotions), False, allowed, exclude)
+            explain = [f"popular: {int(c)} ratings" for c in counts]
+            items, counts, explain, dropped = self.promote(q, window, items, counts, explain)
+        res = Result(items, counts, explain, FALLBACK_VERSION, reason, t.ms, window.ignored, window.length, self.catalog)
+        res.dropped_promotions = dropped
+        return res
 
     def warm_up(self, calls: int) -> float:
         """Runs ``calls`` full model paths on a synthetic history (the most popular movies).
