@@ -696,6 +696,8 @@ def create_server(
             settings.request_log_queue,
             on_drop=metrics.request_log_dropped.inc,
             on_write=metrics.request_log_rows.inc,
+            max_age_s=settings.request_log_max_age_s or None,  # 0: no limit
+            max_rows=settings.request_log_max_rows or None,
         )
     add_servicer(RecommenderService(recommender, metrics, request_log), server)
     # non-blocking: Watch streams must not each hold one of the worker threads

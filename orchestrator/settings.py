@@ -94,6 +94,11 @@ class ServeSettings:
             (:meth:`request_log_db`).
         request_log_queue: Rows waiting for the log writer at most; more are dropped
             (counted in ``recsys_request_log_dropped_total``), never waited for.
+        request_log_max_age_s: Request-log rows older than this are deleted (checked every
+            minute by the writer); 0: kept forever. Default 30 days.
+        request_log_max_rows: The request log keeps at most this many rows, the newest;
+            0: no bound. Default 5,000,000 (about 1-2 GB with its indexes; the file stops
+            growing at the bound, SQLite reusing freed pages).
     """
 
     artifacts_dir: Path = Path("artifacts")
@@ -133,6 +138,8 @@ class ServeSettings:
     request_log: bool = True
     request_log_path: Path | None = None
     request_log_queue: int = 10_000
+    request_log_max_age_s: float = 30 * 86_400.0
+    request_log_max_rows: int = 5_000_000
 
     def __post_init__(self) -> None:
         # paths may arrive as strings (env, flags); normalise so the object stays hashable
@@ -181,6 +188,8 @@ class ServeSettings:
             problems.append("tls_cert and tls_key go together: set both (TLS) or neither (plaintext)")
         if self.request_log_queue < 1:
             problems.append(f"request_log_queue must be >= 1, got {self.request_log_queue}")
+        if self.request_log_max_age_s < 0 or self.request_log_max_rows < 0:
+            problems.append("request_log_max_age_s and request_log_max_rows must be >= 0 (0: no limit)")
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
