@@ -271,12 +271,13 @@ class Recommender:
         if q.history is not None:
             movies = np.asarray(q.history, np.int64)
             ratings = np.asarray(q.ratings if q.ratings else np.zeros(len(movies)), np.float32)
+            seen_movies = movies
         else:
             try:
-                h = self.store.history(int(q.user_id)) if q.user_id is not None else UserHistory.empty()
+                h, seen_movies = self.stored_window(q.user_id) if q.user_id is not None else (UserHistory.empty(), None)
             except Unavailable as exc:
                 log.warning("history of user %s unavailable, serving popular: %s", q.user_id, exc)
-                h, reason = UserHistory.empty(), HISTORY_UNAVAILABLE
+                h, seen_movies, reason = UserHistory.empty(), None, HISTORY_UNAVAILABLE
             movies, ratings = h.movie_ids, h.ratings
         items = self.catalog.to_items(movies)
         known = items >= 0
@@ -284,7 +285,22 @@ class Recommender:
         ignored = sorted(set(movies[~known].tolist())) if q.history is not None else []
         items, ratings = items[known], ratings[known]
         win_items, win_ratings = history_window(items, ratings, self.catalog.history_len)  # as in training
-        return Window(win_items, win_ratings, np.unique(items), ignored), reason
+        seen = self.catalog.to_items(seen_movies) if seen_movies is not None else items
+        return Window(win_items, win_ratings, np.unique(seen[seen >= 0]), ignored), reason
+
+    def stored_window(self, user_id: int) -> tuple[UserHistory, np.ndarray]:
+        """The stored interactions the window needs (the last ``L`` the catalog knows) and the seen set.
+
+        Reads ``L`` rows, not the whole history; more (x4 each time) only while movies the
+        catalog no longer has leave the window short and older rows remain.
+        """
+        L = self.catalog.history_len
+        n = L
+        while True:
+            h, seen = self.store.recent(int(user_id), n)
+            if len(h) < n or int((self.catalog.to_items(h.movie_ids) >= 0).sum()) >= L:
+                return h, seen
+            n *= 4
 
     def user_vector(self, q: Query, window: Window, deadline: Deadline) -> np.ndarray:
         """The user tower's vector for the window (demographics of known users, else unknown)."""
@@ -413,7 +429,7 @@ class Recommender:
         """Nearest movies to one movie by item-embedding cosine, filtered, optionally MMR-diversified."""
         t = Timer()
         item = self.catalog.item_of(movie_id)
-        seen = self.store.history(user_id).movie_ids if user_id is not None else None
+        seen = self.store.recent(user_id, 0)[1] if user_id is not None else None
         seen_items = self.catalog.to_items(seen) if seen is not None else None
         exclude = np.union1d(self.catalog.excluded(filters, seen_items), [item])
         deadline.check("retrieval")
