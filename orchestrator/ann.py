@@ -163,7 +163,7 @@ def guard_of(index: faiss.Index) -> SearchGuard | None:
     """The guard FAISS calls on ``index`` need: its GPU's for a GPU index, None on the CPU."""
     if not is_gpu_index(index):
         return None
-    return gpu_guard(int(index.getDevice()))
+    return gpu_guard(int(index.getDevice()))  # type: ignore[attr-defined]  # faiss stubs
 
 
 def _cpu(index: faiss.Index) -> faiss.Index:

@@ -268,6 +268,7 @@ class Recommender:
         be read gives an empty window: the popular movies can still answer.
         """
         reason = NO_HISTORY
+        seen_movies: np.ndarray | None
         if q.history is not None:
             movies = np.asarray(q.history, np.int64)
             ratings = np.asarray(q.ratings if q.ratings else np.zeros(len(movies)), np.float32)

@@ -368,7 +368,7 @@ class RedisHistoryStore:
         users = 0
         for key in self.client.scan_iter(match=f"{self.prefix}h:*", count=1000):
             user = key.decode().rsplit(":", 1)[1]
-            members = self.client.zrange(key, 0, -1)
+            members: list[bytes] = self.client.zrange(key, 0, -1)  # type: ignore[assignment]  # redis stubs: sync client
             self.client.set(f"{self.prefix}s:{user}", pack_seen(np.array([int(m.split(b":")[0]) for m in members], np.int64)))
             users += 1
         self.client.set(self.prefix + SEEN_MARKER, "1")
