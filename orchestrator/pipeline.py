@@ -26,6 +26,7 @@ import numpy as np
 from orchestrator.backends import InferenceBackend
 from orchestrator.catalog import Catalog, Filters
 from orchestrator.contract import RANKER_MAX_ROWS, history_window
+from orchestrator.drift import DriftSample, drift_sample
 from orchestrator.errors import Deadline, DeadlineExceeded, ModelTimeout, ModelUnavailable, RecsysError, Unavailable
 from orchestrator.rerank import RerankOptions, rerank
 from orchestrator.settings import ServeSettings
@@ -80,6 +81,8 @@ class Result:
         catalog: The catalog ``items`` index into (a hot reload may swap the served one
             while this answer is being built).
         variant: A/B arm that answered (``""`` without an experiment).
+        drift: What this model answer showed of the drift distributions (None for fallbacks
+            and the non-personal RPCs; ``orchestrator/drift.py``).
     """
 
     items: np.ndarray
@@ -92,6 +95,7 @@ class Result:
     history_length: int = 0
     catalog: Catalog | None = None
     variant: str = ""
+    drift: DriftSample | None = None
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ class Recommender:
             return self.fallback(q, window, self.reason(exc, deadline), t)  # Triton down or slow
         with t("reranking"):
             picked = self.rerank(cand, scores, q.k, q.rerank)
-        return self.result(cand[picked], scores[picked], window, t)
+        return self.result(cand[picked], scores[picked], window, t, self.sample(window, user, sims[picked], scores[picked], cand[picked]))
 
     def recommend_many(self, queries: Sequence[Query], deadline: Deadline) -> list[Result | RecsysError]:
         """:meth:`recommend` for many queries, the models called in batches (BatchRecommend).
@@ -216,11 +220,13 @@ class Recommender:
             for i in todo:
                 results[i] = self.fallback(queries[i], windows[i], reason, timers[i])
             return results  # type: ignore[return-value]
+        j_of = {i: j for j, i in enumerate(todo)}
         for i in todo:
             cand = cands[i][0]
             with timers[i]("reranking"):
                 picked = self.rerank(cand, scores[i], queries[i].k, queries[i].rerank)
-            results[i] = self.result(cand[picked], scores[i][picked], windows[i], timers[i])
+            sample = self.sample(windows[i], users[j_of[i]], cands[i][1][picked], scores[i][picked], cand[picked])
+            results[i] = self.result(cand[picked], scores[i][picked], windows[i], timers[i], sample)
         return results  # type: ignore[return-value]
 
     def _rank_many(
@@ -305,11 +311,16 @@ class Recommender:
         cat = self.catalog
         return rerank(scores, cat.mmr_vectors[cand], k, options, cat.freshness(cand), cat.genre_matrix[cand])
 
-    def result(self, items: np.ndarray, scores: np.ndarray, window: Window, t: Timer) -> Result:
+    def sample(self, window: Window, user: np.ndarray, sims: np.ndarray, scores: np.ndarray, items: np.ndarray) -> DriftSample:
+        """The drift sample of a model answer (returned items best first)."""
+        return drift_sample(window.items, user, sims, scores, items, self.catalog.popularity, self.catalog.genre_matrix)
+
+    def result(self, items: np.ndarray, scores: np.ndarray, window: Window, t: Timer, drift: DriftSample | None = None) -> Result:
         """The model's answer, each item explained by the most similar movie of the history."""
         because = self.catalog.nearest_in(items, window.items[window.items >= 0])
         explain = [f"because you watched {self.catalog.titles[h]}" if h >= 0 else "" for h in because]
-        return Result(items, scores, explain, self.backend.model_version, None, t.ms, window.ignored, window.length, self.catalog)
+        version = self.backend.model_version
+        return Result(items, scores, explain, version, None, t.ms, window.ignored, window.length, self.catalog, drift=drift)
 
     def reason(self, exc: ModelUnavailable, deadline: Deadline) -> str:
         """The fallback reason for a model failure, or DEADLINE_EXCEEDED when no time is left."""

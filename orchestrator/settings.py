@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from orchestrator.drift import DEFAULT_MIN_REQUESTS, DEFAULT_WINDOW_REQUESTS
+
 ENV_PREFIX = "RECSYS_"
 HISTORY_STORES = ("sqlite", "redis")
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -93,6 +95,9 @@ class ServeSettings:
             (:meth:`request_log_db`).
         request_log_queue: Rows waiting for the log writer at most; more are dropped
             (counted in ``recsys_request_log_dropped_total``), never waited for.
+        drift_window_requests: Answers per generation of the drift histograms: the
+            ``recsys_drift_psi`` gauges describe the last 1-2 windows (``orchestrator/drift.py``).
+        drift_min_requests: Fewer answers in the drift window give NaN PSIs (no alert on noise).
     """
 
     artifacts_dir: Path = Path("artifacts")
@@ -132,6 +137,8 @@ class ServeSettings:
     request_log: bool = True
     request_log_path: Path | None = None
     request_log_queue: int = 10_000
+    drift_window_requests: int = DEFAULT_WINDOW_REQUESTS
+    drift_min_requests: int = DEFAULT_MIN_REQUESTS
 
     def __post_init__(self) -> None:
         # paths may arrive as strings (env, flags); normalise so the object stays hashable
@@ -180,6 +187,8 @@ class ServeSettings:
             problems.append("tls_cert and tls_key go together: set both (TLS) or neither (plaintext)")
         if self.request_log_queue < 1:
             problems.append(f"request_log_queue must be >= 1, got {self.request_log_queue}")
+        if self.drift_window_requests < 1 or self.drift_min_requests < 1:
+            problems.append("drift_window_requests and drift_min_requests must be >= 1")
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
