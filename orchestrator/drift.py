@@ -461,3 +461,63 @@ class DriftMonitor:
         now = time.monotonic()
         with self._lock:
             return {v: h for v, (h, seen) in self._by_version.items() if now - seen <= self.stale_s}
+
+
+# ------------------------------------------------------------------------------ offline
+
+
+def drift_report(
+    log_path: str | Path, reference: DriftReference, model_version: str | None = None, last: int | None = None
+) -> dict[str, Any]:
+    """PSI of the request log's drift samples against ``reference`` (``recsys drift``).
+
+    The samples go through :class:`DriftHistograms` and :func:`psi`, the code behind
+    ``recsys_drift_psi``, in one window that holds them all. The log is opened read-only
+    (the server may be running).
+
+    Args:
+        log_path: The request log (SQLite, ``orchestrator/requestlog.py``).
+        reference: The served version's reference.
+        model_version: Only rows of this version (None: every row with a sample).
+        last: Only the newest ``last`` such rows (None: all).
+
+    Returns:
+        ``{"log", "answers", "model_versions", "psi": {distribution: value}, "alert": bool,
+        "counts": {distribution: [...]}}`` (PSIs NaN when no row has a sample).
+
+    Raises:
+        FileNotFoundError: No such log.
+        sqlite3.Error: Not a request log.
+        ValueError: A sample that does not parse.
+    """
+    import sqlite3
+
+    path = Path(log_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    sql = "SELECT drift, model_version FROM requests WHERE drift IS NOT NULL"
+    params: list[Any] = []
+    if model_version is not None:
+        sql += " AND model_version = ?"
+        params.append(model_version)
+    sql += " ORDER BY timestamp DESC"
+    if last is not None:
+        sql += " LIMIT ?"
+        params.append(int(last))
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        rows = conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+    hist = DriftHistograms(reference, window_requests=max(len(rows), 1), min_requests=1)
+    for text, _ in rows:
+        hist.observe(DriftSample.from_json(text))
+    values = hist.psi()
+    return {
+        "log": str(path),
+        "answers": len(rows),
+        "model_versions": sorted({v for _, v in rows}),
+        "psi": values,
+        "alert": any(v > PSI_ALERT for v in values.values() if not math.isnan(v)),
+        "counts": {d: c.tolist() for d, c in hist.counts().items()},
+    }
