@@ -77,9 +77,10 @@ DEFAULT_MIN_REQUESTS = 200
 """Below this many answers in the window the PSI is NaN: a handful of answers is noise, not drift."""
 REFERENCE_FORMAT = 1
 SIGNIFICANT_DIGITS = 5
-"""Numeric values and edges are rounded to 5 significant digits before binning: a float's
-last bits (a unit vector's norm is 0.99999994 in one runtime, 1.0 in another) must not move
-a value across an edge."""
+"""Reference edges are rounded to 5 significant digits."""
+EDGE_TOLERANCE = 1e-5
+"""A value less than this (relative) below an edge counts as on it: a float's last bits (a unit
+vector's norm is 0.99999994 in one runtime, 1.0 in another) must not move it across an edge."""
 
 
 def rounded(values: np.ndarray, digits: int = SIGNIFICANT_DIGITS) -> np.ndarray:
@@ -203,6 +204,10 @@ class Bins:
     edges: np.ndarray | None = None
     categories: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        if self.edges is not None:  # the comparison edges, lowered by the tolerance once
+            object.__setattr__(self, "_lowered", self.edges - np.abs(self.edges) * EDGE_TOLERANCE)
+
     @property
     def n_bins(self) -> int:
         return len(self.categories) if self.categories is not None else len(self.edges) + 1  # type: ignore[arg-type]
@@ -212,7 +217,7 @@ class Bins:
         if self.categories is not None:
             v = np.asarray(values, np.int64)
             return v[(v >= 0) & (v < len(self.categories))]
-        return np.searchsorted(self.edges, rounded(values), side="right")  # type: ignore[arg-type]
+        return np.searchsorted(self._lowered, values, side="right")  # type: ignore[attr-defined]
 
     def labels(self) -> list[str]:
         """A readable name per bin."""
@@ -376,7 +381,8 @@ class DriftHistograms:
                 self._previous, self._n_previous = self._current, self._n_current
                 self._current, self._n_current = self._zeros(), 0
             for d, idx in binned.items():
-                np.add.at(self._current[d], idx, 1)
+                current = self._current[d]
+                current += np.bincount(idx, minlength=len(current))
             self._n_current += 1
 
     @property
