@@ -217,7 +217,8 @@ class Bins:
         if self.categories is not None:
             v = np.asarray(values, np.int64)
             return v[(v >= 0) & (v < len(self.categories))]
-        return np.searchsorted(self._lowered, values, side="right")  # type: ignore[attr-defined]
+        lowered: np.ndarray = self._lowered  # type: ignore[attr-defined]
+        return np.searchsorted(lowered, np.asarray(values, np.float64), side="right")
 
     def labels(self) -> list[str]:
         """A readable name per bin."""

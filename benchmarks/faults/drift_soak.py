@@ -102,8 +102,8 @@ def phase_drift(stack: Stack, workload: Workload, s: FaultSettings) -> dict[str,
         f"drift: PSI max {max(psi_normal.values(), default=math.nan):.3f} ordinary, {max(psi_shifted.values(), default=math.nan):.3f} {genre}-only"
     )
     return {
-        "psi_normal": max(psi_normal.values(), default=None),
-        "psi_shifted": max(psi_shifted.values(), default=None),
+        "psi_normal": round(max(psi_normal.values()), 4) if psi_normal else None,
+        "psi_shifted": round(max(psi_shifted.values()), 4) if psi_shifted else None,
         # the alert rule's expression (deploy/alerts.yml): recsys_drift_psi > 0.25
         "alert": any(v > PSI_ALERT for v in psi_shifted.values()),
         "alert_threshold": PSI_ALERT,
