@@ -178,6 +178,37 @@ def _cmd_delete_user(args: argparse.Namespace) -> int:
     return _call(args, run)
 
 
+def _cmd_drift(args: argparse.Namespace) -> int:
+    """``recsys drift``: the PSI table of the logged answers against the export's reference."""
+    import sqlite3
+    from pathlib import Path
+
+    from orchestrator.artifacts import DRIFT_REFERENCE
+    from orchestrator.drift import DriftReference, drift_report, psi_table
+
+    ref_path = Path(args.artifacts) / DRIFT_REFERENCE
+    try:
+        reference = DriftReference.load(ref_path)
+        report = drift_report(args.request_log, reference, args.model_version, args.last)
+    except FileNotFoundError as exc:
+        print(f"recsys: error: {exc} (a drift reference is written by `recsys train`)", file=sys.stderr)
+        return 1
+    except (ValueError, sqlite3.Error) as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        import numpy as np
+
+        from orchestrator.drift import DISTRIBUTIONS
+
+        counts = {d: np.asarray(report["counts"][d]) for d in DISTRIBUTIONS}
+        print(f"drift of {report['log']} (model versions {report['model_versions']}) against {ref_path}")
+        print(psi_table(reference, counts, report["answers"]))
+    return 0
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     """``recsys replay``: hit rate of the logged recommendations against the later history."""
     import sqlite3
@@ -351,6 +382,14 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     du.add_argument("--user", type=int, required=True, help="user id")
     _target_flags(du)
     du.set_defaults(func=_cmd_delete_user)
+
+    dr = sub.add_parser("drift", help="PSI of the logged answers' distributions against the export's drift reference")
+    dr.add_argument("--request-log", required=True, help="request log SQLite file (recsys serve writes it)")
+    dr.add_argument("--artifacts", default="artifacts", help="artifacts folder holding drift_reference.json (default: %(default)s)")
+    dr.add_argument("--model-version", default=None, help="only answers of this model version")
+    dr.add_argument("--last", type=int, default=None, help="only the newest N answers")
+    dr.add_argument("--json", action="store_true", help="print JSON")
+    dr.set_defaults(func=_cmd_drift)
 
     rp = sub.add_parser("replay", help="hit rate of logged recommendations against the history that followed")
     rp.add_argument("--log", default=None, help="request log SQLite file (default: the serve default for --artifacts)")

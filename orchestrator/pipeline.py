@@ -26,6 +26,7 @@ import numpy as np
 from orchestrator.backends import InferenceBackend
 from orchestrator.catalog import Catalog, Filters
 from orchestrator.contract import RANKER_MAX_ROWS, history_window
+from orchestrator.drift import DriftSample, drift_sample
 from orchestrator.errors import Deadline, DeadlineExceeded, InvalidArgument, ModelTimeout, ModelUnavailable, RecsysError, Unavailable
 from orchestrator.rerank import PROMOTION_KINDS, RerankOptions, place_promotions, rerank
 from orchestrator.settings import ServeSettings
@@ -81,6 +82,8 @@ class Result:
             while this answer is being built).
         variant: A/B arm that answered (``""`` without an experiment).
         dropped_promotions: Promoted movie ids not shown (filtered or seen).
+        drift: What this model answer showed of the drift distributions (None for fallbacks
+            and the non-personal RPCs; ``orchestrator/drift.py``).
     """
 
     items: np.ndarray
@@ -94,6 +97,7 @@ class Result:
     catalog: Catalog | None = None
     variant: str = ""
     dropped_promotions: list[int] = field(default_factory=list)
+    drift: DriftSample | None = None
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,8 @@ class Recommender:
             return self.fallback(q, window, self.reason(exc, deadline), t)  # Triton down or slow
         with t("reranking"):
             picked = self.rerank(cand, scores, q.k + len(q.rerank.promotions), q.rerank)
-        return self.result(cand[picked], scores[picked], window, t, q)
+        sample = self.sample(window, user, sims[picked], scores[picked], cand[picked])
+        return self.result(cand[picked], scores[picked], window, t, q, sample)
 
     def recommend_many(self, queries: Sequence[Query], deadline: Deadline) -> list[Result | RecsysError]:
         """:meth:`recommend` for many queries, the models called in batches (BatchRecommend).
@@ -219,12 +224,14 @@ class Recommender:
             for i in todo:
                 results[i] = self.fallback(queries[i], windows[i], reason, timers[i])
             return results  # type: ignore[return-value]
+        j_of = {i: j for j, i in enumerate(todo)}
         for i in todo:
             cand = cands[i][0]
             q = queries[i]
             with timers[i]("reranking"):
                 picked = self.rerank(cand, scores[i], q.k + len(q.rerank.promotions), q.rerank)
-            results[i] = self.result(cand[picked], scores[i][picked], windows[i], timers[i], q)
+            sample = self.sample(windows[i], users[j_of[i]], cands[i][1][picked], scores[i][picked], cand[picked])
+            results[i] = self.result(cand[picked], scores[i][picked], windows[i], timers[i], q, sample)
         return results  # type: ignore[return-value]
 
     def _rank_many(
@@ -326,13 +333,21 @@ class Recommender:
         cat = self.catalog
         return rerank(scores, cat.mmr_vectors[cand], k, options, cat.freshness(cand), cat.genre_matrix[cand])
 
-    def result(self, items: np.ndarray, scores: np.ndarray, window: Window, t: Timer, q: Query | None = None) -> Result:
+    def sample(self, window: Window, user: np.ndarray, sims: np.ndarray, scores: np.ndarray, items: np.ndarray) -> DriftSample:
+        """The drift sample of a model answer (returned items best first)."""
+        return drift_sample(window.items, user, sims, scores, items, self.catalog.popularity, self.catalog.genre_matrix)
+
+    def result(
+        self, items: np.ndarray, scores: np.ndarray, window: Window, t: Timer, q: Query | None = None, drift: DriftSample | None = None
+    ) -> Result:
         """The model's answer, each item explained by the most similar movie of the history
         (the promotions of ``q`` pinned in)."""
         because = self.catalog.nearest_in(items, window.items[window.items >= 0])
         explain = [f"because you watched {self.catalog.titles[h]}" if h >= 0 else "" for h in because]
         items, scores, explain, dropped = self.promote(q, window, items, scores, explain)
-        res = Result(items, scores, explain, self.backend.model_version, None, t.ms, window.ignored, window.length, self.catalog)
+        res = Result(
+            items, scores, explain, self.backend.model_version, None, t.ms, window.ignored, window.length, self.catalog, drift=drift
+        )
         res.dropped_promotions = dropped
         return res
 

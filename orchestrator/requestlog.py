@@ -14,6 +14,8 @@ by default)::
     model_version    TEXT     model repository version, or "popularity"
     fallback_reason  TEXT     NULL, or no_history / model_unavailable / model_timeout / ...
     variant          TEXT     A/B variant ("" until experiments exist)
+    drift            TEXT     NULL, or the model answer's drift sample (``DriftSample.to_json``),
+                              read by ``recsys drift``; serialised by the writer thread
 
 A request never waits for the log: :meth:`RequestLog.log` puts the row on a bounded queue and
 returns; when the queue is full the row is dropped and counted. One writer thread drains the
@@ -46,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.drift import DriftSample
 from orchestrator.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -61,7 +64,8 @@ CREATE TABLE IF NOT EXISTS requests (
     latency_ms      REAL    NOT NULL,
     model_version   TEXT    NOT NULL,
     fallback_reason TEXT,
-    variant         TEXT    NOT NULL DEFAULT ''
+    variant         TEXT    NOT NULL DEFAULT '',
+    drift           TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_by_user ON requests (user_id, timestamp);
 CREATE INDEX IF NOT EXISTS requests_by_id ON requests (request_id);
@@ -86,6 +90,7 @@ class LogRow:
     model_version: str
     fallback_reason: str | None = None
     variant: str = ""
+    drift: DriftSample | None = None
 
     def values(self) -> tuple:
         return (
@@ -99,6 +104,7 @@ class LogRow:
             self.model_version,
             self.fallback_reason,
             self.variant,
+            self.drift.to_json() if self.drift is not None else None,
         )
 
 
@@ -165,6 +171,9 @@ class RequestLog:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(_SCHEMA)
+        columns = {r[1] for r in self._conn.execute("PRAGMA table_info(requests)")}
+        if "drift" not in columns:  # a log written before drift samples existed
+            self._conn.execute("ALTER TABLE requests ADD COLUMN drift TEXT")
         self._thread = threading.Thread(target=self._run, name="recsys-request-log", daemon=True)
         self._thread.start()
 
@@ -276,7 +285,7 @@ class RequestLog:
         try:
             with self._conn:  # one transaction
                 self._conn.execute("BEGIN")
-                self._conn.executemany("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [r.values() for r in rows])
+                self._conn.executemany("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [r.values() for r in rows])
         except sqlite3.Error as exc:  # a full disk must not kill the writer: count and go on
             log.error("request log: %d rows lost: %s", len(rows), exc)
             self.dropped += len(rows)

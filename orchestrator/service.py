@@ -279,6 +279,8 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
         """Metrics of a pipeline answer, and its request-log row (queued, never waited for)."""
         if rpc in PIPELINE_RPCS:
             self.metrics.observe_result(result.timings_ms, result.fallback, result.variant, result.model_version)
+            if result.drift is not None and result.catalog is not None:
+                self.metrics.observe_drift(result.model_version, result.catalog.drift_reference, result.drift)
         if self.request_log is not None:
             row = LogRow(
                 request_id,
@@ -291,6 +293,7 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
                 result.model_version,
                 result.fallback,
                 result.variant,
+                result.drift,
             )
             self.request_log.log(row)
 
@@ -671,7 +674,7 @@ def create_server(
     store = store or make_store(settings)
     backend = backend or make_backend(settings)
     recommender = Router(settings, catalog, store, backend, published_version(settings.model_repository))
-    metrics = Metrics()
+    metrics = Metrics(settings.drift_window_requests, settings.drift_min_requests)
     # metrics outermost: calls the key check refuses are counted too
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
     if keys:
