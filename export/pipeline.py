@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from export.data import MovieLens, load_movielens
+from export.drift_reference import build_reference
 from export.features import FEATURE_NAMES, RankerFeatures, cf_item_vectors
 from export.history import Histories
 from export.items import Catalog, ItemStats, item_stats
@@ -43,7 +44,7 @@ from export.ranker import RankerConfig, candidate_features, candidate_labels, tr
 from export.retrieval import top_k
 from export.split import Split, relevant_items, rolling_splits, time_split
 from export.two_tower import Demographics, TrainResult, TwoTower, TwoTowerConfig, train_two_tower
-from orchestrator.artifacts import FAISS_DIR, ITEM_EMBEDDINGS, MANIFEST, exported_from, file_sha256
+from orchestrator.artifacts import DRIFT_REFERENCE, FAISS_DIR, ITEM_EMBEDDINGS, MANIFEST, exported_from, file_sha256
 
 MANIFEST_VERSION = 1
 
@@ -280,9 +281,13 @@ def save_artifacts(fitted: Fitted, ml: MovieLens, data_dir: str | Path, out_dir:
     )
     vectors = model.item_vectors()
     np.save(out / "item_embeddings.npy", vectors)
-    torch.save(fitted.ranker_features(fitted.test_period, model).state_dict(), out / "ranker_features.pt")
+    features = fitted.ranker_features(fitted.test_period, model)
+    torch.save(features.state_dict(), out / "ranker_features.pt")
     fitted.ranker.save_model(str(out / "ranker.lgb"))
-    item_table(fitted).to_parquet(out / "items.parquet", index=False)
+    items = item_table(fitted)
+    items.to_parquet(out / "items.parquet", index=False)
+    # what serving should see: the served pipeline on every user's final history (export/drift_reference.py)
+    build_reference(items, vectors, model, features, fitted.ranker, fitted.demographics, ml.ratings).save(out / DRIFT_REFERENCE)
     ml.ratings.to_parquet(out / "interactions.parquet", index=False)
     (out / "demographics.json").write_text(json.dumps({"occupations": fitted.demographics.occupations}, indent=2))
     manifest = {

@@ -25,7 +25,9 @@ ITEM_EMBEDDINGS = "item_embeddings.npy"
 INTERACTIONS = "interactions.parquet"
 DEMOGRAPHICS_VOCABULARY = "demographics.json"
 FAISS_DIR = "faiss"
-EXPORTED_FILES = ("two_tower.pt", "ranker_features.pt", "ranker.lgb", ITEM_EMBEDDINGS, ITEMS)
+DRIFT_REFERENCE = "drift_reference.json"
+"""The export's drift reference (``orchestrator/drift.py``), written by ``recsys train``."""
+EXPORTED_FILES = ("two_tower.pt", "ranker_features.pt", "ranker.lgb", ITEM_EMBEDDINGS, ITEMS, DRIFT_REFERENCE)
 """Artifact files whose hashes the export records in ``version.json``: a match means no re-export."""
 CATALOG_FILES = (ITEMS, ITEM_EMBEDDINGS)
 """Artifact files whose recorded hashes must match before a version's catalog is served."""

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.ann import IndexBundle, ItemFilter, load_index_bundle, to_device
-from orchestrator.artifacts import Demographics, items_of
+from orchestrator.artifacts import DRIFT_REFERENCE, Demographics, items_of
 from orchestrator.artifacts import load_demographics as read_demographics
+from orchestrator.drift import DriftReference
 from orchestrator.errors import InvalidArgument, NotFound
 from orchestrator.mmr import blend_vectors
 
@@ -91,6 +92,8 @@ class Catalog:
         manifest: The artifacts' ``manifest.json``.
         demographics: :class:`~orchestrator.artifacts.Demographics` of the training data's users, or
             None (every user's codes unknown).
+        drift_reference: The export's drift reference (``drift_reference.json``), or None
+            (artifacts written before drift references existed: no ``recsys_drift_psi``).
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class Catalog:
         self.manifest = manifest
         self.demographics = demographics
         self.history_len = int(manifest["two_tower"]["config"]["history_len"])
+        self.drift_reference: DriftReference | None = None
         # most-rated first, ties by item index: the popular lists are precomputed orders
         self._by_popularity = np.lexsort((np.arange(self.n_items), -self.popularity))
         self._by_recent = np.lexsort((np.arange(self.n_items), -self.recent_popularity))
@@ -159,7 +163,13 @@ class Catalog:
             bundle = IndexBundle(flat, np.arange(len(vectors), dtype=np.int64), {"kind": "flat", "built": "in memory"}, vectors)
             log.info("%s has no FAISS bundle: serving an exact in-memory flat index", art)
         bundle.index = to_device(bundle.index, use_gpu)
-        return cls(items, vectors, bundle, manifest, mmr_genre_weight, load_demographics(art, manifest))
+        catalog = cls(items, vectors, bundle, manifest, mmr_genre_weight, load_demographics(art, manifest))
+        if (art / DRIFT_REFERENCE).is_file():
+            try:
+                catalog.drift_reference = DriftReference.load(art / DRIFT_REFERENCE)
+            except ValueError as exc:  # drift monitoring is optional: serving goes on without it
+                log.warning("%s not used, no drift metrics: %s", art / DRIFT_REFERENCE, exc)
+        return catalog
 
     # ------------------------------------------------------------------ ids
 

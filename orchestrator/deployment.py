@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.artifacts import CATALOG_FILES, file_sha256
+from orchestrator.artifacts import CATALOG_FILES, DRIFT_REFERENCE, file_sha256
 from orchestrator.backends import InferenceBackend
 from orchestrator.catalog import Catalog
 from orchestrator.contract import KEPT_VERSIONS, SERVED_MODELS, latest_version, published_versions, read_version_info
@@ -159,8 +159,9 @@ def artifacts_of(repo: Path, version: int, fallback: Path) -> Path:
     hashes = recorded.get("files_sha256", {})
     candidates = [Path(recorded["path"])] if recorded.get("path") else []
     candidates.append(Path(fallback))
+    checked = CATALOG_FILES + ((DRIFT_REFERENCE,) if DRIFT_REFERENCE in hashes else ())  # older exports have none
     for folder in candidates:
-        if all((folder / n).is_file() and file_sha256(folder / n) == hashes.get(n) for n in CATALOG_FILES):
+        if all((folder / n).is_file() and file_sha256(folder / n) == hashes.get(n) for n in checked):
             return folder
     raise ReloadError(
         f"version {version}: no artifacts folder with the item table it was exported from "

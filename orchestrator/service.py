@@ -39,7 +39,7 @@ from orchestrator.errors import Deadline, InvalidArgument, RecsysError, abort, d
 from orchestrator.metrics import Metrics, MetricsInterceptor
 from orchestrator.pipeline import HISTORY_UNAVAILABLE, MODEL_TIMEOUT, MODEL_UNAVAILABLE, NO_HISTORY, Query, Recommender, Result
 from orchestrator.requestlog import LogRow, RequestLog
-from orchestrator.rerank import RerankOptions
+from orchestrator.rerank import Promotion, RerankOptions
 from orchestrator.settings import ServeSettings
 from orchestrator.store import HistoryStore, RedisHistoryStore, SqliteHistoryStore
 from protos.recsys.v1 import recsys_pb2 as pb
@@ -145,7 +145,35 @@ def parse_rerank(msg: pb.Rerank, k: int, settings: ServeSettings, default_lambda
         quota = msg.max_per_genre
         if not 1 <= quota <= 500:
             raise InvalidArgument(f"rerank.max_per_genre must be in 1..500, got {quota}")
-    return RerankOptions(lam, int(pool), fresh, quota)
+    return RerankOptions(lam, int(pool), fresh, quota, parse_promotions(msg.promotions, k))
+
+
+PROMOTION_KIND_NAMES = {pb.PROMOTION_KIND_SPONSORED: "sponsored", pb.PROMOTION_KIND_EDITORIAL: "editorial"}
+
+
+def parse_promotions(msgs: Sequence[pb.Promotion], k: int) -> tuple[Promotion, ...]:
+    """Promotion slots: positions 1..k, each movie and each position once, a kind set.
+
+    Whether the movies exist is checked against the answering catalog by the pipeline.
+    """
+    if len(msgs) > k:
+        raise InvalidArgument(f"rerank.promotions holds {len(msgs)} entries, at most k ({k})")
+    out: list[Promotion] = []
+    positions: dict[int, int] = {}
+    movies: dict[int, int] = {}
+    for n, m in enumerate(msgs):
+        where = f"rerank.promotions[{n}]"
+        if not 1 <= m.position <= k:
+            raise InvalidArgument(f"{where}.position must be in 1..k ({k}), got {m.position}")
+        if m.position in positions:
+            raise InvalidArgument(f"{where}.position {m.position} is already taken by rerank.promotions[{positions[m.position]}]")
+        if m.movie_id in movies:
+            raise InvalidArgument(f"{where}.movie_id {m.movie_id} is already promoted by rerank.promotions[{movies[m.movie_id]}]")
+        if m.kind not in PROMOTION_KIND_NAMES:
+            raise InvalidArgument(f"{where}.kind must be PROMOTION_KIND_SPONSORED or PROMOTION_KIND_EDITORIAL, got {m.kind}")
+        positions[m.position], movies[m.movie_id] = n, n
+        out.append(Promotion(int(m.movie_id), int(m.position) - 1, PROMOTION_KIND_NAMES[m.kind]))
+    return tuple(out)
 
 
 def parse_recommend(msg: pb.RecommendRequest, settings: ServeSettings) -> Query:
@@ -206,6 +234,7 @@ def recommend_response(catalog: Catalog, result: Result, started: float) -> pb.R
         ignored_movie_ids=result.ignored_movie_ids,
         history_length=result.history_length,
         variant=result.variant,
+        dropped_promotion_ids=result.dropped_promotions,
     )
 
 
@@ -250,6 +279,8 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
         """Metrics of a pipeline answer, and its request-log row (queued, never waited for)."""
         if rpc in PIPELINE_RPCS:
             self.metrics.observe_result(result.timings_ms, result.fallback, result.variant, result.model_version)
+            if result.drift is not None and result.catalog is not None:
+                self.metrics.observe_drift(result.model_version, result.catalog.drift_reference, result.drift)
         if self.request_log is not None:
             row = LogRow(
                 request_id,
@@ -262,6 +293,7 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
                 result.model_version,
                 result.fallback,
                 result.variant,
+                result.drift,
             )
             self.request_log.log(row)
 
@@ -285,6 +317,8 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
         def work(deadline: Deadline, request_id: str) -> pb.SimilarResponse:
             k = parse_k(request.k, self.settings.max_k)
             filters = parse_filters(request.filters)
+            if request.rerank.promotions:
+                raise InvalidArgument("rerank.promotions apply to Recommend and BatchRecommend, not Similar")
             options = parse_rerank(request.rerank, k, self.settings, default_lambda=1.0)
             user = parse_user_id(request.user_id) if request.HasField("user_id") else None
             result = self.rec.similar(request.movie_id, k, filters, options, user, deadline)
@@ -651,7 +685,7 @@ def create_server(
     catalog = catalog or Catalog.load(folder, settings.mmr_genre_weight)
     store = store or make_store(settings)
     recommender = Router(settings, catalog, store, backend, version)
-    metrics = Metrics()
+    metrics = Metrics(settings.drift_window_requests, settings.drift_min_requests)
     # metrics outermost: calls the key check refuses are counted too
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
     if keys:
@@ -676,6 +710,8 @@ def create_server(
             settings.request_log_queue,
             on_drop=metrics.request_log_dropped.inc,
             on_write=metrics.request_log_rows.inc,
+            max_age_s=settings.request_log_max_age_s or None,  # 0: no limit
+            max_rows=settings.request_log_max_rows or None,
         )
     add_servicer(RecommenderService(recommender, metrics, request_log), server)
     # non-blocking: Watch streams must not each hold one of the worker threads

@@ -409,6 +409,9 @@ class BrokenStore:
     def history(self, user_id):
         raise Unavailable("store down")
 
+    def recent(self, user_id, n):
+        raise Unavailable("store down")
+
     def record(self, *args):
         raise Unavailable("store down")
 

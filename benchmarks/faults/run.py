@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPORTS, LoadWatch, conditions, conditions_line, log, markdown_table, write_json
+from benchmarks.faults.drift_soak import METRICS_PORT_ENV, phase_drift, phase_soak
 from benchmarks.faults.fuzz import phase_fuzz
 from benchmarks.faults.load import Workload, phase_deadline, phase_durability, phase_load, phase_reload, phase_triton_killed
 from benchmarks.faults.stack import PHASES, SECTION_KEYS, FaultSettings, Stack
@@ -87,7 +88,14 @@ def run_benchmark(
         art, rep, source = prepare_deployment(artifacts, repo, data, workdir, in_place)
         workload = Workload.from_artifacts(art, s.history_share, s.k)
         n_interactions = len(pd.read_parquet(art / "interactions.parquet", columns=["user_id"]))
-        env = {"RECSYS_RELOAD_POLL_S": str(s.reload_poll_s)}
+        from orchestrator.tritonserver import free_port
+
+        env = {
+            "RECSYS_RELOAD_POLL_S": str(s.reload_poll_s),
+            METRICS_PORT_ENV: str(free_port()),  # the drift phase reads recsys_drift_psi there
+            "RECSYS_DRIFT_WINDOW_REQUESTS": str(s.drift_window),
+            "RECSYS_DRIFT_MIN_REQUESTS": str(min(200, s.drift_window)),
+        }
         if s.health_poll_s is not None:
             env["RECSYS_HEALTH_POLL_S"] = str(s.health_poll_s)
         stack = Stack(art, rep, workdir, env)
@@ -99,11 +107,13 @@ def run_benchmark(
             log(f"Triton ready in {triton_s:.1f} s, orchestrator SERVING in {orch_s:.1f} s at {stack.target}")
             phases = {
                 "load": phase_load,
+                "drift": phase_drift,
                 "triton_killed": phase_triton_killed,
                 "deadline": phase_deadline,
                 "reload": phase_reload,
                 "durability": phase_durability,
                 "fuzz": phase_fuzz,
+                "soak": phase_soak,
             }
             for name, fn in phases.items():
                 if name in s.skip:
@@ -173,7 +183,8 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         skipped = report.get(phase, {}).get("skipped")
         return {"phase": phase, "target": name, "value": value, "wanted": target, "met": None if skipped else bool(ok())}
 
-    ld, tk, dl, rl, du, fz = (report.get(p, {}) for p in PHASES)
+    ld, tk, dl, rl, du, fz = (report.get(p, {}) for p in ("load", "triton_killed", "deadline", "reload", "durability", "fuzz"))
+    dr, sk = report.get("drift", {}), report.get("soak", {})
     return [
         t("load", "errors", ld.get("errors"), "0", lambda: ld["errors"] == 0),
         t(
@@ -226,6 +237,31 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "0",
             lambda: fz["other_status"] == 0 and fz["empty_messages"] == 0,
         ),
+        t(
+            "drift",
+            "max PSI, ordinary traffic",
+            dr.get("psi_normal"),
+            "< 0.1",
+            lambda: dr["psi_normal"] is not None and dr["psi_normal"] < 0.1,
+        ),
+        t(
+            "drift",
+            "max PSI, one-genre histories",
+            dr.get("psi_shifted"),
+            "> 0.25",
+            lambda: dr["psi_shifted"] is not None and dr["psi_shifted"] > 0.25,
+        ),
+        t("drift", "alert condition (recsys_drift_psi > 0.25)", dr.get("alert"), "true", lambda: dr["alert"] is True),
+        t("soak", "errors", sk.get("errors"), "0", lambda: sk["errors"] == 0 and sk["requests"] > 0),
+        t(
+            "soak",
+            "rss_growth_pct after warm-up",
+            sk.get("rss_growth_pct"),
+            "<= 5",
+            lambda: sk["rss_growth_pct"] is not None and sk["rss_growth_pct"] <= 5.0,
+        ),
+        t("soak", "fds_delta", sk.get("fds_delta"), "<= 0", lambda: sk["fds_delta"] is not None and sk["fds_delta"] <= 0),
+        t("soak", "threads_delta", sk.get("threads_delta"), "<= 0", lambda: sk["threads_delta"] is not None and sk["threads_delta"] <= 0),
     ]
 
 
@@ -297,6 +333,25 @@ def table(report: dict[str, Any]) -> str:
                 f"undecodable bytes: {und.get('by_status')}",
             )
         )
+    dr = report.get("drift", {})
+    if dr and not dr.get("skipped"):
+        rows.append(
+            (
+                "drift",
+                f"max PSI {dr['psi_normal']} on {dr['requests_per_part']:,} ordinary calls, {dr['psi_shifted']} on as many "
+                f"one-genre ones ({dr['shift']}); alert {dr['alert']}; window {dr['window_requests']} answers",
+            )
+        )
+    sk = report.get("soak", {})
+    if sk and not sk.get("skipped"):
+        rows.append(
+            (
+                "soak",
+                f"{sk['minutes']} min at c{sk['concurrency']}: {sk['requests']:,} calls, {sk['errors']} errors, {sk['fallback']} fallback; "
+                f"RSS {sk['rss_growth_pct']} % after {sk['warmup_s']} s warm-up (Triton {sk['triton_rss_growth_pct']} %), "
+                f"fds {sk['fds_delta']:+d}, threads {sk['threads_delta']:+d}; {ms(sk)}",
+            )
+        )
     return markdown_table(("phase", "figures"), rows)
 
 
@@ -331,6 +386,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reload-timeout", type=float, default=None, help="seconds to wait for the new version after the export")
     p.add_argument("--reload-poll-s", type=float, default=None, help="the orchestrator's reload polling period (default 2)")
     p.add_argument("--health-poll-s", type=float, default=None, help="the orchestrator's health polling period (default: its own, 1 s)")
+    p.add_argument("--drift-window", type=int, default=None, help="the orchestrator's drift window in answers (default 300)")
+    p.add_argument("--soak-minutes", type=float, default=None, help="length of the soak phase (default 30; --quick 0.5)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, copies, history file)")
     p.set_defaults(func=run_cli)
@@ -349,6 +406,8 @@ def run_cli(args: argparse.Namespace) -> int:
         "reload_timeout_s": args.reload_timeout,
         "reload_poll_s": args.reload_poll_s,
         "health_poll_s": args.health_poll_s,
+        "drift_window": args.drift_window,
+        "soak_minutes": args.soak_minutes,
         "seed": args.seed,
     }
     s = replace(s, skip=tuple(args.skip), **{k: v for k, v in overrides.items() if v is not None})
