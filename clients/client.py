@@ -58,6 +58,36 @@ class FilterArgs(TypedDict, total=False):
     include_seen: bool
 
 
+class Promoted(NamedTuple):
+    """A promotion slot of Recommend (see ``Promotion`` in recsys.proto).
+
+    Attributes:
+        movie_id: MovieLens movie id.
+        position: 1-based position in the answer, 1..k.
+        kind: ``"sponsored"`` or ``"editorial"``.
+    """
+
+    movie_id: int
+    position: int
+    kind: str = "sponsored"
+
+
+PROMOTION_KINDS = {"sponsored": pb.PROMOTION_KIND_SPONSORED, "editorial": pb.PROMOTION_KIND_EDITORIAL}
+
+
+def promotion(slot: Promoted | pb.Promotion) -> pb.Promotion:
+    """The ``Promotion`` message of a slot.
+
+    Raises:
+        ValueError: An unknown kind.
+    """
+    if isinstance(slot, pb.Promotion):
+        return slot
+    if slot.kind not in PROMOTION_KINDS:
+        raise ValueError(f"promotion kind must be one of {sorted(PROMOTION_KINDS)}, got {slot.kind!r}")
+    return pb.Promotion(movie_id=slot.movie_id, position=slot.position, kind=PROMOTION_KINDS[slot.kind])
+
+
 class RerankArgs(TypedDict, total=False):
     """Keyword MMR and rules (see ``Rerank`` in recsys.proto)."""
 
@@ -65,6 +95,7 @@ class RerankArgs(TypedDict, total=False):
     candidate_pool: int
     freshness_weight: float
     max_per_genre: int
+    promotions: Sequence[Promoted | pb.Promotion]
 
 
 class RecommendArgs(FilterArgs, RerankArgs, total=False):
@@ -80,7 +111,10 @@ def _split(options: dict[str, Any]) -> tuple[pb.Filters, pb.Rerank]:
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}")
     filters = pb.Filters(**{k: v for k, v in options.items() if k in _FILTER_KEYS and v is not None})
-    rerank = pb.Rerank(**{k: v for k, v in options.items() if k in _RERANK_KEYS and v is not None})
+    rerank_args = {k: v for k, v in options.items() if k in _RERANK_KEYS and v is not None}
+    if "promotions" in rerank_args:
+        rerank_args["promotions"] = [promotion(p) for p in rerank_args["promotions"]]
+    rerank = pb.Rerank(**rerank_args)
     return filters, rerank
 
 

@@ -26,6 +26,21 @@ def _ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
 
 
+def _promotion(text: str) -> Any:
+    """``MOVIE@POSITION[:sponsored|:editorial]`` -> a :class:`clients.client.Promoted`."""
+    from clients.client import PROMOTION_KINDS, Promoted
+
+    slot, _, kind = text.partition(":")
+    movie, at, position = slot.partition("@")
+    kind = kind or "sponsored"
+    try:
+        if not at or kind not in PROMOTION_KINDS:
+            raise ValueError
+        return Promoted(int(movie), int(position), kind)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MOVIE@POSITION[:sponsored|:editorial], got {text!r}") from None
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -64,6 +79,7 @@ def _options(args: argparse.Namespace, rerank: bool = True) -> dict[str, Any]:
             candidate_pool=args.pool,
             freshness_weight=args.freshness,
             max_per_genre=args.max_per_genre,
+            promotions=getattr(args, "promote", None),
         )
     return {k: v for k, v in out.items() if v is not None}
 
@@ -100,6 +116,8 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
         from protos.recsys.v1 import recsys_pb2 as pb
 
         why = f", fallback {pb.FallbackReason.Name(resp.fallback_reason)}" if resp.is_fallback else ""
+        if resp.dropped_promotion_ids:
+            why += f", promotions dropped (filtered or seen): {list(resp.dropped_promotion_ids)}"
         _emit(resp, args.json, f"# {who}: model {resp.model_version}, {resp.latency_ms:.1f} ms{why}")
         return 0
 
@@ -158,6 +176,37 @@ def _cmd_delete_user(args: argparse.Namespace) -> int:
         return 0
 
     return _call(args, run)
+
+
+def _cmd_drift(args: argparse.Namespace) -> int:
+    """``recsys drift``: the PSI table of the logged answers against the export's reference."""
+    import sqlite3
+    from pathlib import Path
+
+    from orchestrator.artifacts import DRIFT_REFERENCE
+    from orchestrator.drift import DriftReference, drift_report, psi_table
+
+    ref_path = Path(args.artifacts) / DRIFT_REFERENCE
+    try:
+        reference = DriftReference.load(ref_path)
+        report = drift_report(args.request_log, reference, args.model_version, args.last)
+    except FileNotFoundError as exc:
+        print(f"recsys: error: {exc} (a drift reference is written by `recsys train`)", file=sys.stderr)
+        return 1
+    except (ValueError, sqlite3.Error) as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        import numpy as np
+
+        from orchestrator.drift import DISTRIBUTIONS
+
+        counts = {d: np.asarray(report["counts"][d]) for d in DISTRIBUTIONS}
+        print(f"drift of {report['log']} (model versions {report['model_versions']}) against {ref_path}")
+        print(psi_table(reference, counts, report["answers"]))
+    return 0
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -272,7 +321,11 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--history-db", default=None, help="SQLite file (default: one per artifacts folder in the state dir)")
     srv.add_argument("--redis-url", default=None)
     srv.add_argument("--triton-timeout", type=float, default=None, help="seconds a Triton call may take before the fallback")
-    srv.add_argument("--api-keys-file", default=None, help="file of key[:requests_per_second] lines; calls then need x-api-key")
+    srv.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="file of key[:requests_per_second][:scope] lines (scope read|interact|admin); calls then need x-api-key",
+    )
     srv.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     srv.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     srv.add_argument("--request-log", default=None, help="request log SQLite file (default: beside the history DB)")
@@ -296,6 +349,13 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     rec.add_argument("--ratings", type=_floats, default=None, help="ratings of --history (comma-separated)")
     _filter_flags(rec)
     _rerank_flags(rec)
+    rec.add_argument(
+        "--promote",
+        action="append",
+        type=_promotion,
+        metavar="MOVIE@POS[:KIND]",
+        help="pin a movie at a 1-based position (KIND sponsored (default) or editorial; repeatable); dropped when filtered or seen",
+    )
     _target_flags(rec)
     rec.set_defaults(func=_cmd_recommend)
 
@@ -322,6 +382,14 @@ def add_online_commands(sub: argparse._SubParsersAction) -> None:
     du.add_argument("--user", type=int, required=True, help="user id")
     _target_flags(du)
     du.set_defaults(func=_cmd_delete_user)
+
+    dr = sub.add_parser("drift", help="PSI of the logged answers' distributions against the export's drift reference")
+    dr.add_argument("--request-log", required=True, help="request log SQLite file (recsys serve writes it)")
+    dr.add_argument("--artifacts", default="artifacts", help="artifacts folder holding drift_reference.json (default: %(default)s)")
+    dr.add_argument("--model-version", default=None, help="only answers of this model version")
+    dr.add_argument("--last", type=int, default=None, help="only the newest N answers")
+    dr.add_argument("--json", action="store_true", help="print JSON")
+    dr.set_defaults(func=_cmd_drift)
 
     rp = sub.add_parser("replay", help="hit rate of logged recommendations against the history that followed")
     rp.add_argument("--log", default=None, help="request log SQLite file (default: the serve default for --artifacts)")

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from export.candidates import build_tables, choose_budgets, merge_users, user_item_scores, user_source_lists
 from export.data import MovieLens, load_movielens
+from export.drift_reference import build_reference
 from export.features import FEATURE_NAMES, RankerFeatures, cf_item_vectors
 from export.history import Histories
 from export.items import Catalog, ItemStats, item_stats
@@ -45,7 +46,7 @@ from export.ranker import RankerConfig, candidate_features, candidate_labels, tr
 from export.retrieval import top_k
 from export.split import Split, relevant_items, rolling_splits, time_split
 from export.two_tower import Demographics, TrainResult, TwoTower, TwoTowerConfig, train_two_tower
-from orchestrator.artifacts import FAISS_DIR, ITEM_EMBEDDINGS, MANIFEST, exported_from, file_sha256
+from orchestrator.artifacts import DRIFT_REFERENCE, FAISS_DIR, ITEM_EMBEDDINGS, MANIFEST, exported_from, file_sha256
 from orchestrator.candidates import SOURCES, TABLES_FILE, CandidateTables
 
 MANIFEST_VERSION = 1
@@ -372,10 +373,16 @@ def save_artifacts(fitted: Fitted, ml: MovieLens, data_dir: str | Path, out_dir:
     )
     vectors = model.item_vectors()
     np.save(out / "item_embeddings.npy", vectors)
-    torch.save(fitted.ranker_features(fitted.test_period, model).state_dict(), out / "ranker_features.pt")
+    features = fitted.ranker_features(fitted.test_period, model)
+    torch.save(features.state_dict(), out / "ranker_features.pt")
     fitted.ranker.save_model(str(out / "ranker.lgb"))
     fitted.tables.save(out / TABLES_FILE)
-    item_table(fitted).to_parquet(out / "items.parquet", index=False)
+    items = item_table(fitted)
+    items.to_parquet(out / "items.parquet", index=False)
+    # what serving should see: the served pipeline on every user's final history (export/drift_reference.py)
+    build_reference(items, vectors, model, features, fitted.ranker, fitted.demographics, ml.ratings, fitted.tables).save(
+        out / DRIFT_REFERENCE
+    )
     ml.ratings.to_parquet(out / "interactions.parquet", index=False)
     (out / "demographics.json").write_text(json.dumps({"occupations": fitted.demographics.occupations}, indent=2))
     manifest = {

@@ -18,6 +18,13 @@ FAISS as an ``IDSelector`` (pre-filtering inside the scan), while FAISS GPU igno
 selectors without a word, so on the GPU the search over-fetches and post-filters. Every
 route ends with the same guarantee; see the function.
 
+Thread safety (:class:`SearchGuard`): FAISS GPU indexes are not thread-safe, not even for
+search, and the served index is shared by every gRPC worker thread (and, during a hot
+reload, two indexes share one ``StandardGpuResources``). Every FAISS call of
+:func:`search_filtered` on a GPU index therefore runs under its device's guard (one lock per
+GPU). CPU indexes are searched concurrently, unless :attr:`IndexBundle.serialise` forces the
+same guard on (the tests use it to run the serialised path without a GPU).
+
 Bundle layout (written by ``export.faiss_index.write_index_bundle``, nothing is pickled)::
 
     artifacts/faiss/faiss.index    faiss.write_index of the chosen (CPU) index
@@ -32,7 +39,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +117,53 @@ def is_gpu_index(index: faiss.Index) -> bool:
     """True for FAISS GPU indexes (always False on faiss-cpu)."""
     gpu_index = getattr(faiss, "GpuIndex", None)
     return gpu_index is not None and isinstance(index, gpu_index)
+
+
+class SearchGuard:
+    """A lock around FAISS calls that must not run concurrently, with counters for tests.
+
+    Attributes:
+        name: What it guards (``gpu:0``, ``bundle``), for logs.
+        calls: FAISS calls made under it so far.
+        max_active: Most calls ever inside at once (1 while it works).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls = 0
+        self.max_active = 0
+        self._active = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            self._active += 1
+            self.calls += 1
+            self.max_active = max(self.max_active, self._active)
+            try:
+                yield
+            finally:
+                self._active -= 1
+
+
+_GPU_GUARDS: dict[int, SearchGuard] = {}
+_GPU_GUARDS_LOCK = threading.Lock()
+
+
+def gpu_guard(device: int) -> SearchGuard:
+    """The one guard of a GPU: every index on it shares its ``StandardGpuResources``."""
+    with _GPU_GUARDS_LOCK:
+        if device not in _GPU_GUARDS:
+            _GPU_GUARDS[device] = SearchGuard(f"gpu:{device}")
+        return _GPU_GUARDS[device]
+
+
+def guard_of(index: faiss.Index) -> SearchGuard | None:
+    """The guard FAISS calls on ``index`` need: its GPU's for a GPU index, None on the CPU."""
+    if not is_gpu_index(index):
+        return None
+    return gpu_guard(int(index.getDevice()))  # type: ignore[attr-defined]  # faiss stubs
 
 
 def _cpu(index: faiss.Index) -> faiss.Index:
@@ -364,12 +420,18 @@ def _take_admissible(
     return items, top, keep.sum(axis=1)
 
 
-def _vectors_of(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray | None) -> np.ndarray | None:
+@contextmanager
+def _unguarded() -> Iterator[None]:
+    yield
+
+
+def _vectors_of(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray | None, guard: SearchGuard | None = None) -> np.ndarray | None:
     """The stored vectors of ``ids``: from ``vectors`` or the index's own reconstruction."""
     if vectors is not None:
         return np.take(vectors, ids, axis=0).astype(np.float32, copy=False)  # take: faster gather than []
     try:
-        return index.reconstruct_batch(ids)
+        with guard() if guard is not None else _unguarded():
+            return index.reconstruct_batch(ids)
     except (RuntimeError, AttributeError):  # IVF without a direct map, GPU IVF, PQ-only ...
         return None
 
@@ -412,6 +474,7 @@ def search_filtered(
     max_rounds: int = 3,
     vectors: np.ndarray | None = None,
     exact_below: int = EXACT_BELOW,
+    guard: SearchGuard | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` by inner product among the admissible items of each query.
 
@@ -456,6 +519,8 @@ def search_filtered(
         max_rounds: Searches per route before falling back to brute force.
         vectors: float32 [ntotal, dim] the indexed vectors, for brute force.
         exact_below: Largest admissible set served by brute force (0 turns route 1 off).
+        guard: Serialises every FAISS call made here; None: :func:`guard_of` the index (the
+            GPU's guard for a GPU index, no lock on the CPU).
 
     Returns:
         ``(ids int64 [n, k], scores float32 [n, k])``, best first; ``-1`` / ``-inf`` pad rows
@@ -463,6 +528,12 @@ def search_filtered(
     """
     q = _as_matrix(query_vectors, index.d)
     n, ntotal = len(q), int(index.ntotal)
+    guard = guard if guard is not None else guard_of(index)
+
+    def search(x: np.ndarray, kk: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        with guard() if guard is not None else _unguarded():
+            return index.search(x, kk, **({} if params is None else {"params": params}))  # type: ignore[no-any-return]
+
     if k <= 0:
         raise ValueError("k must be positive")
     if allowed_mask is not None:
@@ -485,7 +556,7 @@ def search_filtered(
     base_vectors: np.ndarray | None = None
     if allowed_mask is not None and n_base <= exact_below:
         base = admissible_ids()
-        base_vectors = _vectors_of(index, base, vectors)
+        base_vectors = _vectors_of(index, base, vectors, guard)
         if base_vectors is not None:
             return _exact_rows(base, base_vectors, q, k, excluded)
 
@@ -507,8 +578,7 @@ def search_filtered(
             if isinstance(index, faiss.IndexHNSW):
                 # HNSW's recall at rank `fetch` needs a candidate list wider than `fetch`.
                 effort = min(max(index.ntotal, index.hnsw.efSearch), max(index.hnsw.efSearch, 2 * fetch))
-            params = _search_params(index, None, effort)
-            d, labels = index.search(q[pending], fetch, **({} if params is None else {"params": params}))
+            d, labels = search(q[pending], fetch, _search_params(index, None, effort))
             it, sc, cnt = _take_admissible(labels, d, allowed_mask, [excluded[r] for r in pending], k)
             items[pending], scores[pending], got[pending] = it, sc, cnt
             # A row is settled when full, or when FAISS had nothing more to give (-1 padding).
@@ -528,14 +598,12 @@ def search_filtered(
         ladder = [None] if ladder[0] is None else list(dict.fromkeys(ladder))
         for effort in ladder:
             if shared:  # one selector (or none) for the whole batch
-                params = _search_params(index, _selector(allowed_mask, np.empty(0, np.int64)), effort)
-                d, labels = index.search(q[pending], width, **({} if params is None else {"params": params}))
+                d, labels = search(q[pending], width, _search_params(index, _selector(allowed_mask, np.empty(0, np.int64)), effort))
                 batches = [(pending, d, labels)]
             else:
                 batches = []
                 for r in pending:
-                    params = _search_params(index, _selector(allowed_mask, excluded[r]), effort)
-                    d, labels = index.search(q[r : r + 1], width, params=params)
+                    d, labels = search(q[r : r + 1], width, _search_params(index, _selector(allowed_mask, excluded[r]), effort))
                     batches.append((np.array([r]), d, labels))
             for rows, d, labels in batches:
                 # The selector has filtered already: this only pads to k and counts.
@@ -549,7 +617,7 @@ def search_filtered(
     if short.size:
         if base_vectors is None:
             base = admissible_ids()
-            base_vectors = _vectors_of(index, base, vectors)
+            base_vectors = _vectors_of(index, base, vectors, guard)
         if base is None or base_vectors is None:
             log.warning("%d of %d rows are short of admissible results and no vectors were given", short.size, n)
         else:
@@ -567,18 +635,33 @@ class IndexBundle:
         meta: The contents of ``index.json``.
         vectors: float32 [ntotal, dim] vectors by FAISS row, for the brute force of
             :func:`search_filtered`; None when the bundle names none (or they changed).
+        serialise: Run every search under one lock even on the CPU (a GPU index always
+            is, under its device's guard); tests set it to exercise the serialised path.
     """
 
     index: faiss.Index
     id_map: np.ndarray
     meta: dict[str, Any]
     vectors: np.ndarray | None = None
+    serialise: bool = False
+    _guard: SearchGuard | None = field(default=None, repr=False)
     _row_of: np.ndarray | None = field(default=None, repr=False)
     _is_identity: bool | None = field(default=None, repr=False)
 
     @property
     def kind(self) -> str:
         return str(self.meta["kind"])
+
+    @property
+    def guard(self) -> SearchGuard | None:
+        """The guard searches run under: the GPU's, this bundle's own when ``serialise``, or None."""
+        gpu = guard_of(self.index)
+        return gpu if gpu is not None or not self.serialise else self._guard
+
+    def __post_init__(self) -> None:
+        # made here, not on first use: two threads must never get two different locks
+        if self._guard is None:
+            self._guard = SearchGuard("bundle")
 
     def _identity(self) -> bool:
         if self._is_identity is None:  # once, not per request
@@ -621,6 +704,7 @@ class IndexBundle:
                 max_rounds=max_rounds,
                 vectors=self.vectors,
                 exact_below=exact_below,
+                guard=self.guard,
             )
         if self._row_of is None:
             row_of = np.full(int(self.id_map.max()) + 1, -1, dtype=np.int64)
@@ -646,6 +730,7 @@ class IndexBundle:
             max_rounds=max_rounds,
             vectors=self.vectors,
             exact_below=exact_below,
+            guard=self.guard,
         )
         return np.where(found >= 0, self.id_map[np.maximum(found, 0)], -1), scores
 

@@ -27,7 +27,9 @@ DEMOGRAPHICS_VOCABULARY = "demographics.json"
 FAISS_DIR = "faiss"
 CANDIDATE_TABLES = "candidate_tables.npz"
 """The candidate sources' tables and budgets (``orchestrator/candidates.py``)."""
-EXPORTED_FILES = ("two_tower.pt", "ranker_features.pt", "ranker.lgb", ITEM_EMBEDDINGS, ITEMS, CANDIDATE_TABLES)
+DRIFT_REFERENCE = "drift_reference.json"
+"""The export's drift reference (``orchestrator/drift.py``), written by ``recsys train``."""
+EXPORTED_FILES = ("two_tower.pt", "ranker_features.pt", "ranker.lgb", ITEM_EMBEDDINGS, ITEMS, CANDIDATE_TABLES, DRIFT_REFERENCE)
 """Artifact files whose hashes the export records in ``version.json``: a match means no re-export."""
 CATALOG_FILES = (ITEMS, ITEM_EMBEDDINGS, CANDIDATE_TABLES)
 """Artifact files whose recorded hashes must match before a version's catalog is served."""

@@ -1,15 +1,33 @@
-"""API keys and per-key rate limits: a gRPC server interceptor.
+"""API keys, their scopes and per-key rate limits: a gRPC server interceptor.
 
-Keys come from :attr:`ServeSettings.api_keys_file` (one ``key[:requests_per_second]`` a line,
-``#`` comments) and :attr:`ServeSettings.api_keys` (the same entries comma-separated,
-``RECSYS_API_KEYS``). With no key configured authentication is off and no interceptor is
-installed.
+Keys come from :attr:`ServeSettings.api_keys_file` (one entry a line, ``#`` comments) and
+:attr:`ServeSettings.api_keys` (the same entries comma-separated, ``RECSYS_API_KEYS``). An
+entry is ``key[:requests_per_second][:scope]``::
+
+    k3y-for-the-web-app:50            # scope "interact" (the default): read + RecordInteraction
+    k3y-for-dashboards:10:read        # Recommend, Similar, Popular, BatchRecommend only
+    k3y-for-operators:admin           # everything, DeleteUser included (no rate limit)
+
+With no key configured authentication is off, no interceptor is installed and every RPC is
+open (DeleteUser included): run without keys only on a trusted network.
+
+Scopes (:data:`SCOPES`) are ordered, each includes the ones before it:
+
+* ``read``: the RPCs that only read (:data:`RPC_SCOPES`);
+* ``interact``: also ``RecordInteraction``, which appends one interaction to a history;
+* ``admin``: also ``DeleteUser`` and every RPC that changes models or state beyond appending
+  interactions. An RPC of the service missing from :data:`RPC_SCOPES` needs ``admin``: a
+  new RPC is closed until someone decides otherwise.
+
+An entry without a scope gets :data:`DEFAULT_SCOPE` (``interact``): keys files written before
+scopes existed keep working for every RPC except DeleteUser, which now needs ``:admin``.
 
 A call sends its key as ``x-api-key`` metadata. A missing or unknown key is UNAUTHENTICATED;
-a key over its rate is RESOURCE_EXHAUSTED. Rates are token buckets, one per key, holding one
-second of the rate (at least one request): a client may burst that much, then is held to the
-rate. The health and reflection services stay open, so load balancers and ``grpcurl list``
-need no key.
+a known key whose scope does not cover the RPC is PERMISSION_DENIED; a key over its rate is
+RESOURCE_EXHAUSTED. Rates are token buckets, one per key, holding one second of the rate (at
+least one request): a client may burst that much, then is held to the rate. Refused calls
+take no token. The health and reflection services stay open, so load balancers and
+``grpcurl list`` need no key.
 
 Keys are kept only as SHA-256 digests and logged as the first 8 hex digits of the digest,
 never in clear.
@@ -29,7 +47,7 @@ from typing import Any
 
 import grpc
 
-from orchestrator.errors import RateLimited, RecsysError, Unauthenticated, abort
+from orchestrator.errors import PermissionDenied, RateLimited, RecsysError, Unauthenticated, abort
 from orchestrator.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -39,6 +57,31 @@ API_KEY_HEADER = "x-api-key"
 
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
 """Services answered without a key: health probes and reflection."""
+
+SCOPES = ("read", "interact", "admin")
+"""Key scopes, weakest first; each includes the ones before it (see the module docstring)."""
+DEFAULT_SCOPE = "interact"
+"""The scope of an entry that names none (keys files written before scopes existed)."""
+RPC_SCOPES: dict[str, str] = {
+    "Recommend": "read",
+    "Similar": "read",
+    "Popular": "read",
+    "BatchRecommend": "read",
+    "RecordInteraction": "interact",
+    "DeleteUser": "admin",
+}
+"""The weakest scope each ``recsys.v1.Recommender`` RPC needs; any other method needs ``admin``."""
+
+
+def required_scope(method: str) -> str:
+    """The scope a call to ``method`` (``/package.Service/Rpc``) needs; ``admin`` when unlisted."""
+    rpc = method.rsplit("/", 1)[-1]
+    return RPC_SCOPES.get(rpc, "admin")
+
+
+def covers(scope: str, needed: str) -> bool:
+    """Whether a key of ``scope`` may make a call that needs ``needed``."""
+    return SCOPES.index(scope) >= SCOPES.index(needed)
 
 
 def key_digest(key: str) -> bytes:
@@ -58,14 +101,16 @@ class ApiKey:
     Attributes:
         tag: :func:`key_tag` of the key (for logs).
         rate_per_s: Requests per second allowed; None: unlimited.
+        scope: One of :data:`SCOPES`.
     """
 
     tag: str
     rate_per_s: float | None
+    scope: str = DEFAULT_SCOPE
 
 
 def parse_keys(lines: Iterable[str], source: str) -> dict[bytes, ApiKey]:
-    """Keys by digest from ``key[:requests_per_second]`` entries.
+    """Keys by digest from ``key[:requests_per_second][:scope]`` entries.
 
     Args:
         lines: Entries; blank ones and ``#`` comments are skipped.
@@ -80,22 +125,31 @@ def parse_keys(lines: Iterable[str], source: str) -> dict[bytes, ApiKey]:
         entry = raw.split("#", 1)[0].strip()
         if not entry:
             continue
-        key, sep, rate_text = entry.partition(":")
+        key, *fields = entry.split(":")
         where = f"{source} entry {n}"
         if not key or any(c.isspace() or not c.isprintable() or not c.isascii() or c == "," for c in key):
             raise ValueError(f"{where}: a key must be non-empty printable ASCII without spaces, ':', ',' or '#'")
+        if len(fields) > 2:
+            raise ValueError(f"{where}: expected key[:requests_per_second][:scope], got {len(fields) + 1} ':'-separated fields")
+        scope = DEFAULT_SCOPE
+        if fields and fields[-1].strip().lower() in SCOPES:
+            scope = fields.pop().strip().lower()
+        elif len(fields) == 2:
+            raise ValueError(f"{where}: scope {fields[1]!r} is not one of {', '.join(SCOPES)}")
         rate = None
-        if sep:
+        if fields and fields[0]:
             try:
-                rate = float(rate_text)
+                rate = float(fields[0])
             except ValueError:
-                raise ValueError(f"{where}: requests_per_second {rate_text!r} is not a number") from None
+                raise ValueError(
+                    f"{where}: {fields[0]!r} is neither a requests_per_second number nor a scope ({', '.join(SCOPES)})"
+                ) from None
             if not (math.isfinite(rate) and rate > 0):
-                raise ValueError(f"{where}: requests_per_second must be a finite number > 0, got {rate_text}")
+                raise ValueError(f"{where}: requests_per_second must be a finite number > 0, got {fields[0]}")
         digest = key_digest(key)
         if digest in keys:
             raise ValueError(f"{where}: key {key_tag(key)} is listed twice")
-        keys[digest] = ApiKey(key_tag(key), rate)
+        keys[digest] = ApiKey(key_tag(key), rate, scope)
     return keys
 
 
@@ -163,8 +217,18 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
             digest: TokenBucket(k.rate_per_s, max(1.0, k.rate_per_s), clock) for digest, k in keys.items() if k.rate_per_s is not None
         }
 
-    def check(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
-        """Raises :class:`Unauthenticated` or :class:`RateLimited` unless the call may run."""
+    def check(self, metadata: Iterable[tuple[str, str | bytes]] | None, method: str = "") -> ApiKey:
+        """The call's key, when it may run.
+
+        Args:
+            metadata: The call's invocation metadata.
+            method: The full method name (``/recsys.v1.Recommender/DeleteUser``), for the scope.
+
+        Raises:
+            Unauthenticated: No key, or an unknown one.
+            PermissionDenied: The key's scope does not cover ``method``.
+            RateLimited: The key is over its rate.
+        """
         key = next((v for k, v in metadata or () if k == API_KEY_HEADER), None)
         if key is None:
             raise Unauthenticated(f"this server requires an API key: send it as '{API_KEY_HEADER}' metadata")
@@ -175,6 +239,13 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         if known is None:
             log.warning("rejected unknown API key %s", key_tag(key))
             raise Unauthenticated(f"the '{API_KEY_HEADER}' metadata holds an unknown API key")
+        needed = required_scope(method)
+        if not covers(known.scope, needed):
+            log.warning("API key %s (scope %s) refused %s, which needs %s", known.tag, known.scope, method, needed)
+            raise PermissionDenied(
+                f"{method.rsplit('/', 1)[-1] or 'this call'} needs an API key of scope '{needed}';"
+                f" this key's scope is '{known.scope}' (scopes are set in the server's keys file)"
+            )
         bucket = self.buckets.get(digest)
         if bucket is not None:
             wait_s = bucket.take()
@@ -184,6 +255,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
                     f"rate limit of {bucket.rate_per_s:g} requests/s (burst {bucket.burst:g}) exceeded for this API key;"
                     f" retry in {wait_s:.2f} s"
                 )
+        return known
 
     def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
@@ -191,7 +263,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         if handler is None or service in OPEN_SERVICES:
             return handler
         try:
-            self.check(handler_call_details.invocation_metadata)
+            self.check(handler_call_details.invocation_metadata, handler_call_details.method)
         except RecsysError as exc:
             return _refusal(handler, exc)
         return handler

@@ -66,6 +66,10 @@ class InferenceBackend(Protocol):
         """Whether both models can answer now."""
         ...
 
+    def live(self, timeout_s: float) -> bool:
+        """Whether the backend answers at all (it may be without the models), so that a load can be asked."""
+        ...
+
     def user_embedding(
         self, history: np.ndarray, ratings: np.ndarray, demographics: np.ndarray, timeout_s: float, version: int | None = None
     ) -> np.ndarray:
@@ -88,6 +92,10 @@ class InferenceBackend(Protocol):
 
     def load_version(self, version: int, timeout_s: float) -> None:
         """Makes ``version`` of every model callable (pinned) next to the versions already served."""
+        ...
+
+    def version_ready(self, version: int, timeout_s: float) -> bool:
+        """Whether ``version`` of every model answers pinned calls now (False when it cannot be asked)."""
         ...
 
     def close(self) -> None:
@@ -149,6 +157,12 @@ class InProcessBackend:
 
     def ready(self, timeout_s: float) -> bool:  # noqa: ARG002 - loaded at construction
         return True
+
+    def live(self, timeout_s: float) -> bool:  # noqa: ARG002 - in this process
+        return True
+
+    def version_ready(self, version: int, timeout_s: float) -> bool:  # noqa: ARG002 - a dictionary lookup
+        return all((m, version) in self._sessions for m in LEAF_MODELS)
 
     def _run(self, model: str, output: str, feeds: dict[str, np.ndarray], timeout_s: float, version: int | None) -> np.ndarray:
         if timeout_s <= 0:
@@ -285,6 +299,13 @@ class TritonBackend:
             log.debug("triton at %s not ready: %r", self.url, exc)
             return False
 
+    def live(self, timeout_s: float) -> bool:
+        """Triton's ``/v2/health/live``: up and answering, whatever its models' state."""
+        try:
+            return bool(self.client.is_server_live(client_timeout=timeout_s))
+        except Exception:  # noqa: BLE001 - unreachable, stopped or restarting: not live
+            return False
+
     def _infer(self, model: str, feeds: dict[str, np.ndarray], output: str, timeout_s: float, version: int | None = None) -> np.ndarray:
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
@@ -373,11 +394,15 @@ class TritonBackend:
                 self._loading = False
         self.ready(timeout_s=2.0)  # the ensemble's version and model_version, refreshed
 
-    def _ready_version(self, model: str, version: int) -> bool:
+    def _ready_version(self, model: str, version: int, timeout_s: float = 2.0) -> bool:
         try:
-            return bool(self.client.is_model_ready(model, str(version), client_timeout=2.0))
+            return bool(self.client.is_model_ready(model, str(version), client_timeout=timeout_s))
         except Exception:  # noqa: BLE001 - "not ready yet" in every form
             return False
+
+    def version_ready(self, version: int, timeout_s: float) -> bool:
+        """Every leaf model READY at ``version`` in Triton (the ensemble is not pinned: see :meth:`rank`)."""
+        return all(self._ready_version(m, version, timeout_s) for m in LEAF_MODELS)
 
     def close(self) -> None:
         self.client.close()

@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.ann import IndexBundle, ItemFilter, load_index_bundle, to_device
-from orchestrator.artifacts import Demographics, items_of
+from orchestrator.artifacts import DRIFT_REFERENCE, Demographics, items_of
 from orchestrator.artifacts import load_demographics as read_demographics
 from orchestrator.candidates import TABLES_FILE, CandidateTables, blocked_mask, candidates, two_tower_scores
+from orchestrator.drift import DriftReference
 from orchestrator.errors import InvalidArgument, NotFound
 from orchestrator.mmr import blend_vectors
 
@@ -94,6 +95,8 @@ class Catalog:
         demographics: :class:`~orchestrator.artifacts.Demographics` of the training data's users, or
             None (every user's codes unknown).
         tables: The candidate sources' tables and budgets, published with the artifacts.
+        drift_reference: The export's drift reference (``drift_reference.json``), or None
+            (artifacts written before drift references existed: no ``recsys_drift_psi``).
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class Catalog:
             raise ValueError(f"candidate tables for {tables.n_items} items, items.parquet has {len(items)}")
         self.tables = tables
         self.history_len = int(manifest["two_tower"]["config"]["history_len"])
+        self.drift_reference: DriftReference | None = None
         # most-rated first, ties by item index: the popular lists are precomputed orders
         self._by_popularity = np.lexsort((np.arange(self.n_items), -self.popularity))
         self._by_recent = np.lexsort((np.arange(self.n_items), -self.recent_popularity))
@@ -172,7 +176,13 @@ class Catalog:
                 f"{art / TABLES_FILE}: missing candidate tables (artifacts from before multi-source candidates: re-run `recsys train`)"
             )
         tables = CandidateTables.load(art / TABLES_FILE)
-        return cls(items, vectors, bundle, manifest, mmr_genre_weight, tables, load_demographics(art, manifest))
+        catalog = cls(items, vectors, bundle, manifest, mmr_genre_weight, tables, load_demographics(art, manifest))
+        if (art / DRIFT_REFERENCE).is_file():
+            try:
+                catalog.drift_reference = DriftReference.load(art / DRIFT_REFERENCE)
+            except ValueError as exc:  # drift monitoring is optional: serving goes on without it
+                log.warning("%s not used, no drift metrics: %s", art / DRIFT_REFERENCE, exc)
+        return catalog
 
     # ------------------------------------------------------------------ ids
 

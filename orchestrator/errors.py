@@ -5,7 +5,8 @@ to its gRPC status code and :func:`abort` is the only code that ends an RPC with
 Nothing a client can cause maps to INTERNAL: bad input is :class:`InvalidArgument` or
 :class:`NotFound`, time is :class:`DeadlineExceeded`, an unreachable dependency with no
 fallback is :class:`Unavailable`; a missing or unknown API key is :class:`Unauthenticated`
-and a key over its rate :class:`RateLimited` (``orchestrator/auth.py``).
+a key whose scope does not cover the RPC :class:`PermissionDenied`, and a key over its rate
+:class:`RateLimited` (``orchestrator/auth.py``).
 
 Backend (Triton) failures are :class:`ModelError` subclasses, chosen from the status code of
 the Triton call (never from its message text) by the backend, with the original exception
@@ -48,6 +49,10 @@ class Unauthenticated(RecsysError):
     """The call carries no API key, or one the server does not know."""
 
 
+class PermissionDenied(RecsysError):
+    """The call's API key is known but its scope does not cover this RPC (e.g. DeleteUser needs ``admin``)."""
+
+
 class RateLimited(RecsysError):
     """The call's API key is over its request rate; retry after a moment."""
 
@@ -70,6 +75,7 @@ STATUS: dict[type[RecsysError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
     ModelError: grpc.StatusCode.INTERNAL,

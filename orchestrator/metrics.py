@@ -16,6 +16,9 @@ as Prometheus names them):
 ``recsys_request_log_dropped_total``      counter    request-log rows dropped (queue full)
 ``recsys_request_log_rows_total``         counter    request-log rows written
 ``recsys_shed_total``                     counter    calls refused by admission control, by ``rpc``
+``recsys_drift_psi``                      gauge      PSI vs the export's reference, by ``distribution``
+                                                     and ``model_version`` (``orchestrator/drift.py``)
+``recsys_drift_window_answers``           gauge      answers the drift histograms hold, by ``model_version``
 ========================================  =========  ==========================================
 
 Calls are counted by :class:`MetricsInterceptor`, the outermost interceptor, so refused
@@ -32,7 +35,10 @@ from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+from orchestrator.drift import DEFAULT_MIN_REQUESTS, DEFAULT_WINDOW_REQUESTS, DriftMonitor, DriftReference, DriftSample
 from orchestrator.pipeline import HISTORY_UNAVAILABLE, MODEL_TIMEOUT, MODEL_UNAVAILABLE, NO_HISTORY
 
 REQUEST_BUCKETS_S = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -59,16 +65,52 @@ def rpc_name(method: str) -> str:
     return f"{service.rsplit('.', 1)[-1]}/{name}"
 
 
+class DriftCollector(Collector):
+    """``recsys_drift_psi`` and ``recsys_drift_window_answers``, computed from the histograms at scrape time.
+
+    The PSI is a function of the whole window, so it is computed when Prometheus asks (a few
+    dozen bins per version), not on the request path.
+    """
+
+    def __init__(self, monitor: DriftMonitor):
+        self.monitor = monitor
+
+    def collect(self) -> Any:
+        psi = GaugeMetricFamily(
+            "recsys_drift_psi",
+            "Population Stability Index of a served distribution against the export's reference (NaN: too few answers yet).",
+            labels=("distribution", "model_version"),
+        )
+        answers = GaugeMetricFamily("recsys_drift_window_answers", "Model answers the drift histograms hold.", labels=("model_version",))
+        for version, hist in sorted(self.monitor.histograms().items()):
+            for d, value in hist.psi().items():
+                psi.add_metric((d, version), value)
+            answers.add_metric((version,), float(hist.requests))
+        yield psi
+        yield answers
+
+    def describe(self) -> Any:
+        yield GaugeMetricFamily("recsys_drift_psi", "", labels=("distribution", "model_version"))
+        yield GaugeMetricFamily("recsys_drift_window_answers", "", labels=("model_version",))
+
+
 class Metrics:
     """The metrics of one server (see the module docstring).
 
+    Args:
+        drift_window_requests: Answers per generation of the drift histograms.
+        drift_min_requests: Fewer answers give NaN PSIs.
+
     Attributes:
         registry: The server's own registry.
+        drift: The serving-side drift histograms.
         port: The bound ``/metrics`` port once :meth:`serve` ran, else None.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, drift_window_requests: int = DEFAULT_WINDOW_REQUESTS, drift_min_requests: int = DEFAULT_MIN_REQUESTS) -> None:
         r = self.registry = CollectorRegistry()
+        self.drift = DriftMonitor(drift_window_requests, drift_min_requests)
+        r.register(DriftCollector(self.drift))
         self.requests = Counter(
             "recsys_requests", "Calls, by RPC, gRPC status code and A/B variant.", ("rpc", "code", "variant"), registry=r
         )
@@ -92,6 +134,9 @@ class Metrics:
             "recsys_request_log_dropped", "Request-log rows dropped because the writer's queue was full.", registry=r
         )
         self.request_log_rows = Counter("recsys_request_log_rows", "Request-log rows written.", registry=r)
+        self.version_load_failures = Counter(
+            "recsys_version_load_failures", "Failed attempts to load a model version (start-up, hot reload, retries).", registry=r
+        )
         # zero series from the start: rate() over a series that appears late misses its first step
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(reason)
@@ -128,6 +173,11 @@ class Metrics:
             child.observe(ms / 1e3)
         if fallback is not None:
             self.fallbacks.labels(fallback).inc()
+
+    def observe_drift(self, model_version: str, reference: DriftReference | None, sample: DriftSample | None) -> None:
+        """Counts a model answer's drift sample (nothing for fallbacks or a version without a reference)."""
+        if reference is not None and sample is not None:
+            self.drift.observe(model_version, reference, sample)
 
     def observe_backend(self, reachable: bool, model_version: str) -> None:
         """The readiness poll's outcome and the model version it saw."""

@@ -29,8 +29,9 @@ import numpy as np
 from orchestrator.backends import InferenceBackend
 from orchestrator.catalog import Catalog, Filters
 from orchestrator.contract import CANDIDATE_SOURCE_NAMES, RANKER_MAX_ROWS, history_window
-from orchestrator.errors import Deadline, DeadlineExceeded, ModelTimeout, ModelUnavailable, RecsysError, Unavailable
-from orchestrator.rerank import RerankOptions, rerank
+from orchestrator.drift import DriftSample, drift_sample
+from orchestrator.errors import Deadline, DeadlineExceeded, InvalidArgument, ModelTimeout, ModelUnavailable, RecsysError, Unavailable
+from orchestrator.rerank import PROMOTION_KINDS, RerankOptions, place_promotions, rerank
 from orchestrator.settings import ServeSettings
 from orchestrator.store import HistoryStore, UserHistory
 
@@ -83,6 +84,9 @@ class Result:
         catalog: The catalog ``items`` index into (a hot reload may swap the served one
             while this answer is being built).
         variant: A/B arm that answered (``""`` without an experiment).
+        dropped_promotions: Promoted movie ids not shown (filtered or seen).
+        drift: What this model answer showed of the drift distributions (None for fallbacks
+            and the non-personal RPCs; ``orchestrator/drift.py``).
     """
 
     items: np.ndarray
@@ -95,6 +99,8 @@ class Result:
     history_length: int = 0
     catalog: Catalog | None = None
     variant: str = ""
+    dropped_promotions: list[int] = field(default_factory=list)
+    drift: DriftSample | None = None
 
 
 @dataclass(frozen=True)
@@ -167,8 +173,9 @@ class Recommender:
         except ModelUnavailable as exc:
             return self.fallback(q, window, self.reason(exc, deadline), t)  # Triton down or slow
         with t("reranking"):
-            picked = self.rerank(cand, scores, q.k, q.rerank)
-        return self.result(cand[picked], scores[picked], window, t)
+            picked = self.rerank(cand, scores, q.k + len(q.rerank.promotions), q.rerank)
+        sample = self.sample(window, user, sims[picked], scores[picked], cand[picked])
+        return self.result(cand[picked], scores[picked], window, t, q, sample)
 
     def recommend_many(self, queries: Sequence[Query], deadline: Deadline) -> list[Result | RecsysError]:
         """:meth:`recommend` for many queries, the models called in batches (BatchRecommend).
@@ -193,6 +200,7 @@ class Recommender:
             windows.append(window)
             try:
                 filters[i] = (self.catalog.allowed(q.filters), self.catalog.excluded(q.filters, window.seen))
+                self.promoted_items(q)
             except RecsysError as exc:  # this query's own fault: its failure, not the batch's
                 results[i] = exc
                 continue
@@ -219,11 +227,14 @@ class Recommender:
             for i in todo:
                 results[i] = self.fallback(queries[i], windows[i], reason, timers[i])
             return results  # type: ignore[return-value]
+        j_of = {i: j for j, i in enumerate(todo)}
         for i in todo:
             cand = cands[i][0]
+            q = queries[i]
             with timers[i]("reranking"):
-                picked = self.rerank(cand, scores[i], queries[i].k, queries[i].rerank)
-            results[i] = self.result(cand[picked], scores[i][picked], windows[i], timers[i])
+                picked = self.rerank(cand, scores[i], q.k + len(q.rerank.promotions), q.rerank)
+            sample = self.sample(windows[i], users[j_of[i]], cands[i][1][picked], scores[i][picked], cand[picked])
+            results[i] = self.result(cand[picked], scores[i][picked], windows[i], timers[i], q, sample)
         return results  # type: ignore[return-value]
 
     def _rank_many(
@@ -269,15 +280,17 @@ class Recommender:
         be read gives an empty window: the popular movies can still answer.
         """
         reason = NO_HISTORY
+        seen_movies: np.ndarray | None
         if q.history is not None:
             movies = np.asarray(q.history, np.int64)
             ratings = np.asarray(q.ratings if q.ratings else np.zeros(len(movies)), np.float32)
+            seen_movies = movies
         else:
             try:
-                h = self.store.history(int(q.user_id)) if q.user_id is not None else UserHistory.empty()
+                h, seen_movies = self.stored_window(q.user_id) if q.user_id is not None else (UserHistory.empty(), None)
             except Unavailable as exc:
                 log.warning("history of user %s unavailable, serving popular: %s", q.user_id, exc)
-                h, reason = UserHistory.empty(), HISTORY_UNAVAILABLE
+                h, seen_movies, reason = UserHistory.empty(), None, HISTORY_UNAVAILABLE
             movies, ratings = h.movie_ids, h.ratings
         items = self.catalog.to_items(movies)
         known = items >= 0
@@ -285,7 +298,22 @@ class Recommender:
         ignored = sorted(set(movies[~known].tolist())) if q.history is not None else []
         items, ratings = items[known], ratings[known]
         win_items, win_ratings = history_window(items, ratings, self.catalog.history_len)  # as in training
-        return Window(win_items, win_ratings, np.unique(items), ignored), reason
+        seen = self.catalog.to_items(seen_movies) if seen_movies is not None else items
+        return Window(win_items, win_ratings, np.unique(seen[seen >= 0]), ignored), reason
+
+    def stored_window(self, user_id: int) -> tuple[UserHistory, np.ndarray]:
+        """The stored interactions the window needs (the last ``L`` the catalog knows) and the seen set.
+
+        Reads ``L`` rows, not the whole history; more (x4 each time) only while movies the
+        catalog no longer has leave the window short and older rows remain.
+        """
+        L = self.catalog.history_len
+        n = L
+        while True:
+            h, seen = self.store.recent(int(user_id), n)
+            if len(h) < n or int((self.catalog.to_items(h.movie_ids) >= 0).sum()) >= L:
+                return h, seen
+            n *= 4
 
     def user_vector(self, q: Query, window: Window, deadline: Deadline) -> np.ndarray:
         """The user tower's vector for the window (demographics of known users, else unknown)."""
@@ -312,11 +340,63 @@ class Recommender:
         cat = self.catalog
         return rerank(scores, cat.mmr_vectors[cand], k, options, cat.freshness(cand), cat.genre_matrix[cand])
 
-    def result(self, items: np.ndarray, scores: np.ndarray, window: Window, t: Timer) -> Result:
-        """The model's answer, each item explained by the most similar movie of the history."""
+    def sample(self, window: Window, user: np.ndarray, sims: np.ndarray, scores: np.ndarray, items: np.ndarray) -> DriftSample:
+        """The drift sample of a model answer (returned items best first)."""
+        return drift_sample(window.items, user, sims, scores, items, self.catalog.popularity, self.catalog.genre_matrix)
+
+    def result(
+        self, items: np.ndarray, scores: np.ndarray, window: Window, t: Timer, q: Query | None = None, drift: DriftSample | None = None
+    ) -> Result:
+        """The model's answer, each item explained by the most similar movie of the history
+        (the promotions of ``q`` pinned in)."""
         because = self.catalog.nearest_in(items, window.items[window.items >= 0])
         explain = [f"because you watched {self.catalog.titles[h]}" if h >= 0 else "" for h in because]
-        return Result(items, scores, explain, self.backend.model_version, None, t.ms, window.ignored, window.length, self.catalog)
+        items, scores, explain, dropped = self.promote(q, window, items, scores, explain)
+        res = Result(
+            items, scores, explain, self.backend.model_version, None, t.ms, window.ignored, window.length, self.catalog, drift=drift
+        )
+        res.dropped_promotions = dropped
+        return res
+
+    def promoted_items(self, q: Query) -> np.ndarray:
+        """Item indices of ``q``'s promotions.
+
+        Raises:
+            InvalidArgument: A promoted movie is not in the catalog.
+        """
+        ids = [p.movie_id for p in q.rerank.promotions]
+        items = self.catalog.to_items(ids)
+        for n, (movie, item) in enumerate(zip(ids, items.tolist())):
+            if item < 0:
+                raise InvalidArgument(f"rerank.promotions[{n}].movie_id {movie} is not in the catalog ({self.catalog.n_items} movies)")
+        return items
+
+    def promote(
+        self, q: Query | None, window: Window, items: np.ndarray, scores: np.ndarray, explain: list[str]
+    ) -> tuple[np.ndarray, np.ndarray, list[str], list[int]]:
+        """The first ``q.k`` of a list with ``q``'s promotions pinned in (:func:`place_promotions`).
+
+        A promotion the filters exclude or the user has seen is dropped, as any other movie
+        would be. Promoted items score 0 and are explained by their kind.
+
+        Returns:
+            ``(items, scores, explanations, dropped promoted movie ids)``.
+        """
+        if q is None or not q.rerank.promotions:
+            k = len(items) if q is None else q.k
+            return items[:k], scores[:k], explain[:k], []
+        promos = q.rerank.promotions
+        promoted = self.promoted_items(q)
+        allowed = self.catalog.allowed(q.filters)
+        ok = ~np.isin(promoted, self.catalog.excluded(q.filters, window.seen))
+        if allowed is not None:
+            ok &= allowed[promoted]
+        shown = [p for p, keep in zip(promos, ok.tolist()) if keep]
+        out, source = place_promotions(items, q.k, promoted[ok], np.array([p.position for p in shown], np.int64))
+        at = {int(i): n for n, i in enumerate(items.tolist())}
+        new_scores = np.array([0.0 if j >= 0 else scores[at[i]] for i, j in zip(out.tolist(), source.tolist())], np.float32)
+        new_explain = [PROMOTION_KINDS[shown[j].kind] if j >= 0 else explain[at[i]] for i, j in zip(out.tolist(), source.tolist())]
+        return out, new_scores, new_explain, [p.movie_id for p, keep in zip(promos, ok.tolist()) if not keep]
 
     def reason(self, exc: ModelUnavailable, deadline: Deadline) -> str:
         """The fallback reason for a model failure, or DEADLINE_EXCEEDED when no time is left."""
@@ -329,9 +409,12 @@ class Recommender:
         """The popular movies that pass the filters (the user's seen ones excluded)."""
         allowed, exclude = self.catalog.allowed(q.filters), self.catalog.excluded(q.filters, window.seen)
         with t("reranking"):
-            items, counts = self.catalog.popular(q.k, False, allowed, exclude)
-        explain = [f"popular: {int(c)} ratings" for c in counts]
-        return Result(items, counts, explain, FALLBACK_VERSION, reason, t.ms, window.ignored, window.length, self.catalog)
+            items, counts = self.catalog.popular(q.k + len(q.rerank.promotions), False, allowed, exclude)
+            explain = [f"popular: {int(c)} ratings" for c in counts]
+            items, counts, explain, dropped = self.promote(q, window, items, counts, explain)
+        res = Result(items, counts, explain, FALLBACK_VERSION, reason, t.ms, window.ignored, window.length, self.catalog)
+        res.dropped_promotions = dropped
+        return res
 
     def warm_up(self, calls: int) -> float:
         """Runs ``calls`` full model paths on a synthetic history (the most popular movies).
@@ -369,7 +452,7 @@ class Recommender:
         """Nearest movies to one movie by item-embedding cosine, filtered, optionally MMR-diversified."""
         t = Timer()
         item = self.catalog.item_of(movie_id)
-        seen = self.store.history(user_id).movie_ids if user_id is not None else None
+        seen = self.store.recent(user_id, 0)[1] if user_id is not None else None
         seen_items = self.catalog.to_items(seen) if seen is not None else None
         exclude = np.union1d(self.catalog.excluded(filters, seen_items), [item])
         deadline.check("retrieval")

@@ -14,6 +14,8 @@ by default)::
     model_version    TEXT     model repository version, or "popularity"
     fallback_reason  TEXT     NULL, or no_history / model_unavailable / model_timeout / ...
     variant          TEXT     A/B variant ("" until experiments exist)
+    drift            TEXT     NULL, or the model answer's drift sample (``DriftSample.to_json``),
+                              read by ``recsys drift``; serialised by the writer thread
 
 A request never waits for the log: :meth:`RequestLog.log` puts the row on a bounded queue and
 returns; when the queue is full the row is dropped and counted. One writer thread drains the
@@ -21,6 +23,12 @@ queue and inserts whatever has accumulated in one transaction (large batches und
 single rows when idle). :meth:`RequestLog.close` writes what is queued before returning.
 The log is analytics, not acknowledged data: ``synchronous=NORMAL`` (a power cut may lose the
 last rows, never corrupt the file).
+
+Retention: the writer thread prunes the table every ``prune_interval_s`` (and
+:meth:`RequestLog.prune` on demand): rows older than ``max_age_s`` go, then the oldest rows
+beyond ``max_rows`` (``ServeSettings.request_log_max_age_s`` / ``request_log_max_rows``; None
+turns either off). SQLite reuses the freed pages for new rows, so the file stops growing
+once the table is at its bound (it does not shrink: ``VACUUM`` it offline for that).
 
 :func:`replay` joins the log with the history store's SQLite file offline
 (``recsys replay``): of the movies recommended to a user, how many the user interacted with
@@ -34,11 +42,13 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.drift import DriftSample
 from orchestrator.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -54,10 +64,12 @@ CREATE TABLE IF NOT EXISTS requests (
     latency_ms      REAL    NOT NULL,
     model_version   TEXT    NOT NULL,
     fallback_reason TEXT,
-    variant         TEXT    NOT NULL DEFAULT ''
+    variant         TEXT    NOT NULL DEFAULT '',
+    drift           TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_by_user ON requests (user_id, timestamp);
 CREATE INDEX IF NOT EXISTS requests_by_id ON requests (request_id);
+CREATE INDEX IF NOT EXISTS requests_by_time ON requests (timestamp);
 """
 
 REPLAYED_RPCS = ("Recommend", "BatchRecommend")
@@ -78,6 +90,7 @@ class LogRow:
     model_version: str
     fallback_reason: str | None = None
     variant: str = ""
+    drift: DriftSample | None = None
 
     def values(self) -> tuple:
         return (
@@ -91,6 +104,7 @@ class LogRow:
             self.model_version,
             self.fallback_reason,
             self.variant,
+            self.drift.to_json() if self.drift is not None else None,
         )
 
 
@@ -116,6 +130,10 @@ class RequestLog:
         batch_rows: Most rows one transaction inserts.
         on_drop: Called once per dropped row (a metric's ``inc``).
         on_write: Called with the number of rows each committed batch wrote.
+        max_age_s: Rows older than this are pruned; None: kept whatever their age.
+        max_rows: At most this many rows are kept (the newest); None: no bound.
+        prune_interval_s: How often the writer prunes (also once at start).
+        clock: Unix seconds (tests pass a fake to age rows).
     """
 
     def __init__(
@@ -125,9 +143,23 @@ class RequestLog:
         batch_rows: int = 512,
         on_drop: Callable[[], None] | None = None,
         on_write: Callable[[int], None] | None = None,
+        max_age_s: float | None = None,
+        max_rows: int | None = None,
+        prune_interval_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
     ):
+        if max_age_s is not None and not max_age_s > 0:
+            raise ValueError(f"max_age_s must be > 0 or None, got {max_age_s}")
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
         self.path = Path(path)
         self.batch_rows = batch_rows
+        self.max_age_s = max_age_s
+        self.max_rows = max_rows
+        self.prune_interval_s = prune_interval_s
+        self.pruned = 0
+        self._clock = clock
+        self._next_prune = 0.0  # the first batch (or idle wake-up) prunes what a long stop left
         self.dropped = 0
         self._on_drop = on_drop
         self._on_write = on_write
@@ -139,6 +171,9 @@ class RequestLog:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(_SCHEMA)
+        columns = {r[1] for r in self._conn.execute("PRAGMA table_info(requests)")}
+        if "drift" not in columns:  # a log written before drift samples existed
+            self._conn.execute("ALTER TABLE requests ADD COLUMN drift TEXT")
         self._thread = threading.Thread(target=self._run, name="recsys-request-log", daemon=True)
         self._thread.start()
 
@@ -193,6 +228,42 @@ class RequestLog:
 
         return int(self._submit(delete, timeout_s, "delete the user's rows"))
 
+    def prune(self, timeout_s: float = 30.0) -> int:
+        """Applies the retention now (after every row queued before the call); rows deleted.
+
+        Raises:
+            Unavailable: Not done within ``timeout_s``, the log is closed, or SQLite failed.
+        """
+        return int(self._submit(self._prune, timeout_s, "prune"))
+
+    def _prune(self, conn: sqlite3.Connection) -> int:
+        """Deletes rows past ``max_age_s``, then the oldest beyond ``max_rows`` (writer thread only)."""
+        deleted = 0
+        with conn:
+            conn.execute("BEGIN")
+            if self.max_age_s is not None:
+                deleted += conn.execute("DELETE FROM requests WHERE timestamp < ?", (self._clock() - self.max_age_s,)).rowcount
+            if self.max_rows is not None:
+                # rowids grow with insertion: the newest max_rows rows are the highest rowids
+                deleted += conn.execute(
+                    "DELETE FROM requests WHERE rowid <= (SELECT rowid FROM requests ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+                    (self.max_rows,),
+                ).rowcount
+        if deleted:
+            log.info("request log: pruned %d rows (max_age_s=%s, max_rows=%s)", deleted, self.max_age_s, self.max_rows)
+        self.pruned += deleted
+        self._next_prune = time.monotonic() + self.prune_interval_s
+        return deleted
+
+    def _maybe_prune(self) -> None:
+        if (self.max_age_s is None and self.max_rows is None) or time.monotonic() < self._next_prune:
+            return
+        try:
+            self._prune(self._conn)
+        except sqlite3.Error as exc:  # retention is housekeeping: log, retry at the next interval
+            log.error("request log: pruning failed: %s", exc)
+            self._next_prune = time.monotonic() + self.prune_interval_s
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Writes what is queued, stops the writer and closes the file (idempotent)."""
         if self._closed:
@@ -214,7 +285,7 @@ class RequestLog:
         try:
             with self._conn:  # one transaction
                 self._conn.execute("BEGIN")
-                self._conn.executemany("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [r.values() for r in rows])
+                self._conn.executemany("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [r.values() for r in rows])
         except sqlite3.Error as exc:  # a full disk must not kill the writer: count and go on
             log.error("request log: %d rows lost: %s", len(rows), exc)
             self.dropped += len(rows)
@@ -227,7 +298,12 @@ class RequestLog:
 
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            self._maybe_prune()
+            try:
+                # wakes up at least once per interval, so an idle log is pruned too
+                batch = [self._queue.get(timeout=max(0.01, self.prune_interval_s))]
+            except queue.Empty:
+                continue
             while len(batch) < self.batch_rows:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -248,6 +324,7 @@ class RequestLog:
                     item.error = exc
                 item.done.set()
             self._write(rows)
+            self._maybe_prune()
 
 
 # ---------------------------------------------------------------------------- replay

@@ -1,6 +1,8 @@
-"""The last stage: MMR for diversity, then the business rules (freshness, per-genre quota).
+"""The last stage: MMR for diversity, then the business rules (freshness, per-genre quota,
+promotion slots).
 
-Pure numpy over one user's ranked candidates; :func:`rerank` returns positions into them.
+Pure numpy over one user's ranked candidates; :func:`rerank` returns positions into them and
+:func:`place_promotions` pins promoted items into the final list.
 MMR itself is :func:`orchestrator.mmr.mmr_rerank` (Carbonell & Goldstein 1998), the code the
 offline evaluation measured.
 """
@@ -13,6 +15,24 @@ import numpy as np
 
 from orchestrator.mmr import mmr_rerank
 
+PROMOTION_KINDS = {"sponsored": "sponsored", "editorial": "editorial pick"}
+"""Promotion kind -> the explanation a promoted item carries."""
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """A movie pinned at a position of the answer (validated by the service).
+
+    Attributes:
+        movie_id: MovieLens movie id (resolved against the answering catalog by the pipeline).
+        position: 0-based position in the answer.
+        kind: A key of :data:`PROMOTION_KINDS`.
+    """
+
+    movie_id: int
+    position: int
+    kind: str = "sponsored"
+
 
 @dataclass(frozen=True)
 class RerankOptions:
@@ -23,12 +43,14 @@ class RerankOptions:
         pool: How many of the best-ranked candidates MMR chooses from.
         freshness_weight: Weight of release-year freshness added to the scaled relevance.
         max_per_genre: At most this many results per genre; None = no quota.
+        promotions: Promotion slots, applied after everything else.
     """
 
     mmr_lambda: float
     pool: int
     freshness_weight: float = 0.0
     max_per_genre: int | None = None
+    promotions: tuple[Promotion, ...] = ()
 
 
 def _scaled(x: np.ndarray) -> np.ndarray:
@@ -88,6 +110,49 @@ def rerank(
         if len(out) == k:
             break
     return np.asarray(out, dtype=np.intp)
+
+
+def place_promotions(organic: np.ndarray, k: int, promoted: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pins promoted items at their positions; the organic items fill the rest in order.
+
+    An organic item that is also promoted is shown once, at its promoted position. When the
+    organic items run out before ``k``, the promotions still waiting close the list in
+    position order (no gaps).
+
+    Args:
+        organic: int [n] items best first (ask for ``k + len(promoted)`` so that removing
+            promoted duplicates still fills ``k``).
+        k: Length wanted.
+        promoted: int [p] distinct items to show (already admissible: filtered ones are the
+            caller's to drop).
+        positions: int [p] distinct 0-based positions, aligned with ``promoted``.
+
+    Returns:
+        ``(items int64 [m], source int64 [m])``, ``m <= k``: ``source[j]`` is the index into
+        ``promoted`` of a promoted item, -1 for an organic one.
+    """
+    promoted = np.asarray(promoted, np.int64)
+    at = {int(p): j for j, p in enumerate(np.asarray(positions, np.int64))}
+    rest = iter(np.asarray(organic, np.int64)[~np.isin(organic, promoted)].tolist())
+    items: list[int] = []
+    source: list[int] = []
+    for pos in range(k):
+        if pos in at:
+            j = at.pop(pos)
+            items.append(int(promoted[j]))
+            source.append(j)
+            continue
+        nxt = next(rest, None)
+        if nxt is None:
+            break
+        items.append(nxt)
+        source.append(-1)
+    for pos in sorted(at):  # past the end of a short list
+        if len(items) == k:
+            break
+        items.append(int(promoted[at[pos]]))
+        source.append(at[pos])
+    return np.asarray(items, np.int64), np.asarray(source, np.int64)
 
 
 def intra_list_diversity(vectors: np.ndarray) -> float:

@@ -34,12 +34,12 @@ from orchestrator.admission import Admission, AdmissionInterceptor
 from orchestrator.auth import ApiKeyInterceptor, load_keys, server_credentials
 from orchestrator.backends import InferenceBackend, InProcessBackend, TritonBackend
 from orchestrator.catalog import YEAR_RANGE, Catalog, Filters
-from orchestrator.deployment import ReloadWatcher, Router, published_version
+from orchestrator.deployment import ReloadWatcher, Router, start_version
 from orchestrator.errors import Deadline, InvalidArgument, RecsysError, abort, describe
 from orchestrator.metrics import Metrics, MetricsInterceptor
 from orchestrator.pipeline import HISTORY_UNAVAILABLE, MODEL_TIMEOUT, MODEL_UNAVAILABLE, NO_HISTORY, Query, Recommender, Result
 from orchestrator.requestlog import LogRow, RequestLog
-from orchestrator.rerank import RerankOptions
+from orchestrator.rerank import Promotion, RerankOptions
 from orchestrator.settings import ServeSettings
 from orchestrator.store import HistoryStore, RedisHistoryStore, SqliteHistoryStore
 from protos.recsys.v1 import recsys_pb2 as pb
@@ -145,7 +145,35 @@ def parse_rerank(msg: pb.Rerank, k: int, settings: ServeSettings, default_lambda
         quota = msg.max_per_genre
         if not 1 <= quota <= 500:
             raise InvalidArgument(f"rerank.max_per_genre must be in 1..500, got {quota}")
-    return RerankOptions(lam, int(pool), fresh, quota)
+    return RerankOptions(lam, int(pool), fresh, quota, parse_promotions(msg.promotions, k))
+
+
+PROMOTION_KIND_NAMES = {pb.PROMOTION_KIND_SPONSORED: "sponsored", pb.PROMOTION_KIND_EDITORIAL: "editorial"}
+
+
+def parse_promotions(msgs: Sequence[pb.Promotion], k: int) -> tuple[Promotion, ...]:
+    """Promotion slots: positions 1..k, each movie and each position once, a kind set.
+
+    Whether the movies exist is checked against the answering catalog by the pipeline.
+    """
+    if len(msgs) > k:
+        raise InvalidArgument(f"rerank.promotions holds {len(msgs)} entries, at most k ({k})")
+    out: list[Promotion] = []
+    positions: dict[int, int] = {}
+    movies: dict[int, int] = {}
+    for n, m in enumerate(msgs):
+        where = f"rerank.promotions[{n}]"
+        if not 1 <= m.position <= k:
+            raise InvalidArgument(f"{where}.position must be in 1..k ({k}), got {m.position}")
+        if m.position in positions:
+            raise InvalidArgument(f"{where}.position {m.position} is already taken by rerank.promotions[{positions[m.position]}]")
+        if m.movie_id in movies:
+            raise InvalidArgument(f"{where}.movie_id {m.movie_id} is already promoted by rerank.promotions[{movies[m.movie_id]}]")
+        if m.kind not in PROMOTION_KIND_NAMES:
+            raise InvalidArgument(f"{where}.kind must be PROMOTION_KIND_SPONSORED or PROMOTION_KIND_EDITORIAL, got {m.kind}")
+        positions[m.position], movies[m.movie_id] = n, n
+        out.append(Promotion(int(m.movie_id), int(m.position) - 1, PROMOTION_KIND_NAMES[m.kind]))
+    return tuple(out)
 
 
 def parse_recommend(msg: pb.RecommendRequest, settings: ServeSettings) -> Query:
@@ -206,6 +234,7 @@ def recommend_response(catalog: Catalog, result: Result, started: float) -> pb.R
         ignored_movie_ids=result.ignored_movie_ids,
         history_length=result.history_length,
         variant=result.variant,
+        dropped_promotion_ids=result.dropped_promotions,
     )
 
 
@@ -250,6 +279,8 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
         """Metrics of a pipeline answer, and its request-log row (queued, never waited for)."""
         if rpc in PIPELINE_RPCS:
             self.metrics.observe_result(result.timings_ms, result.fallback, result.variant, result.model_version)
+            if result.drift is not None and result.catalog is not None:
+                self.metrics.observe_drift(result.model_version, result.catalog.drift_reference, result.drift)
         if self.request_log is not None:
             row = LogRow(
                 request_id,
@@ -262,6 +293,7 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
                 result.model_version,
                 result.fallback,
                 result.variant,
+                result.drift,
             )
             self.request_log.log(row)
 
@@ -285,6 +317,8 @@ class RecommenderService(recsys_pb2_grpc.RecommenderServicer):
         def work(deadline: Deadline, request_id: str) -> pb.SimilarResponse:
             k = parse_k(request.k, self.settings.max_k)
             filters = parse_filters(request.filters)
+            if request.rerank.promotions:
+                raise InvalidArgument("rerank.promotions apply to Recommend and BatchRecommend, not Similar")
             options = parse_rerank(request.rerank, k, self.settings, default_lambda=1.0)
             user = parse_user_id(request.user_id) if request.HasField("user_id") else None
             result = self.rec.similar(request.movie_id, k, filters, options, user, deadline)
@@ -398,13 +432,14 @@ class HealthWatcher:
     NOT_SERVING until the first successful check (the catalog and the index are loaded
     before the server exists), then follows the backend: a Recommend still answers with the
     popular fallback while it is NOT_SERVING, but load balancers should prefer another
-    replica.
+    replica. Given the :class:`~orchestrator.deployment.Router`, "ready" also means that
+    every pinned version is READY in the backend (:meth:`Router.ready`).
     """
 
     def __init__(
         self,
         servicer: health.HealthServicer,
-        backend: InferenceBackend,
+        backend: InferenceBackend | Router,
         poll_s: float,
         warm_up: Callable[[], object] | None = None,
         metrics: Metrics | None = None,
@@ -631,16 +666,26 @@ def create_server(
 
     Raises:
         RuntimeError: The port cannot be bound, or a TLS file cannot be read.
+        StartupError: No published version's catalog matches the artifacts (a RuntimeError:
+            ``recsys serve`` exits 1 with its message).
         ValueError: The API keys do not parse.
     """
     # keys and certificates first: a typo there should fail before minutes of loading
     keys = load_keys(settings)
     credentials = server_credentials(settings)
-    catalog = catalog or Catalog.load(settings.artifacts_dir, settings.mmr_genre_weight)
-    store = store or make_store(settings)
+    own_backend = backend is None
     backend = backend or make_backend(settings)
-    recommender = Router(settings, catalog, store, backend, published_version(settings.model_repository))
-    metrics = Metrics()
+    try:
+        # the newest version the artifacts can serve, hash-checked like a hot reload's
+        version, folder = start_version(settings.model_repository, settings.artifacts_dir, backend)
+    except Exception:
+        if own_backend:
+            backend.close()
+        raise
+    catalog = catalog or Catalog.load(folder, settings.mmr_genre_weight)
+    store = store or make_store(settings)
+    recommender = Router(settings, catalog, store, backend, version)
+    metrics = Metrics(settings.drift_window_requests, settings.drift_min_requests)
     # metrics outermost: calls the key check refuses are counted too
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
     if keys:
@@ -665,6 +710,8 @@ def create_server(
             settings.request_log_queue,
             on_drop=metrics.request_log_dropped.inc,
             on_write=metrics.request_log_rows.inc,
+            max_age_s=settings.request_log_max_age_s or None,  # 0: no limit
+            max_rows=settings.request_log_max_rows or None,
         )
     add_servicer(RecommenderService(recommender, metrics, request_log), server)
     # non-blocking: Watch streams must not each hold one of the worker threads
@@ -680,8 +727,20 @@ def create_server(
         if request_log is not None:
             request_log.close()
         raise RuntimeError(f"cannot bind {address}")
-    watcher = HealthWatcher(health_servicer, backend, settings.health_poll_s, lambda: recommender.warm_up(settings.warmup_calls), metrics)
-    reloader = ReloadWatcher(recommender, settings.model_repository, settings.reload_poll_s)
+    watcher = HealthWatcher(
+        health_servicer, recommender, settings.health_poll_s, lambda: recommender.warm_up(settings.warmup_calls), metrics
+    )
+    # with hot reload off the watcher still keeps the pinned version loaded
+    reloader = ReloadWatcher(
+        recommender,
+        settings.model_repository,
+        settings.reload_poll_s or settings.health_poll_s,
+        follow_newer=settings.reload_poll_s > 0,
+        retry_s=settings.reload_retry_s,
+        retry_max_s=settings.reload_retry_max_s,
+        max_attempts=settings.reload_max_attempts,
+        on_failure=metrics.version_load_failures.inc,
+    )
     built = Server(server, port, recommender, watcher, metrics, request_log, reloader)
     built.admission = admission  # the gate, for operators' introspection and tests
     return built, port

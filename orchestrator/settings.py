@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from orchestrator.drift import DEFAULT_MIN_REQUESTS, DEFAULT_WINDOW_REQUESTS
+
 ENV_PREFIX = "RECSYS_"
 HISTORY_STORES = ("sqlite", "redis")
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -78,13 +80,19 @@ class ServeSettings:
         reload_poll_s: How often the model repository is polled for a newer version to
             hot-reload (``orchestrator/deployment.py``); 0 turns hot reload off.
         reload_timeout_s: Longest a new version may take to become ready in the backend.
+        reload_retry_s: Delay before retrying a version that failed to load; doubles per
+            failure up to ``reload_retry_max_s``.
+        reload_retry_max_s: Longest delay between two load attempts of one version.
+        reload_max_attempts: Attempts at a newer version before it is left alone until a
+            newer one appears (the pinned version is retried without a limit).
         ab_version: The model version of the A/B ``treatment`` arm (None: no experiment);
             it must be one of the two newest published versions (Triton serves those).
         ab_share: Share of users (by a stable hash of the id) routed to ``ab_version``.
         ab_salt: Salt of that hash: a new salt reshuffles users between arms.
-        api_keys_file: File of API keys, one ``key[:requests_per_second]`` a line (``#``
-            comments); with :attr:`api_keys`, the keys a call must send as ``x-api-key``
-            metadata. No key configured at all: authentication is off.
+        api_keys_file: File of API keys, one ``key[:requests_per_second][:scope]`` a line
+            (``#`` comments; scope ``read``, ``interact`` (the default) or ``admin``, see
+            ``orchestrator/auth.py``); with :attr:`api_keys`, the keys a call must send as
+            ``x-api-key`` metadata. No key configured at all: authentication is off.
         api_keys: The same entries comma-separated (``RECSYS_API_KEYS``); never printed.
         tls_cert: PEM certificate chain of the gRPC port; with ``tls_key``: TLS on.
         tls_key: PEM private key of ``tls_cert``.
@@ -93,6 +101,14 @@ class ServeSettings:
             (:meth:`request_log_db`).
         request_log_queue: Rows waiting for the log writer at most; more are dropped
             (counted in ``recsys_request_log_dropped_total``), never waited for.
+        request_log_max_age_s: Request-log rows older than this are deleted (checked every
+            minute by the writer); 0: kept forever. Default 30 days.
+        request_log_max_rows: The request log keeps at most this many rows, the newest;
+            0: no bound. Default 5,000,000 (about 1-2 GB with its indexes; the file stops
+            growing at the bound, SQLite reusing freed pages).
+        drift_window_requests: Answers per generation of the drift histograms: the
+            ``recsys_drift_psi`` gauges describe the last 1-2 windows (``orchestrator/drift.py``).
+        drift_min_requests: Fewer answers in the drift window give NaN PSIs (no alert on noise).
     """
 
     artifacts_dir: Path = Path("artifacts")
@@ -122,6 +138,9 @@ class ServeSettings:
     warmup_calls: int = 20
     reload_poll_s: float = 2.0
     reload_timeout_s: float = 120.0
+    reload_retry_s: float = 5.0
+    reload_retry_max_s: float = 60.0
+    reload_max_attempts: int = 6
     ab_version: int | None = None
     ab_share: float = 0.0
     ab_salt: str = "recsys-ab"
@@ -132,6 +151,10 @@ class ServeSettings:
     request_log: bool = True
     request_log_path: Path | None = None
     request_log_queue: int = 10_000
+    request_log_max_age_s: float = 30 * 86_400.0
+    request_log_max_rows: int = 5_000_000
+    drift_window_requests: int = DEFAULT_WINDOW_REQUESTS
+    drift_min_requests: int = DEFAULT_MIN_REQUESTS
 
     def __post_init__(self) -> None:
         # paths may arrive as strings (env, flags); normalise so the object stays hashable
@@ -168,6 +191,8 @@ class ServeSettings:
             problems.append(f"mmr_genre_weight must be in [0, 1], got {self.mmr_genre_weight}")
         if self.reload_poll_s < 0 or not self.reload_timeout_s > 0:
             problems.append("reload_poll_s must be >= 0 (0: off) and reload_timeout_s > 0")
+        if not 0 < self.reload_retry_s <= self.reload_retry_max_s or self.reload_max_attempts < 1:
+            problems.append("reload_retry_s must be in (0, reload_retry_max_s] and reload_max_attempts >= 1")
         if not 0.0 <= self.ab_share <= 1.0:
             problems.append(f"ab_share must be in [0, 1], got {self.ab_share}")
         if self.ab_share > 0 and self.ab_version is None:
@@ -180,6 +205,10 @@ class ServeSettings:
             problems.append("tls_cert and tls_key go together: set both (TLS) or neither (plaintext)")
         if self.request_log_queue < 1:
             problems.append(f"request_log_queue must be >= 1, got {self.request_log_queue}")
+        if self.request_log_max_age_s < 0 or self.request_log_max_rows < 0:
+            problems.append("request_log_max_age_s and request_log_max_rows must be >= 0 (0: no limit)")
+        if self.drift_window_requests < 1 or self.drift_min_requests < 1:
+            problems.append("drift_window_requests and drift_min_requests must be >= 1")
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 

@@ -16,6 +16,12 @@ interactions survive restarts and retrains. Movies are stored by movie id: ids o
 indices across retrains. Writes are idempotent on ``(user_id, movie_id, timestamp)``.
 ``delete_user`` erases a user's interactions (DeleteUser); the seed marker keeps a restart
 from bringing them back from the parquet file.
+
+Bounded reads: Recommend reads :meth:`HistoryStore.recent`, the user's last ``n``
+interactions and the *seen set* (every movie id the user interacted with, one packed int64
+array per user kept beside the history), never the whole history: a user with 10,000
+interactions costs about what one with 50 does. The seen sets are maintained on every write
+and built once for stores created before they existed (at open, logged).
 """
 
 from __future__ import annotations
@@ -73,6 +79,15 @@ class HistoryStore(Protocol):
         """
         ...
 
+    def recent(self, user_id: int, n: int) -> tuple[UserHistory, np.ndarray]:
+        """The user's last ``n`` interactions (oldest first, the order of :meth:`history`) and
+        their seen set (int64 movie ids, sorted, unique; all of the history, not only the last ``n``).
+
+        Raises:
+            Unavailable: The store cannot be read.
+        """
+        ...
+
     def record(self, user_id: int, movie_id: int, rating: float, timestamp_s: int) -> tuple[bool, int]:
         """Appends one interaction durably; ``(created, history length)``.
 
@@ -109,7 +124,22 @@ CREATE TABLE IF NOT EXISTS interactions (
     PRIMARY KEY (user_id, timestamp, movie_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS seen (user_id INTEGER PRIMARY KEY, movie_ids BLOB NOT NULL);
 """
+SEEN_MARKER = "seen_v1"
+"""Meta key (SQLite) / key suffix (Redis) set once every user's seen set is built."""
+
+
+def pack_seen(movie_ids: np.ndarray) -> bytes:
+    """A seen set as stored: sorted unique little-endian int64."""
+    return np.unique(np.asarray(movie_ids, np.int64)).astype("<i8").tobytes()
+
+
+def unpack_seen(blob: bytes | None) -> np.ndarray:
+    """The movie ids of a stored seen set (duplicates, e.g. Redis appends, removed)."""
+    if not blob:
+        return np.empty(0, np.int64)
+    return np.unique(np.frombuffer(blob, "<i8").astype(np.int64))
 
 
 class SqliteHistoryStore:
@@ -136,6 +166,41 @@ class SqliteHistoryStore:
         conn.executescript(_SCHEMA)
         if seed_from is not None:
             self._seed(Path(seed_from))
+        self._build_seen()
+
+    def _build_seen(self) -> None:
+        """Builds every user's seen set once (stores seeded or written before seen sets existed)."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("SELECT 1 FROM meta WHERE key = ?", (SEEN_MARKER,)).fetchone() is None:
+                users = 0
+                cur = conn.execute("SELECT user_id, movie_id FROM interactions ORDER BY user_id")  # primary-key order
+                carry_user, carry = None, np.empty(0, np.int64)
+                while rows := cur.fetchmany(SEED_CHUNK_ROWS):
+                    arr = np.asarray(rows, np.int64)
+                    bounds = np.flatnonzero(np.diff(arr[:, 0])) + 1
+                    out = []
+                    for part in np.split(arr, bounds):
+                        user = int(part[0, 0])
+                        if user == carry_user:
+                            part_movies = np.concatenate([carry, part[:, 1]])
+                        else:
+                            if carry_user is not None:
+                                out.append((carry_user, pack_seen(carry)))
+                            part_movies = part[:, 1]
+                        carry_user, carry = user, part_movies
+                    users += len(out)
+                    conn.executemany("INSERT OR REPLACE INTO seen VALUES (?, ?)", out)
+                if carry_user is not None:
+                    conn.execute("INSERT OR REPLACE INTO seen VALUES (?, ?)", (carry_user, pack_seen(carry)))
+                    users += 1
+                conn.execute("INSERT INTO meta VALUES (?, '1')", (SEEN_MARKER,))
+                log.info("%s: built the seen sets of %d users", self.path, users)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -194,6 +259,23 @@ class SqliteHistoryStore:
         movie, rating, ts = zip(*rows)
         return UserHistory(np.array(movie, np.int64), np.array(rating, np.float32), np.array(ts, np.int64))
 
+    def recent(self, user_id: int, n: int) -> tuple[UserHistory, np.ndarray]:
+        """See :meth:`HistoryStore.recent`: one index range read of ``n`` rows and one blob."""
+        try:
+            conn = self._conn()
+            rows = conn.execute(
+                "SELECT movie_id, rating, timestamp FROM interactions WHERE user_id = ? ORDER BY timestamp DESC, movie_id DESC LIMIT ?",
+                (int(user_id), max(0, int(n))),
+            ).fetchall()
+            blob = conn.execute("SELECT movie_ids FROM seen WHERE user_id = ?", (int(user_id),)).fetchone()
+        except sqlite3.Error as exc:
+            raise Unavailable(f"history store cannot be read: {exc}") from exc
+        seen = unpack_seen(blob[0] if blob else None)
+        if not rows:
+            return UserHistory.empty(), seen
+        movie, rating, ts = zip(*reversed(rows))
+        return UserHistory(np.array(movie, np.int64), np.array(rating, np.float32), np.array(ts, np.int64)), seen
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` .. ``COMMIT`` (rolled back on any error); SQLite errors are :class:`Unavailable`."""
@@ -217,6 +299,11 @@ class SqliteHistoryStore:
                 (int(user_id), int(timestamp_s), int(movie_id), float(rating)),
             )
             created = cur.rowcount == 1
+            if created:  # the seen set, in the same transaction
+                blob = conn.execute("SELECT movie_ids FROM seen WHERE user_id = ?", (int(user_id),)).fetchone()
+                seen = unpack_seen(blob[0] if blob else None)
+                if not np.isin(movie_id, seen):
+                    conn.execute("INSERT OR REPLACE INTO seen VALUES (?, ?)", (int(user_id), pack_seen(np.append(seen, movie_id))))
             (length,) = conn.execute("SELECT COUNT(*) FROM interactions WHERE user_id = ?", (int(user_id),)).fetchone()
         return created, int(length)
 
@@ -224,6 +311,7 @@ class SqliteHistoryStore:
         """See :meth:`HistoryStore.delete_user`."""
         with self._transaction() as conn:
             deleted = conn.execute("DELETE FROM interactions WHERE user_id = ?", (int(user_id),)).rowcount
+            conn.execute("DELETE FROM seen WHERE user_id = ?", (int(user_id),))
         return int(deleted)
 
     def close(self) -> None:
@@ -242,7 +330,9 @@ class RedisHistoryStore:
     """The history in Redis (see the module docstring); needs the ``redis`` package.
 
     Keys: ``{prefix}h:{user}`` sorted set of ``"{movie_id}:{timestamp}"`` scored by timestamp,
-    ``{prefix}r:{user}`` hash member -> rating, ``{prefix}seed_sha256`` the seed marker.
+    ``{prefix}r:{user}`` hash member -> rating, ``{prefix}s:{user}`` the seen set (packed
+    int64 movie ids, appended by each write, deduplicated on read), ``{prefix}seed_sha256``
+    the seed marker, ``{prefix}seen_v1`` set once every user's seen set is built.
 
     Args:
         url: ``redis://host:port/db``.
@@ -261,6 +351,28 @@ class RedisHistoryStore:
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         if seed_from is not None:
             self._seed(Path(seed_from))
+        self._build_seen()
+
+    def _build_seen(self) -> None:
+        """Builds every user's seen set once (stores seeded or written before seen sets existed).
+
+        Redis unreachable at start: skipped with a warning (reads then fail UNAVAILABLE anyway)
+        and done at the next start.
+        """
+        try:
+            if not self.client.set(self.prefix + SEEN_MARKER, "building", nx=True):
+                return
+        except self._errors as exc:
+            log.warning("redis unreachable, seen sets not checked: %s", exc)
+            return
+        users = 0
+        for key in self.client.scan_iter(match=f"{self.prefix}h:*", count=1000):
+            user = key.decode().rsplit(":", 1)[1]
+            members: list[bytes] = self.client.zrange(key, 0, -1)  # type: ignore[assignment]  # redis stubs: sync client
+            self.client.set(f"{self.prefix}s:{user}", pack_seen(np.array([int(m.split(b":")[0]) for m in members], np.int64)))
+            users += 1
+        self.client.set(self.prefix + SEEN_MARKER, "1")
+        log.info("redis: built the seen sets of %d users", users)
 
     def _seed(self, parquet: Path) -> None:
         digest = file_sha256(parquet)
@@ -297,6 +409,33 @@ class RedisHistoryStore:
         ts, movie, rating = zip(*parsed)
         return UserHistory(np.array(movie, np.int64), np.array(rating, np.float32), np.array(ts, np.int64))
 
+    def recent(self, user_id: int, n: int) -> tuple[UserHistory, np.ndarray]:
+        """See :meth:`HistoryStore.recent`: the last ``n`` members and the seen set, not the whole history.
+
+        Members tied in time sort by their text in Redis but by movie id offline, so when the
+        ``n`` fetched may cut through a tie, every member at the earliest fetched timestamp is
+        fetched too and the order settled here.
+        """
+        h, r, sk = f"{self.prefix}h:{user_id}", f"{self.prefix}r:{user_id}", f"{self.prefix}s:{user_id}"
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.get(sk)
+            if n > 0:
+                pipe.zrange(h, -n, -1, withscores=True)
+            blob, *fetched = pipe.execute()
+            members = fetched[0] if fetched else []
+            if n > 0 and len(members) == n:
+                members = self.client.zrangebyscore(h, members[0][1], "+inf", withscores=True)
+            ratings = self.client.hmget(r, [m for m, _ in members]) if members else []
+        except self._errors as exc:
+            raise Unavailable(f"history store (redis) cannot be read: {exc}") from exc
+        seen = unpack_seen(blob)
+        if not members:
+            return UserHistory.empty(), seen
+        parsed = sorted((int(ts), int(m.split(b":")[0]), float(v or 0.0)) for (m, ts), v in zip(members, ratings))[-n:]
+        ts, movie, rating = zip(*parsed)
+        return UserHistory(np.array(movie, np.int64), np.array(rating, np.float32), np.array(ts, np.int64)), seen
+
     def record(self, user_id: int, movie_id: int, rating: float, timestamp_s: int) -> tuple[bool, int]:
         """See :meth:`HistoryStore.record`."""
         member = f"{movie_id}:{timestamp_s}"
@@ -304,8 +443,10 @@ class RedisHistoryStore:
             pipe = self.client.pipeline(transaction=True)
             pipe.zadd(f"{self.prefix}h:{user_id}", {member: timestamp_s}, nx=True)
             pipe.hsetnx(f"{self.prefix}r:{user_id}", member, float(rating))
+            # a retry appends its id again: the seen set is deduplicated on read
+            pipe.append(f"{self.prefix}s:{user_id}", np.array([movie_id], "<i8").tobytes())
             pipe.zcard(f"{self.prefix}h:{user_id}")
-            added, _, length = pipe.execute()
+            added, _, _, length = pipe.execute()
         except self._errors as exc:
             raise Unavailable(f"history store (redis) cannot be written: {exc}") from exc
         return bool(added), int(length)
@@ -315,7 +456,7 @@ class RedisHistoryStore:
         try:
             pipe = self.client.pipeline(transaction=True)  # MULTI: count and delete at once
             pipe.zcard(f"{self.prefix}h:{user_id}")
-            pipe.delete(f"{self.prefix}h:{user_id}", f"{self.prefix}r:{user_id}")
+            pipe.delete(f"{self.prefix}h:{user_id}", f"{self.prefix}r:{user_id}", f"{self.prefix}s:{user_id}")
             count, _ = pipe.execute()
         except self._errors as exc:
             raise Unavailable(f"history store (redis) cannot be written: {exc}") from exc

@@ -45,6 +45,12 @@ class SlowBackend:
     def load_version(self, version, timeout_s):
         self.inner.load_version(version, timeout_s)
 
+    def live(self, timeout_s):
+        return True
+
+    def version_ready(self, version, timeout_s):
+        return self.inner.version_ready(version, timeout_s)
+
     def close(self) -> None:
         self.inner.close()
 

@@ -65,7 +65,7 @@ def test_key_entries_parse_and_fail_without_echoing_the_key():
     assert sorted(k.rate_per_s or 0 for k in keys.values()) == [0, 2.5]
     assert all(k.tag.startswith("sha256:") and len(k.tag) == 15 for k in keys.values())
     for bad, words in (
-        (["secret:fast"], "entry 1: requests_per_second 'fast'"),
+        (["secret:fast"], "entry 1: 'fast' is neither a requests_per_second number nor a scope"),
         (["secret:0"], "must be a finite number > 0"),
         (["a", "a"], "listed twice"),
         (["two words"], "printable ASCII"),

@@ -3,6 +3,11 @@
 Real pieces only: the tiny trained models exported twice (versions 1 and 2) into a copy of
 the repository, the real gRPC server, the in-process backend and the real embedded Triton
 (explicit model control). The orchestrator finds version 2 by polling the repository.
+
+The hot-reload tests publish a *perturbed* version 2 (user tower and ranker changed before
+the export, catalog unchanged), so every user's answer differs between the versions: an
+answer labelled with one version but computed (wholly or partly) by the other does not
+match that version's reference answer, and the tests fail.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from clients.client import RecsysClient
 from export.onnx_export import export_repository
@@ -35,34 +42,77 @@ def _publish(artifacts: Path, repo: Path) -> int:
     return export_repository(artifacts, repo, tree_implementation="gemm", update_manifest=False)["version"]
 
 
-class Load:
-    """Recommend calls in a loop on a thread, recording status, version and fallback of each."""
+def _perturbed(artifacts: Path, out: Path) -> Path:
+    """A copy of ``artifacts`` whose user tower and ranker answer differently (same catalog).
 
-    def __init__(self, address: str, users: list[int]):
+    The user tower's last layer gets seeded noise (other retrieval scores and candidates) and
+    every ranker leaf value is doubled (other ranker scores), so a version exported from it
+    answers every user differently, and an answer mixing the two versions' models matches
+    neither version's answers.
+    """
+    shutil.copytree(artifacts, out)
+    ckpt = torch.load(out / "two_tower.pt", map_location="cpu", weights_only=False)
+    gen = torch.Generator().manual_seed(7)
+    for name in ("user_tower.mlp.4.weight", "user_tower.mlp.4.bias"):
+        t = ckpt["state_dict"][name]
+        t += 0.5 * t.std() * torch.randn(t.shape, generator=gen)
+    torch.save(ckpt, out / "two_tower.pt")
+    booster = lgb.Booster(model_file=str(out / "ranker.lgb"))
+    for tree in booster.dump_model()["tree_info"]:
+        for leaf in range(tree["num_leaves"]):
+            booster.set_leaf_output(tree["tree_index"], leaf, 2.0 * booster.get_leaf_output(tree["tree_index"], leaf))
+    booster.save_model(str(out / "ranker.lgb"))
+    return out
+
+
+Answer = tuple[tuple[int, ...], tuple[float, ...]]
+"""An answer's movie ids and scores."""
+
+
+def _answer(r) -> Answer:
+    return tuple(i.movie_id for i in r.items), tuple(i.score for i in r.items)
+
+
+def _same(a: Answer, b: Answer) -> bool:
+    # Triton's dynamic batcher may batch a call with others: float32 sums in another order
+    return a[0] == b[0] and np.allclose(a[1], b[1], rtol=1e-4, atol=1e-5)
+
+
+class Load:
+    """Recommend calls in a loop on ``threads`` threads, recording status, version and fallback of
+    each, and every personal answer (start and end time, user, version, movies, scores)."""
+
+    def __init__(self, address: str, users: list[int], threads: int = 1):
         self.client = RecsysClient(address, retries=0, timeout_s=10)
         self.users = users
         self.seen: Counter[tuple[str, str, bool]] = Counter()
+        self.answers: list[tuple[float, float, int, str, Answer]] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in range(threads)]
 
-    def _run(self) -> None:
-        i = 0
+    def _run(self, offset: int) -> None:
+        i = offset
         while not self._stop.is_set():
             user = self.users[i % len(self.users)]
             i += 1
+            t0 = time.monotonic()
             try:
                 r = self.client.recommend(user, k=5)
                 self.seen[("OK", r.model_version, r.is_fallback)] += 1
+                if not r.is_fallback:
+                    self.answers.append((t0, time.monotonic(), user, r.model_version, _answer(r)))
             except grpc.RpcError as exc:
                 self.seen[(exc.code().name, "", False)] += 1
 
     def __enter__(self) -> Load:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(30)
+        for t in self._threads:
+            t.join(30)
         self.client.close()
 
     def versions(self) -> set[str]:
@@ -93,36 +143,76 @@ def _settings(artifacts: Path, repo: Path, tmp: Path, **kw) -> ServeSettings:
     return ServeSettings(artifacts_dir=artifacts, model_repository=repo, **(base | kw))
 
 
-def test_hot_reload_in_process_swaps_under_load(tiny_artifacts, repo_copy, tmp_path):
-    first = int(max(p.name for p in (repo_copy / "user_tower").iterdir() if p.name.isdigit()))
-    server, _ = create_server(_settings(tiny_artifacts, repo_copy, tmp_path))
-    with server, Load(server.address, _users(tiny_artifacts, 20)) as load:
-        _wait_version(load, str(first), 30)
-        new = _publish(tiny_artifacts, repo_copy)
-        took = _wait_version(load, str(new), 60)
-        time.sleep(0.3)
+def _references(address: str, users: list[int], version: str) -> dict[int, Answer]:
+    """Each user's answer, all of them from ``version`` (the server serves only it now)."""
+    with RecsysClient(address, retries=0, timeout_s=10) as client:
+        out = {}
+        for u in users:
+            r = client.recommend(u, k=5)
+            assert (r.model_version, r.is_fallback) == (version, False), (u, r.model_version, r.fallback_reason)
+            out[u] = _answer(r)
+    return out
+
+
+def _check_no_mix(load: Load, refs: dict[str, dict[int, Answer]], new: str) -> None:
+    """Every answer is its labelled version's reference answer, and once an answer of ``new``
+    arrived no call started later was answered by the old version."""
+    users = refs[new].keys()
+    assert all(not _same(refs[v][u], refs[new][u]) for v in refs if v != new for u in users), "the perturbed version answers alike"
+    wrong = [(u, v, a) for _, _, u, v, a in load.answers if v not in refs or not _same(a, refs[v][u])]
+    assert not wrong, f"{len(wrong)} of {len(load.answers)} answers match no version's reference, e.g. {wrong[:2]}"
+    first_new = min(end for _, end, _, v, _ in load.answers if v == new)
+    back = [(start, v) for start, _, _, v, _ in load.answers if start > first_new and v != new]
+    assert not back, f"{len(back)} calls started after the first version-{new} answer were answered by {set(v for _, v in back)}"
+
+
+def _hot_reload_under_load(tiny_artifacts: Path, repo: Path, tmp_path: Path, version_timeout_s: float, **settings) -> tuple:
+    users = _users(tiny_artifacts, 12)
+    perturbed = _perturbed(tiny_artifacts, tmp_path / "artifacts_v2")
+    first = str(max(int(p.name) for p in (repo / "user_tower").iterdir() if p.name.isdigit()))
+    # a long warm-up of the new version: requests keep running on the old one meanwhile, the
+    # moment a version leak (a call of the old deployment reaching the new models) shows
+    server, _ = create_server(_settings(tiny_artifacts, repo, tmp_path, **({"warmup_calls": 100} | settings)))
+    with server:
+        t0 = time.monotonic()
+        while server.health.serving is False and time.monotonic() - t0 < version_timeout_s:
+            time.sleep(0.1)
+        refs = {first: _references(server.address, users, first)}
+        with Load(server.address, users, threads=4) as load:
+            _wait_version(load, first, version_timeout_s)
+            new = str(_publish(perturbed, repo))
+            took = _wait_version(load, new, version_timeout_s)
+            time.sleep(0.5)
+        refs[new] = _references(server.address, users, new)
+        versions = server.recommender.versions
+    _check_no_mix(load, refs, new)
     assert load.failed() == 0, dict(load.seen)
-    assert load.versions() == {str(first), str(new)}
+    assert load.versions() == {first, new}
+    assert versions == {CONTROL: int(new)}
+    return server, load, int(first), int(new), took
+
+
+def test_hot_reload_in_process_swaps_under_load(tiny_artifacts, repo_copy, tmp_path):
+    _, _, _, _, took = _hot_reload_under_load(tiny_artifacts, repo_copy, tmp_path, 60)
     assert took < 30
-    assert server.recommender.versions == {CONTROL: new}
 
 
 def test_hot_reload_on_triton_pins_versions_and_loses_nothing(tiny_artifacts, repo_copy, tmp_path, start_triton):
     triton = start_triton(repo_copy)
-    first = int(max(p.name for p in (repo_copy / "user_tower").iterdir() if p.name.isdigit()))
-    server, _ = create_server(_settings(tiny_artifacts, repo_copy, tmp_path, triton_url=triton.grpc_url))
-    with server, Load(server.address, _users(tiny_artifacts, 20)) as load:
-        _wait_version(load, str(first), 60)
-        new = _publish(tiny_artifacts, repo_copy)
-        _wait_version(load, str(new), 90)
-        time.sleep(0.5)
-        # the old version stays loaded beside the new one (version_policy latest 2)
-        import tritonclient.grpc as grpcclient
+    server, load, first, new, _ = _hot_reload_under_load(tiny_artifacts, repo_copy, tmp_path, 90, triton_url=triton.grpc_url)
+    import tritonclient.grpc as grpcclient
 
-        tc = grpcclient.InferenceServerClient(triton.grpc_url)
-        assert tc.is_model_ready("user_tower", str(first)) and tc.is_model_ready("user_tower", str(new))
-        # a request pinned to the old version ranks through the pinned leaf models, not the ensemble
-        backend = server.recommender.backend
+    # the old version stays loaded beside the new one (version_policy latest 2)
+    tc = grpcclient.InferenceServerClient(triton.grpc_url)
+    assert tc.is_model_ready("user_tower", str(first)) and tc.is_model_ready("user_tower", str(new))
+    tc.close()
+    # a request pinned to the old version ranks through the pinned leaf models, not the
+    # ensemble (which runs the newest): the two versions' rankers give other scores
+    from orchestrator.backends import TritonBackend
+
+    backend = TritonBackend(triton.grpc_url)
+    try:
+        assert backend.ready(5.0)
         h = np.full((3, 10), -1, np.int64)
         h[:, -2:] = [[1, 2]] * 3
         args = (
@@ -136,9 +226,9 @@ def test_hot_reload_on_triton_pins_versions_and_loses_nothing(tiny_artifacts, re
         old = backend.rank(*args, timeout_s=5, version=first)
         latest = backend.rank(*args, timeout_s=5, version=new)
         assert old.shape == latest.shape == (3,)
-        tc.close()
-    assert load.failed() == 0, dict(load.seen)
-    assert load.versions() == {str(first), str(new)}
+        np.testing.assert_allclose(latest, 2.0 * old, rtol=1e-5, atol=1e-6)  # the perturbation doubled every leaf
+    finally:
+        backend.close()
 
 
 def test_a_reload_that_cannot_be_served_keeps_the_old_version(tiny_artifacts, repo_copy, tmp_path):

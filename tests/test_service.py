@@ -338,6 +338,12 @@ class Wrapped:
     def load_version(self, version, timeout_s):
         self.inner.load_version(version, timeout_s)
 
+    def live(self, timeout_s):
+        return True
+
+    def version_ready(self, version, timeout_s):
+        return self.is_ready and self.inner.version_ready(version, timeout_s)
+
     def close(self) -> None:
         self.inner.close()
 
@@ -401,6 +407,9 @@ class BrokenStore:
     """A history store whose backend is down."""
 
     def history(self, user_id):
+        raise Unavailable("store down")
+
+    def recent(self, user_id, n):
         raise Unavailable("store down")
 
     def record(self, *args):

@@ -18,6 +18,11 @@ Phases, in this order (each can be skipped; its JSON section then says ``"skippe
     Recommend at concurrency 32 through :class:`~clients.client.AsyncRecsysClient` (no
     retries, so nothing is hidden): known users from ``interactions.parquet`` and, for a
     share of the calls, explicit histories. Target: 0 errors.
+``drift``
+    Ordinary calls (known users), then explicit histories of one genre, at concurrency 8, 3
+    drift windows each; the orchestrator's own ``recsys_drift_psi`` is read after each part.
+    Targets: max PSI < 0.1 on ordinary traffic, > 0.25 on the shifted one, the alert
+    condition (``recsys_drift_psi > 0.25``) true.
 ``triton_killed``
     The same load at concurrency 8; Triton is SIGKILLed mid-run, kept down until the
     orchestrator's health for ``recsys.v1.Recommender`` reads NOT_SERVING, then restarted on
@@ -32,7 +37,7 @@ Phases, in this order (each can be skipped; its JSON section then says ``"skippe
     continues until personal answers report the new version or a timeout. The orchestrator
     is started with ``RECSYS_RELOAD_POLL_S`` (``ServeSettings.reload_poll_s``, read by
     ``from_env``). Targets: no failed call, the new version served, no old-version answer
-    once a new-version one has been seen.
+    once a new-version one has been seen, no ``MODEL_UNAVAILABLE`` fallback.
 ``durability``
     RecordInteraction for fresh users (ids above every known one) at concurrency 8; the
     orchestrator is SIGKILLed the moment the N-th acknowledgement arrives, restarted on the
@@ -47,11 +52,18 @@ Phases, in this order (each can be skipped; its JSON section then says ``"skippe
     inside BatchRecommend results, and the random-bytes bodies probed after it,
     ``fuzz.undecodable``: the server parses bodies with deserializers that never raise and
     answers undecodable ones INVALID_ARGUMENT), 0 orchestrator crashes.
+``soak``
+    The load's mix at concurrency 8 for ``--soak-minutes`` (30; ``--quick`` 0.5); the
+    orchestrator's RSS, fds and threads (and Triton's RSS) sampled throughout. Targets: 0
+    errors, RSS growth after warm-up <= 5 %, fds and threads back to their post-warm-up counts.
 
 Output: the JSON report (``--out``): ``conditions`` and one section per phase, each with its
 figures and its ``targets`` (``value``, ``wanted``, ``met``; ``met`` is null when skipped);
 progress on stderr; a table, any INTERNAL/UNKNOWN request with the server's traceback, and
 the targets on stdout. Exit code 0 only when every target of every phase that ran is met.
+Where a popular-fallback answer counts as answered is stated per phase in
+``FALLBACK_COUNTS_AS`` (``benchmarks/faults/run.py``), copied into each section as
+``fallback_counts_as`` and printed after the targets.
 """
 
 from benchmarks.faults.run import add_arguments, main, run_benchmark, run_cli

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPORTS, LoadWatch, conditions, conditions_line, log, markdown_table, write_json
+from benchmarks.faults.drift_soak import METRICS_PORT_ENV, phase_drift, phase_soak
 from benchmarks.faults.fuzz import phase_fuzz
 from benchmarks.faults.load import Workload, phase_deadline, phase_durability, phase_load, phase_reload, phase_triton_killed
 from benchmarks.faults.stack import PHASES, SECTION_KEYS, FaultSettings, Stack
@@ -87,7 +88,14 @@ def run_benchmark(
         art, rep, source = prepare_deployment(artifacts, repo, data, workdir, in_place)
         workload = Workload.from_artifacts(art, s.history_share, s.k)
         n_interactions = len(pd.read_parquet(art / "interactions.parquet", columns=["user_id"]))
-        env = {"RECSYS_RELOAD_POLL_S": str(s.reload_poll_s)}
+        from orchestrator.tritonserver import free_port
+
+        env = {
+            "RECSYS_RELOAD_POLL_S": str(s.reload_poll_s),
+            METRICS_PORT_ENV: str(free_port()),  # the drift phase reads recsys_drift_psi there
+            "RECSYS_DRIFT_WINDOW_REQUESTS": str(s.drift_window),
+            "RECSYS_DRIFT_MIN_REQUESTS": str(min(200, s.drift_window)),
+        }
         if s.health_poll_s is not None:
             env["RECSYS_HEALTH_POLL_S"] = str(s.health_poll_s)
         stack = Stack(art, rep, workdir, env)
@@ -99,11 +107,13 @@ def run_benchmark(
             log(f"Triton ready in {triton_s:.1f} s, orchestrator SERVING in {orch_s:.1f} s at {stack.target}")
             phases = {
                 "load": phase_load,
+                "drift": phase_drift,
                 "triton_killed": phase_triton_killed,
                 "deadline": phase_deadline,
                 "reload": phase_reload,
                 "durability": phase_durability,
                 "fuzz": phase_fuzz,
+                "soak": phase_soak,
             }
             for name, fn in phases.items():
                 if name in s.skip:
@@ -113,6 +123,7 @@ def run_benchmark(
                 with LoadWatch() as watch:
                     report[name] = fn(stack, workload, s)
                 report[name]["load_average"] = watch.record()
+                report[name]["fallback_counts_as"] = FALLBACK_COUNTS_AS[name]
                 log(f"phase {name} done in {watch.seconds:.1f} s")
         report = {
             "conditions": conditions(
@@ -149,6 +160,22 @@ def run_benchmark(
     return report
 
 
+MODEL_UNAVAILABLE = "FALLBACK_REASON_MODEL_UNAVAILABLE"
+"""The fallback of a call whose model (version) the backend does not serve."""
+
+FALLBACK_COUNTS_AS = {
+    "load": "answered: a popular-fallback answer is OK, not an error; `errors` counts non-OK statuses only, "
+    "so 0 errors does not mean 0 fallbacks (see `fallback`)",
+    "triton_killed": "answered: with Triton down the popular fallback is the answer, and the target is that every call gets one",
+    "deadline": "not counted: every call must end DEADLINE_EXCEEDED",
+    "reload": "answered, not failed; but a MODEL_UNAVAILABLE fallback (a version the backend does not serve) misses the "
+    "target `model_unavailable fallbacks` = 0, and only personal answers count for `new version served`",
+    "durability": "a fallback with history_length >= 1 counts as visible (the write is seen, whatever the answer)",
+    "fuzz": "an OK answer, fallback or not, is an acceptable status",
+}
+"""Per phase: whether a popular-fallback answer counts as answered (in each section as ``fallback_counts_as``)."""
+
+
 def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Every target with its measured value; ``met`` is None for a skipped phase."""
 
@@ -156,7 +183,8 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         skipped = report.get(phase, {}).get("skipped")
         return {"phase": phase, "target": name, "value": value, "wanted": target, "met": None if skipped else bool(ok())}
 
-    ld, tk, dl, rl, du, fz = (report.get(p, {}) for p in PHASES)
+    ld, tk, dl, rl, du, fz = (report.get(p, {}) for p in ("load", "triton_killed", "deadline", "reload", "durability", "fuzz"))
+    dr, sk = report.get("drift", {}), report.get("soak", {})
     return [
         t("load", "errors", ld.get("errors"), "0", lambda: ld["errors"] == 0),
         t(
@@ -187,6 +215,13 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         t("reload", "new version served", rl.get("reloaded"), "yes", lambda: rl["reloaded"]),
         t(
             "reload",
+            "model_unavailable fallbacks",
+            None if rl.get("skipped") else rl["fallback_by_reason"].get(MODEL_UNAVAILABLE, 0),
+            "0",
+            lambda: rl["fallback_by_reason"].get(MODEL_UNAVAILABLE, 0) == 0,
+        ),
+        t(
+            "reload",
             "old version answers after the first new one",
             rl.get("old_version_after_new"),
             "0",
@@ -202,6 +237,31 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "0",
             lambda: fz["other_status"] == 0 and fz["empty_messages"] == 0,
         ),
+        t(
+            "drift",
+            "max PSI, ordinary traffic",
+            dr.get("psi_normal"),
+            "< 0.1",
+            lambda: dr["psi_normal"] is not None and dr["psi_normal"] < 0.1,
+        ),
+        t(
+            "drift",
+            "max PSI, one-genre histories",
+            dr.get("psi_shifted"),
+            "> 0.25",
+            lambda: dr["psi_shifted"] is not None and dr["psi_shifted"] > 0.25,
+        ),
+        t("drift", "alert condition (recsys_drift_psi > 0.25)", dr.get("alert"), "true", lambda: dr["alert"] is True),
+        t("soak", "errors", sk.get("errors"), "0", lambda: sk["errors"] == 0 and sk["requests"] > 0),
+        t(
+            "soak",
+            "rss_growth_pct after warm-up",
+            sk.get("rss_growth_pct"),
+            "<= 5",
+            lambda: sk["rss_growth_pct"] is not None and sk["rss_growth_pct"] <= 5.0,
+        ),
+        t("soak", "fds_delta", sk.get("fds_delta"), "<= 0", lambda: sk["fds_delta"] is not None and sk["fds_delta"] <= 0),
+        t("soak", "threads_delta", sk.get("threads_delta"), "<= 0", lambda: sk["threads_delta"] is not None and sk["threads_delta"] <= 0),
     ]
 
 
@@ -273,6 +333,25 @@ def table(report: dict[str, Any]) -> str:
                 f"undecodable bytes: {und.get('by_status')}",
             )
         )
+    dr = report.get("drift", {})
+    if dr and not dr.get("skipped"):
+        rows.append(
+            (
+                "drift",
+                f"max PSI {dr['psi_normal']} on {dr['requests_per_part']:,} ordinary calls, {dr['psi_shifted']} on as many "
+                f"one-genre ones ({dr['shift']}); alert {dr['alert']}; window {dr['window_requests']} answers",
+            )
+        )
+    sk = report.get("soak", {})
+    if sk and not sk.get("skipped"):
+        rows.append(
+            (
+                "soak",
+                f"{sk['minutes']} min at c{sk['concurrency']}: {sk['requests']:,} calls, {sk['errors']} errors, {sk['fallback']} fallback; "
+                f"RSS {sk['rss_growth_pct']} % after {sk['warmup_s']} s warm-up (Triton {sk['triton_rss_growth_pct']} %), "
+                f"fds {sk['fds_delta']:+d}, threads {sk['threads_delta']:+d}; {ms(sk)}",
+            )
+        )
     return markdown_table(("phase", "figures"), rows)
 
 
@@ -307,6 +386,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reload-timeout", type=float, default=None, help="seconds to wait for the new version after the export")
     p.add_argument("--reload-poll-s", type=float, default=None, help="the orchestrator's reload polling period (default 2)")
     p.add_argument("--health-poll-s", type=float, default=None, help="the orchestrator's health polling period (default: its own, 1 s)")
+    p.add_argument("--drift-window", type=int, default=None, help="the orchestrator's drift window in answers (default 300)")
+    p.add_argument("--soak-minutes", type=float, default=None, help="length of the soak phase (default 30; --quick 0.5)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, copies, history file)")
     p.set_defaults(func=run_cli)
@@ -325,6 +406,8 @@ def run_cli(args: argparse.Namespace) -> int:
         "reload_timeout_s": args.reload_timeout,
         "reload_poll_s": args.reload_poll_s,
         "health_poll_s": args.health_poll_s,
+        "drift_window": args.drift_window,
+        "soak_minutes": args.soak_minutes,
         "seed": args.seed,
     }
     s = replace(s, skip=tuple(args.skip), **{k: v for k, v in overrides.items() if v is not None})
@@ -339,6 +422,7 @@ def run_cli(args: argparse.Namespace) -> int:
             print("  server: " + ex["server_traceback"].replace("\n", "\n          "))
     print(f"\n{conditions_line(report['conditions'])}")
     print("targets:\n" + targets_text(report))
+    print("fallback answers:\n" + "\n".join(f"  {p}: {how}" for p, how in FALLBACK_COUNTS_AS.items()))
     print(f"wrote {out}")
     failed = [t for t in all_targets(report) if t["met"] is False]
     return 1 if failed else 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PHASES = ("load", "triton_killed", "deadline", "reload", "durability", "fuzz")
+PHASES = ("load", "drift", "triton_killed", "deadline", "reload", "durability", "fuzz", "soak")
 SECTION_KEYS = {
     "load": ("requests", "errors"),
     "triton_killed": ("requests", "answered", "fallback", "recovered_s"),
@@ -26,6 +26,8 @@ SECTION_KEYS = {
     "reload": ("requests", "failed", "versions"),
     "durability": ("acked", "lost"),
     "fuzz": ("requests", "internal", "crashes"),
+    "drift": ("psi_normal", "psi_shifted", "alert"),
+    "soak": ("minutes", "requests", "errors", "rss_growth_pct", "fds_delta", "threads_delta"),
 }
 """The keys every section of the report has (skipped phases carry them as null)."""
 
@@ -66,6 +68,13 @@ class FaultSettings:
         fuzz_timeout_s: Deadline of each fuzz call.
         undecodable: Requests of random bytes probed after the fuzz phase.
         health_poll_s: ``RECSYS_HEALTH_POLL_S`` for the orchestrator (None: its default, 1 s).
+        drift_window: ``RECSYS_DRIFT_WINDOW_REQUESTS`` for the orchestrator; the drift phase
+            sends 3 windows of ordinary, then 3 of shifted traffic.
+        drift_concurrency: Calls in flight during the drift phase.
+        soak_minutes: Length of the soak phase.
+        soak_concurrency: Calls in flight during the soak.
+        soak_warmup_share: Share of the soak (at least 5 s) before the baseline sample.
+        soak_sample_s: Longest interval between two samples of RSS, fds and threads.
         seed: Workload, fuzz and id choices.
         skip: Phases not run.
     """
@@ -93,6 +102,12 @@ class FaultSettings:
     fuzz_timeout_s: float = 10.0
     undecodable: int = 100
     health_poll_s: float | None = None
+    drift_window: int = 300
+    drift_concurrency: int = 8
+    soak_minutes: float = 30.0
+    soak_concurrency: int = 8
+    soak_warmup_share: float = 0.1
+    soak_sample_s: float = 5.0
     seed: int = 0
     skip: tuple[str, ...] = ()
 
@@ -109,12 +124,17 @@ class FaultSettings:
             "durability_n",
             "durability_concurrency",
             "fuzz_requests",
+            "drift_window",
+            "drift_concurrency",
+            "soak_concurrency",
         )
         problems += [f"{name} must be >= 1, got {getattr(self, name)}" for name in counts if getattr(self, name) < 1]
         seconds = ("call_timeout_s", "deadline_s", "settle_s", "reload_timeout_s", "reload_poll_s", "export_timeout_s", "fuzz_timeout_s")
         problems += [f"{name} must be > 0, got {getattr(self, name)}" for name in seconds if not getattr(self, name) > 0]
         if not 0.0 <= self.history_share <= 1.0:
             problems.append(f"history_share must be in [0, 1], got {self.history_share}")
+        if not self.soak_minutes > 0 or not self.soak_sample_s > 0 or not 0.0 <= self.soak_warmup_share < 1.0:
+            problems.append("soak_minutes and soak_sample_s must be > 0, soak_warmup_share in [0, 1)")
         if self.undecodable < 0:
             problems.append(f"undecodable must be >= 0, got {self.undecodable}")
         if problems:
@@ -123,7 +143,16 @@ class FaultSettings:
     @classmethod
     def quick(cls) -> FaultSettings:
         """Smaller counts: a few minutes on the development machine."""
-        return cls(load_requests=2_000, fuzz_requests=1_000, deadline_calls=100, durability_n=100, undecodable=20, reload_timeout_s=60.0)
+        return cls(
+            load_requests=2_000,
+            fuzz_requests=1_000,
+            deadline_calls=100,
+            durability_n=100,
+            undecodable=20,
+            reload_timeout_s=60.0,
+            drift_window=100,
+            soak_minutes=0.5,
+        )
 
 
 # ---------------------------------------------------------------------------- processes

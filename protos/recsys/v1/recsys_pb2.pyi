@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PromotionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROMOTION_KIND_UNSPECIFIED: _ClassVar[PromotionKind]
+    PROMOTION_KIND_SPONSORED: _ClassVar[PromotionKind]
+    PROMOTION_KIND_EDITORIAL: _ClassVar[PromotionKind]
+
 class FallbackReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FALLBACK_REASON_UNSPECIFIED: _ClassVar[FallbackReason]
@@ -19,6 +25,9 @@ class PopularityWindow(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     POPULARITY_WINDOW_ALL_TIME: _ClassVar[PopularityWindow]
     POPULARITY_WINDOW_RECENT: _ClassVar[PopularityWindow]
+PROMOTION_KIND_UNSPECIFIED: PromotionKind
+PROMOTION_KIND_SPONSORED: PromotionKind
+PROMOTION_KIND_EDITORIAL: PromotionKind
 FALLBACK_REASON_UNSPECIFIED: FallbackReason
 FALLBACK_REASON_NO_HISTORY: FallbackReason
 FALLBACK_REASON_MODEL_UNAVAILABLE: FallbackReason
@@ -52,16 +61,28 @@ class History(_message.Message):
     def __init__(self, movie_ids: _Optional[_Iterable[int]] = ..., ratings: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Rerank(_message.Message):
-    __slots__ = ("mmr_lambda", "candidate_pool", "freshness_weight", "max_per_genre")
+    __slots__ = ("mmr_lambda", "candidate_pool", "freshness_weight", "max_per_genre", "promotions")
     MMR_LAMBDA_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_POOL_FIELD_NUMBER: _ClassVar[int]
     FRESHNESS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_PER_GENRE_FIELD_NUMBER: _ClassVar[int]
+    PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
     mmr_lambda: float
     candidate_pool: int
     freshness_weight: float
     max_per_genre: int
-    def __init__(self, mmr_lambda: _Optional[float] = ..., candidate_pool: _Optional[int] = ..., freshness_weight: _Optional[float] = ..., max_per_genre: _Optional[int] = ...) -> None: ...
+    promotions: _containers.RepeatedCompositeFieldContainer[Promotion]
+    def __init__(self, mmr_lambda: _Optional[float] = ..., candidate_pool: _Optional[int] = ..., freshness_weight: _Optional[float] = ..., max_per_genre: _Optional[int] = ..., promotions: _Optional[_Iterable[_Union[Promotion, _Mapping]]] = ...) -> None: ...
+
+class Promotion(_message.Message):
+    __slots__ = ("movie_id", "position", "kind")
+    MOVIE_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    movie_id: int
+    position: int
+    kind: PromotionKind
+    def __init__(self, movie_id: _Optional[int] = ..., position: _Optional[int] = ..., kind: _Optional[_Union[PromotionKind, str]] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "history", "k", "filters", "rerank")
@@ -108,7 +129,7 @@ class StageTimings(_message.Message):
     def __init__(self, history_ms: _Optional[float] = ..., user_tower_ms: _Optional[float] = ..., retrieval_ms: _Optional[float] = ..., ranking_ms: _Optional[float] = ..., reranking_ms: _Optional[float] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "model_version", "is_fallback", "fallback_reason", "latency_ms", "timings", "ignored_movie_ids", "history_length", "variant")
+    __slots__ = ("items", "model_version", "is_fallback", "fallback_reason", "latency_ms", "timings", "ignored_movie_ids", "history_length", "variant", "dropped_promotion_ids")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     IS_FALLBACK_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +139,7 @@ class RecommendResponse(_message.Message):
     IGNORED_MOVIE_IDS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_LENGTH_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_PROMOTION_IDS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[RecommendedItem]
     model_version: str
     is_fallback: bool
@@ -127,7 +149,8 @@ class RecommendResponse(_message.Message):
     ignored_movie_ids: _containers.RepeatedScalarFieldContainer[int]
     history_length: int
     variant: str
-    def __init__(self, items: _Optional[_Iterable[_Union[RecommendedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., is_fallback: _Optional[bool] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., latency_ms: _Optional[float] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., ignored_movie_ids: _Optional[_Iterable[int]] = ..., history_length: _Optional[int] = ..., variant: _Optional[str] = ...) -> None: ...
+    dropped_promotion_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, items: _Optional[_Iterable[_Union[RecommendedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., is_fallback: _Optional[bool] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., latency_ms: _Optional[float] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., ignored_movie_ids: _Optional[_Iterable[int]] = ..., history_length: _Optional[int] = ..., variant: _Optional[str] = ..., dropped_promotion_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SimilarRequest(_message.Message):
     __slots__ = ("movie_id", "k", "filters", "user_id", "rerank")

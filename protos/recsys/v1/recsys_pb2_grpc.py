@@ -115,7 +115,8 @@ class RecommenderServicer:
         request log that names the user. Durable when acknowledged; idempotent (an unknown or
         already deleted user gets zero counts). The next Recommend for the user is the
         popular fallback (reason NO_HISTORY). Trained model files are not changed: the user's
-        old interactions leave the models at the next retrain.
+        old interactions leave the models at the next retrain. Needs an API key of scope admin
+        when the server has keys.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
