@@ -104,3 +104,8 @@ def test_bench_faults_quick_on_the_tiny_model(tiny_artifacts, tiny_repository, t
 
     # the fixture folders are served from copies: the re-export did not touch them
     assert not (tiny_repository / "user_tower" / "2").exists()
+
+
+def test_every_phase_says_whether_a_fallback_counts_as_answered():
+    """A phase added without its fallback rule would crash the run after the phase (KeyError)."""
+    assert set(FALLBACK_COUNTS_AS) == set(PHASES)

@@ -172,6 +172,8 @@ FALLBACK_COUNTS_AS = {
     "target `model_unavailable fallbacks` = 0, and only personal answers count for `new version served`",
     "durability": "a fallback with history_length >= 1 counts as visible (the write is seen, whatever the answer)",
     "fuzz": "an OK answer, fallback or not, is an acceptable status",
+    "drift": "not in the distributions: fallbacks carry no drift sample, so PSI describes model answers only (`fallback` counts them)",
+    "soak": "answered: `errors` counts non-OK statuses only, a popular-fallback answer is not an error (`fallback` counts them)",
 }
 """Per phase: whether a popular-fallback answer counts as answered (in each section as ``fallback_counts_as``)."""
 
