@@ -25,8 +25,9 @@ model's batch size for ``run``.
     python -m benchmarks.perf_analyzer.make_inputs --artifacts artifacts --repo model_repository \\
         --out benchmarks/perf_analyzer/inputs
 
-The checked-in ``inputs/`` were generated this way from the ml-100k model that was bundled
-before ml-latest-small (to be regenerated from ``make demo``'s artifacts and repository).
+The checked-in ``inputs/`` were generated this way from a model trained on the bundled
+ml-latest-small (``recsys train`` + ``recsys export``, then this command with ``--data
+data/ml-latest-small``); they are cut from that data set and carry its licence (data/README.md).
 """
 
 from __future__ import annotations
