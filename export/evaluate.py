@@ -44,6 +44,7 @@ from export.retrieval import top_k, top_k_scores
 from export.split import relevant_items
 from orchestrator.candidates import SOURCES
 from orchestrator.mmr import blend_vectors, mmr_rerank
+from orchestrator.settings import ServeSettings
 
 MODEL_NAMES = ("popularity", "item_knn", "ease", "als", "two_tower", "two_tower_ranker", "two_tower_ranker_mmr")
 """Every model in the report, in this order."""
@@ -72,9 +73,10 @@ class EvalSettings:
 
     train: TrainSettings = field(default_factory=TrainSettings)
     windows: int = 1
-    mmr_lambda: float = 0.4
-    mmr_pool: int = 50
-    mmr_genre_weight: float = 0.8
+    # the served defaults (one home: orchestrator/settings.py)
+    mmr_lambda: float = ServeSettings.mmr_lambda
+    mmr_pool: int = ServeSettings.mmr_pool
+    mmr_genre_weight: float = ServeSettings.mmr_genre_weight
     mmr_sweep: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
     baselines: tuple[str, ...] = ("popularity", "item_knn", "ease", "als")
     bootstrap_samples: int = 2000

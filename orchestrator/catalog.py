@@ -26,6 +26,7 @@ from orchestrator.candidates import TABLES_FILE, CandidateTables, blocked_mask, 
 from orchestrator.drift import DriftReference
 from orchestrator.errors import InvalidArgument, NotFound
 from orchestrator.mmr import blend_vectors
+from orchestrator.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,9 @@ class Catalog:
         self._by_recent = np.lexsort((np.arange(self.n_items), -self.recent_popularity))
 
     @classmethod
-    def load(cls, artifacts_dir: str | Path, mmr_genre_weight: float = 0.8, use_gpu: bool | None = None) -> Catalog:
+    def load(
+        cls, artifacts_dir: str | Path, mmr_genre_weight: float = ServeSettings.mmr_genre_weight, use_gpu: bool | None = None
+    ) -> Catalog:
         """Reads ``items.parquet``, ``item_embeddings.npy``, ``manifest.json``, the candidate tables
         and the FAISS bundle.
 
