@@ -14,7 +14,7 @@ with its Recall@200 and NDCG@10. The mix ``chosen`` is the one the greedy search
 validation recall picks (:func:`export.candidates.choose_budgets`): what ``recsys train``
 publishes. Nothing from the test period is used to choose anything.
 
-    python -m benchmarks.candidate_sources --data ../shared/datasets/ml-100k --out reports/benchmarks/candidates.json
+    python -m benchmarks.candidate_sources --data data/ml-100k --out reports/benchmarks/candidates.json
 """
 
 from __future__ import annotations
