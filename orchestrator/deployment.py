@@ -392,6 +392,8 @@ class Retry:
     attempts: int
     next_at: float
     error: str
+    delay_s: float = 0.0
+    """The wait this failure scheduled before the next attempt."""
 
 
 class ReloadWatcher:
@@ -451,7 +453,7 @@ class ReloadWatcher:
         previous = self.failed.get(version)
         attempts = 1 + (previous.attempts if previous else 0)
         delay = min(self.retry_s * 2 ** (attempts - 1), self.retry_max_s)
-        self.failed[version] = Retry(attempts, time.monotonic() + delay, str(exc))
+        self.failed[version] = Retry(attempts, time.monotonic() + delay, str(exc), delay)
         if self.on_failure is not None:
             self.on_failure()
         served = self.router.versions
