@@ -121,7 +121,8 @@ def test_hot_reload_on_triton_pins_versions_and_loses_nothing(tiny_artifacts, re
 
         tc = grpcclient.InferenceServerClient(triton.grpc_url)
         assert tc.is_model_ready("user_tower", str(first)) and tc.is_model_ready("user_tower", str(new))
-        # a request pinned to the old version ranks through the pinned leaf models, not the ensemble
+        # a request pinned to the old version ranks on that version: the fused CPU ranker_ensemble
+        # runs its own version's graphs, so the pinned call goes to it (an ensemble would use the leaves)
         backend = server.recommender.backend
         h = np.full((3, 10), -1, np.int64)
         h[:, -2:] = [[1, 2]] * 3
@@ -133,9 +134,16 @@ def test_hot_reload_on_triton_pins_versions_and_loses_nothing(tiny_artifacts, re
             np.zeros((3, 10), np.float32),
             np.full((3, len(SOURCES)), -1.0, np.float32),
         )
+        assert backend._fused is True
         old = backend.rank(*args, timeout_s=5, version=first)
         latest = backend.rank(*args, timeout_s=5, version=new)
         assert old.shape == latest.shape == (3,)
+        # and each pinned call ran that version's graphs: the leaf models pinned agree
+        backend._fused = False  # the ensemble's route for the old version: the pinned leaves
+        np.testing.assert_allclose(backend.rank(*args, timeout_s=5, version=first), old, atol=1e-6)
+        backend._fused = True
+        stats = tc.get_inference_statistics("ranker_ensemble", str(first), as_json=True)["model_stats"][0]
+        assert int(stats["inference_stats"]["success"]["count"]) >= 1  # the pinned call went to the old version
         tc.close()
     assert load.failed() == 0, dict(load.seen)
     assert load.versions() == {str(first), str(new)}
