@@ -79,6 +79,8 @@ VARIANTS = (
     Variant("gRPC workers 32", env={"RECSYS_WORKERS": "32"}),
     Variant("gRPC workers 24", env={"RECSYS_WORKERS": "24"}),
     Variant("max_in_flight 8", env={"RECSYS_MAX_IN_FLIGHT": "8"}),
+    Variant("GIL switch 1 ms", env={"RECSYS_GIL_SWITCH_MS": "1"}),
+    Variant("GIL switch 0.25 ms", env={"RECSYS_GIL_SWITCH_MS": "0.25"}),
 )
 
 
