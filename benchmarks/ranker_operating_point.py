@@ -8,7 +8,9 @@ window the two-tower and candidate tables are fitted once, then for each candida
 the merged candidates are rebuilt at ``C`` (validation users to train, test users to rank) and
 for each number of trees ``T`` only the LightGBM LambdaRank ranker is retrained
 (``export.ranker.train_ranker``, every other hyper-parameter as shipped). NDCG@10 of the
-ranked candidates (no MMR) is pooled over the test users of all windows; the ranker's scores
+ranked candidates (no MMR) is pooled over the test users of all windows, and each setting's
+difference from the shipped one gets a paired bootstrap 95% interval (the same users rank
+under every setting); the ranker's scores
 are LightGBM's own, which every Hummingbird strategy reproduces to ~1e-6, so the strategy does
 not change quality.
 
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import REPORTS, LoadWatch, conditions, conditions_line, log, markdown_table, write_json
+from export.evaluate import bootstrap_diff
 from export.onnx_export import TREE_IMPLEMENTATIONS, export_ranker, export_ranker_features, session
 from export.pipeline import Fitted, TrainSettings, merged_candidates, run, users_with_history
 from export.ranker import RankerConfig, candidate_features, candidate_labels, rerank, train_ranker
@@ -162,17 +165,27 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="ranker-op-") as tmp:
             timing = time_latest(sweep, args.repeats, Path(tmp))
     ref_key = (base.candidates, base.n_estimators)
-    ref = float(np.mean(sweep.ndcg[ref_key])) if ref_key in sweep.ndcg else None
+    ref = np.asarray(sweep.ndcg[ref_key]) if ref_key in sweep.ndcg else None
     rows, table = [], {}
     for c in cands:
         for t in trees:
-            q = float(np.mean(sweep.ndcg[(c, t)]))
+            per_user = np.asarray(sweep.ndcg[(c, t)])
+            q = float(per_user.mean())
             tm = timing[f"C{c}/T{t}"]
             good = {k: v for k, v in tm.items() if k in TREE_IMPLEMENTATIONS and v is not None}
             best = min(good, key=lambda k: good[k]) if good else None
-            rel = round(100 * (q / ref - 1), 2) if ref else None
-            table[f"C{c}/T{t}"] = {"ndcg@10": round(q, 5), "vs_shipped_pct": rel, "ms": tm, "fastest_strategy": best}
-            rows.append([c, t, round(q, 4), rel, tm["features"], *(tm.get(i) for i in TREE_IMPLEMENTATIONS), tm["lightgbm"], best])
+            # the same users in the same order under every setting: a paired bootstrap of the difference
+            diff = bootstrap_diff(per_user - ref) if ref is not None else None
+            rel = round(100 * (q / float(ref.mean()) - 1), 2) if ref is not None else None
+            ci = f"{diff['ci95_low']:+.4f} .. {diff['ci95_high']:+.4f}" if diff else None
+            table[f"C{c}/T{t}"] = {
+                "ndcg@10": round(q, 5),
+                "vs_shipped_pct": rel,
+                "diff_vs_shipped": diff,
+                "ms": tm,
+                "fastest_strategy": best,
+            }
+            rows.append([c, t, round(q, 4), rel, ci, tm["features"], *(tm.get(i) for i in TREE_IMPLEMENTATIONS), tm["lightgbm"], best])
     headers = [
         "candidates",
         "trees",
