@@ -246,8 +246,13 @@ FUSED_CONFIG_NAMES = frozenset({"configs/cpu.pbtxt"})
 """Config names under which ``ranker_ensemble`` is one Python-backend model running both graphs
 (:func:`render_fused_ranker_config`); under the others it is a Triton ensemble. In the embedded
 Triton each Python-backend model is a stub process, and the ensemble's hop from one stub to the
-next cost about 0.8 ms at concurrency 1 and a third of the throughput at 16 (BENCHMARKS.md
-"Tuning"); native backends hop in-process, so the GPU and ``onnx_cpu`` configs keep the ensemble."""
+next is one more IPC round trip per call (BENCHMARKS.md "Tuning"); native backends hop in-process, so the GPU and ``onnx_cpu`` configs keep the ensemble."""
+FUSED_INSTANCES = 2
+"""Instances of the fused CPU ranker. It has no batch axis, so one instance runs one request at a
+time on one core, where the ensemble's two stubs pipelined on two (and its ``ranker`` step
+batched): measured on 2 cores at concurrency 16, one instance made about half the ensemble's
+QPS, two instances more than the ensemble's (BENCHMARKS.md "Tuning"). Each instance is one more
+stub process with its own onnxruntime sessions (~300 MB resident here)."""
 
 
 def render_fused_ranker_config(specs: dict[str, ModelSpec]) -> str:
@@ -259,8 +264,9 @@ def render_fused_ranker_config(specs: dict[str, ModelSpec]) -> str:
     ensemble, whose steps follow the latest leaf versions, it can be pinned to a version.
 
     Without a batch axis the model cannot batch rows across requests (the ensemble's ``ranker``
-    step did): requests run one after the other on its instance. A dynamic batcher with only a
-    queue policy (no preferred sizes) still bounds its queue like the batched models'.
+    step did): each request runs alone on one of :data:`FUSED_INSTANCES` instances. A dynamic
+    batcher with only a queue policy (no preferred sizes) still bounds its queue like the
+    batched models' (Triton 2.51 accepts it at ``max_batch_size: 0``).
     """
     feats, ranker = specs[RANKER_FEATURES], specs[RANKER_TREES]
     outputs = tuple(Tensor(t.name, t.data_type, (-1, *t.dims)) for t in ranker.outputs)
@@ -274,7 +280,7 @@ def render_fused_ranker_config(specs: dict[str, ModelSpec]) -> str:
         "version_policy: { latest: { num_versions: 2 } }\n"
         + _tensor_block("input", feats.inputs)
         + _tensor_block("output", outputs)
-        + "instance_group [ { kind: KIND_CPU, count: 1 } ]\n"
+        + f"instance_group [ {{ kind: KIND_CPU, count: {FUSED_INSTANCES} }} ]\n"
         + _queue_block("", 0)
         + f'parameters {{ key: "onnx_chain", value: {{ string_value: "{chain}" }} }}\n'
         + f'parameters {{ key: "intra_op_threads", value: {{ string_value: "{SERVING_THREADS}" }} }}\n'
