@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "trees",
         "NDCG@10",
         "vs shipped %",
+        "diff 95% CI",
         "features ms",
         *(f"{i} ms" for i in TREE_IMPLEMENTATIONS),
         "LightGBM ms",

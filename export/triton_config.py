@@ -250,7 +250,7 @@ next is one more IPC round trip per call (BENCHMARKS.md "Tuning"); native backen
 FUSED_INSTANCES = 2
 """Instances of the fused CPU ranker. It has no batch axis, so one instance runs one request at a
 time on one core, where the ensemble's two stubs pipelined on two (and its ``ranker`` step
-batched): measured on 2 cores at concurrency 16, one instance made about half the ensemble's
+batched): measured on 2 cores at concurrency 16, one instance made about 0.7x the ensemble's
 QPS, two instances more than the ensemble's (BENCHMARKS.md "Tuning"). Each instance is one more
 stub process with its own onnxruntime sessions (~300 MB resident here)."""
 
