@@ -167,17 +167,18 @@ def known_users(artifacts: Path, n: int, seed: int) -> list[int]:
 class ServedStack:
     """``recsys serve`` (embedded Triton + orchestrator) in a child process; stopped with SIGTERM."""
 
-    def __init__(self, artifacts: Path, repo: Path, history_db: Path, extra: tuple[str, ...] = ()):
+    def __init__(self, artifacts: Path, repo: Path, history_db: Path, extra: tuple[str, ...] = (), cwd: Path | None = None):
         self.cmd = [
             sys.executable, "-m", "clients.cli", "serve", "--artifacts", str(artifacts), "--repo", str(repo),
             "--history-db", str(history_db), "--port", "0", "--json", "--log-level", "warning", *extra,
         ]  # fmt: skip
+        self.cwd = cwd  # another checkout of the project serves (``python -m`` imports from the cwd first)
         self.proc: subprocess.Popen | None = None
         self.address = ""
         self.info: dict[str, Any] = {}
 
     def __enter__(self) -> ServedStack:
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=None, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=None, text=True, start_new_session=True, cwd=self.cwd)
         text = ""  # the (indented) JSON announcement, printed once both listen
         while True:
             line = self.proc.stdout.readline()
@@ -350,14 +351,15 @@ def stage_medians(rows: list[dict[str, float]], client_ms: np.ndarray | None = N
 
 def run_served(
     artifacts: Path, repo: Path, users: list[int], levels: tuple[int, ...], requests: int, warmup: int, k: int,
-    timeout_s: float, serve_args: tuple[str, ...], extras: bool = True,
+    timeout_s: float, serve_args: tuple[str, ...], extras: bool = True, overload: bool | None = None, cwd: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The served half: start, time to SERVING, first call, warm-up, every level; with ``extras`` the
-    overload run (c64) and the BatchRecommend comparison too."""
+    overload run (c64) and the BatchRecommend comparison too (``overload``: the overload run alone, or not;
+    ``cwd``: serve from another checkout of the project)."""
     out: dict[str, Any] = {"levels": {}}
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
         t0 = time.perf_counter()
-        with ServedStack(artifacts, repo, Path(tmp) / "history.sqlite", serve_args) as stack:
+        with ServedStack(artifacts, repo, Path(tmp) / "history.sqlite", serve_args, cwd) as stack:
             out["serving_after_s"] = round(time.perf_counter() - t0 + _wait_serving(stack.address), 2)
             first = asyncio.run(_drive(stack.address, users[:1], 1, k, timeout_s))
             out["first_call_ms"] = round(first["latencies"][0] * 1e3, 2) if first["latencies"] else None
@@ -371,13 +373,14 @@ def run_served(
                     out["stages_ms"] = stage_medians(r["server_ms"], np.asarray(r["latencies"]) * 1e3)
                 out["levels"][f"c{c}"] = s
                 log(f"served c{c}: p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, {s['qps']} QPS, {s['errors']} errors")
+            if extras if overload is None else overload:
+                picked = users[1 + warmup : 1 + warmup + max(requests, 4 * OVERLOAD_CONCURRENCY)]
+                out["overload"] = o = asyncio.run(_drive_overload(stack.address, picked, OVERLOAD_CONCURRENCY, k, timeout_s))
+                log(
+                    f"served c{o['concurrency']} overload: {o['admitted']} admitted (p99 {o['admitted_p99_ms']} ms), {o['shed']} shed (p99 {o['shed_p99_ms']} ms), {o['internal']} INTERNAL/UNKNOWN"
+                )
             if not extras:
                 return out
-            picked = users[1 + warmup : 1 + warmup + max(requests, 4 * OVERLOAD_CONCURRENCY)]
-            out["overload"] = o = asyncio.run(_drive_overload(stack.address, picked, OVERLOAD_CONCURRENCY, k, timeout_s))
-            log(
-                f"served c{o['concurrency']} overload: {o['admitted']} admitted (p99 {o['admitted_p99_ms']} ms), {o['shed']} shed (p99 {o['shed_p99_ms']} ms), {o['internal']} INTERNAL/UNKNOWN"
-            )
             out["batch"] = b = run_batch(stack.address, users[1 + warmup : 1 + warmup + BATCH_USERS], k)
             log(f"served batch of {b['users']}: {b['batch_users_per_s']} users/s batched, {b['single_users_per_s']} as single calls")
     return out

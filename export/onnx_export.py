@@ -7,7 +7,8 @@ What is published, per model folder of ``model_repository/``::
     item_tower/         same layout
     ranker_features/    same layout; the feature module of export/features.py as a graph
     ranker/             same layout; the LightGBM booster translated by Hummingbird
-    ranker_ensemble/    ranker_features -> ranker, for every config name
+    ranker_ensemble/    ranker_features -> ranker: a Triton ensemble (config.pbtxt, onnx_cpu) and, in
+                        configs/cpu.pbtxt, one Python-backend model running both graphs + model.py
     <model>/<N>/        model.onnx + model.py (copied) + version.json, written by the export
 
 Configs and ``model.py`` are checked in; the export writes only numbered version folders
@@ -694,8 +695,9 @@ def export_repository(
             export_sha = git_sha()
             for m in MODEL_NAMES:
                 info: dict = {"model": m, "version": version, "created_at": created, "export_git_sha": export_sha, "artifacts": record}
-                if m in LEAF_MODELS:
+                if m in LEAF_MODELS or (repo / m / "model.py").is_file():  # the fused CPU ranker_ensemble runs one too
                     shutil.copyfile(repo / m / "model.py", staging[m] / "model.py")
+                if m in LEAF_MODELS:
                     g_in, g_out = onnx_tensors(graphs[m])
                     info["onnx_sha256"] = file_sha256(graphs[m])
                     info["inputs"] = [list(map(str, t[:2])) + [list(t[2])] for t in g_in]

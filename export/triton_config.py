@@ -148,6 +148,26 @@ sets its own Triton timeout overrides it: ``allow_timeout_override``). 200 ms tu
 reload on a busy machine (load ~30) into popular fallbacks."""
 
 
+def _queue_block(preferred: str, delay_us: int) -> str:
+    """A ``dynamic_batching`` block with the queue policy (``preferred``: sizes, "" for none)."""
+    # queue policy: past QUEUE_MAX_REQUESTS waiting requests, or after QUEUE_TIMEOUT_US in the
+    # queue, Triton rejects (UNAVAILABLE) instead of letting latency grow without bound; the
+    # orchestrator answers such a call with its fallback, and its own admission gate keeps
+    # the queue short in the first place
+    return (
+        "dynamic_batching {\n"
+        + (f"  preferred_batch_size: [ {preferred} ]\n" if preferred else "")
+        + f"  max_queue_delay_microseconds: {delay_us}\n"
+        "  default_queue_policy {\n"
+        "    timeout_action: REJECT\n"
+        f"    default_timeout_microseconds: {QUEUE_TIMEOUT_US}\n"
+        "    allow_timeout_override: true\n"
+        f"    max_queue_size: {QUEUE_MAX_REQUESTS}\n"
+        "  }\n"
+        "}\n"
+    )
+
+
 def _tensor_block(kind: str, tensors: Sequence[Tensor]) -> str:
     rows = []
     for t in tensors:
@@ -202,23 +222,8 @@ def render_config(spec: ModelSpec, cpu: bool, python_backend: bool | None = None
         group = "instance_group [ { kind: KIND_GPU, count: 1 } ]\n"
         params = ""
     pref = ", ".join(str(p) for p in spec.preferred_batch_sizes)
-    # queue policy: past QUEUE_MAX_REQUESTS waiting requests, or after QUEUE_TIMEOUT_US in the
-    # queue, Triton rejects (UNAVAILABLE) instead of letting latency grow without bound; the
-    # orchestrator answers such a call with its fallback, and its own admission gate keeps
-    # the queue short in the first place
     batching = (
-        "dynamic_batching {\n"
-        f"  preferred_batch_size: [ {pref} ]\n"
-        f"  max_queue_delay_microseconds: {spec.max_queue_delay_us}\n"
-        "  default_queue_policy {\n"
-        "    timeout_action: REJECT\n"
-        f"    default_timeout_microseconds: {QUEUE_TIMEOUT_US}\n"
-        "    allow_timeout_override: true\n"
-        f"    max_queue_size: {QUEUE_MAX_REQUESTS}\n"
-        "  }\n"
-        "}\n"
-        if spec.max_batch_size > 0
-        else ""  # no batch axis, nothing to batch
+        _queue_block(pref, spec.max_queue_delay_us) if spec.max_batch_size > 0 else ""  # no batch axis, nothing to batch
     )
     # two versions side by side: the one being replaced keeps serving its pinned requests
     # while the next loads (hot reload), and an A/B test can route users to either
@@ -235,8 +240,60 @@ def render_config(spec: ModelSpec, cpu: bool, python_backend: bool | None = None
     )
 
 
+FUSED_CHAIN = (RANKER_FEATURES, RANKER_TREES)
+"""The graphs the CPU ``ranker_ensemble`` runs one after the other (``onnx_chain``)."""
+FUSED_CONFIG_NAMES = frozenset({"configs/cpu.pbtxt"})
+"""Config names under which ``ranker_ensemble`` is one Python-backend model running both graphs
+(:func:`render_fused_ranker_config`); under the others it is a Triton ensemble. In the embedded
+Triton each Python-backend model is a stub process, and the ensemble's hop from one stub to the
+next is one more IPC round trip per call (BENCHMARKS.md "Tuning"); native backends hop in-process, so the GPU and ``onnx_cpu`` configs keep the ensemble."""
+FUSED_INSTANCES = 2
+"""Instances of the fused CPU ranker. It has no batch axis, so one instance runs one request at a
+time on one core, where the ensemble's two stubs pipelined on two (and its ``ranker`` step
+batched): measured on 2 cores at concurrency 16, one instance made about 0.7x the ensemble's
+QPS, two instances more than the ensemble's (BENCHMARKS.md "Tuning"). Each instance is one more
+stub process with its own onnxruntime sessions (~300 MB resident here)."""
+
+
+def render_fused_ranker_config(specs: dict[str, ModelSpec]) -> str:
+    """The text of ``ranker_ensemble``'s CPU config: one Python-backend model, both graphs.
+
+    Same name, inputs and outputs as the ensemble (callers cannot tell them apart), so the
+    orchestrator sends the same tensors to either. Version ``V`` of this model runs
+    ``ranker_features/V`` and ``ranker/V`` (``export/triton_onnx_model.py``), so unlike the
+    ensemble, whose steps follow the latest leaf versions, it can be pinned to a version.
+
+    Without a batch axis the model cannot batch rows across requests (the ensemble's ``ranker``
+    step did): each request runs alone on one of :data:`FUSED_INSTANCES` instances. A dynamic
+    batcher with only a queue policy (no preferred sizes) still bounds its queue like the
+    batched models' (Triton 2.51 accepts it at ``max_batch_size: 0``).
+    """
+    feats, ranker = specs[RANKER_FEATURES], specs[RANKER_TREES]
+    outputs = tuple(Tensor(t.name, t.data_type, (-1, *t.dims)) for t in ranker.outputs)
+    chain = ",".join(FUSED_CHAIN)
+    return (
+        "# CPU config (tritonserver --model-config-name=cpu): ranker_features -> ranker in ONE Python-backend\n"
+        "# model: version V runs ranker_features/V/model.onnx then ranker/V/model.onnx with onnxruntime\n"
+        "# (see model.py). The other config names keep the Triton ensemble. Generated by recsys export; checked in.\n"
+        f'name: "{ENSEMBLE}"\nbackend: "python"\n'
+        "max_batch_size: 0\n"
+        "version_policy: { latest: { num_versions: 2 } }\n"
+        + _tensor_block("input", feats.inputs)
+        + _tensor_block("output", outputs)
+        + f"instance_group [ {{ kind: KIND_CPU, count: {FUSED_INSTANCES} }} ]\n"
+        + _queue_block("", 0)
+        + f'parameters {{ key: "onnx_chain", value: {{ string_value: "{chain}" }} }}\n'
+        + f'parameters {{ key: "intra_op_threads", value: {{ string_value: "{SERVING_THREADS}" }} }}\n'
+    )
+
+
+def render_ranker_ensemble(specs: dict[str, ModelSpec], config_name: str) -> str:
+    """``ranker_ensemble``'s config under ``config_name``: fused on the embedded CPU config, else the ensemble."""
+    return render_fused_ranker_config(specs) if config_name in FUSED_CONFIG_NAMES else render_ensemble_config(specs)
+
+
 def render_ensemble_config(specs: dict[str, ModelSpec]) -> str:
-    """The text of ``ranker_ensemble``'s config (identical under every config name)."""
+    """The text of ``ranker_ensemble``'s config as a Triton ensemble (native configs)."""
     feats, ranker = specs["ranker_features"], specs["ranker"]
     in_map = "\n".join(f'      input_map {{ key: "{t.name}", value: "{t.name}" }}' for t in feats.inputs)
     batch = min(feats.max_batch_size, ranker.max_batch_size)
@@ -265,7 +322,8 @@ def render_ensemble_config(specs: dict[str, ModelSpec]) -> str:
 
 
 PYTHON_MODEL = '''\
-"""Triton Python-backend model: runs this version's model.onnx with onnxruntime on the CPU.
+"""Triton Python-backend model: runs this version's model.onnx with onnxruntime on the CPU
+(``ranker_ensemble``'s CPU config: ranker_features' and ranker's graphs of this version).
 
 Generated by ``recsys export`` and checked in; the export copies it into every version folder
 beside model.onnx. The implementation, shared by every graph-backed model, is
@@ -295,9 +353,9 @@ def write_repository_files(repo: str | Path, shapes: Shapes, overwrite: bool = F
         for config_name, variant in CONFIG_VARIANTS.items():
             files[repo / name / config_name] = render_config(spec, **variant)
         files[repo / name / "model.py"] = PYTHON_MODEL
-    ensemble = render_ensemble_config(specs)
     for config_name in CONFIG_NAMES:
-        files[repo / ENSEMBLE / config_name] = ensemble
+        files[repo / ENSEMBLE / config_name] = render_ranker_ensemble(specs, config_name)
+    files[repo / ENSEMBLE / "model.py"] = PYTHON_MODEL  # the fused CPU config runs it; the ensemble ignores it
     written = []
     for path, text in files.items():
         if path.exists() and not overwrite:
@@ -468,6 +526,38 @@ def check_ensemble(name: str, config, leaf_configs: dict) -> list[str]:
     return problems
 
 
+def check_fused(name: str, config, leaf_configs: dict) -> list[str]:
+    """Differences between the fused ``ranker_ensemble`` (:func:`render_fused_ranker_config`) and its graphs' models.
+
+    It must run the Python backend over :data:`FUSED_CHAIN` (``onnx_chain``), take exactly the
+    first model's inputs and return the last one's outputs (whole shapes, batch axis included),
+    as the ensemble it replaces would.
+
+    Returns:
+        Problems, empty when the fused model stands in for the ensemble.
+    """
+    problems = []
+    if config.backend != "python":
+        problems.append(f"{name}: neither an ensemble nor the fused Python-backend model (backend {config.backend!r})")
+    chain = config.parameters["onnx_chain"].string_value if "onnx_chain" in config.parameters else ""
+    if tuple(m.strip() for m in chain.split(",")) != FUSED_CHAIN:
+        problems.append(f"{name}: onnx_chain is {chain!r}, expected {','.join(FUSED_CHAIN)!r}")
+    if config.max_batch_size != 0:
+        problems.append(f"{name}: the fused model has no batch axis, max_batch_size is {config.max_batch_size}")
+    first, last = (leaf_configs.get(m) for m in (FUSED_CHAIN[0], FUSED_CHAIN[-1]))
+    if first is None or last is None:
+        return problems + [f"{name}: the configs of {', '.join(FUSED_CHAIN)} are needed to check it"]
+    got_in, got_out = config_tensors(config)
+    want_in = [Tensor(t.name, t.data_type, full_dims(first, t)) for t in config_tensors(first)[0]]
+    want_out = [Tensor(t.name, t.data_type, full_dims(last, t)) for t in config_tensors(last)[1]]
+    for kind, got, want in (("inputs", got_in, want_in), ("outputs", got_out, want_out)):
+        if got != want:
+            problems.append(
+                f"{name}: {kind} {[(t.name, t.data_type, list(t.dims)) for t in got]}, expected {[(t.name, t.data_type, list(t.dims)) for t in want]}"
+            )
+    return problems
+
+
 def check_repository(repo: str | Path, graphs: dict[str, Path]) -> list[str]:
     """Every contract problem of a repository: graphs vs every config, and ensemble wiring.
 
@@ -492,5 +582,6 @@ def check_repository(repo: str | Path, graphs: dict[str, Path]) -> list[str]:
         except ExportError as exc:
             problems.append(f"{ENSEMBLE}: {exc}")
             continue
-        problems += [f"{p} [{config_name}]" for p in check_ensemble(ENSEMBLE, ens, leaves)]
+        check = check_ensemble if ens.platform == "ensemble" else check_fused
+        problems += [f"{p} [{config_name}]" for p in check(ENSEMBLE, ens, leaves)]
     return problems

@@ -2,7 +2,8 @@
 
 With the ``onnx_chain`` parameter (``"ranker_features,ranker"``) it runs those models' graphs
 of its own version in sequence instead: the ranker ensemble fused into one Python-backend
-execution (``benchmarks/e2e_tuning.py`` measures what that saves on the CPU).
+execution, which is ``ranker_ensemble``'s CPU config (``export/triton_config.py``
+:data:`FUSED_CONFIG_NAMES`; BENCHMARKS.md "Tuning" measures what it saves).
 
 Each model folder's ``model.py`` (checked in, copied into every version folder by
 ``recsys export``) only imports :class:`TritonPythonModel` from here, so the four graph-backed
@@ -20,7 +21,10 @@ import onnxruntime as ort
 
 
 class TritonPythonModel:
-    """Concatenates the dynamic batcher's requests, runs the graph once, splits the outputs."""
+    """Concatenates the dynamic batcher's requests, runs the graph once, splits the outputs.
+
+    A model without a batch axis (``max_batch_size: 0``) runs each request on its own.
+    """
 
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
@@ -45,8 +49,20 @@ class TritonPythonModel:
         self.sessions = [ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"]) for p in paths]
         self.inputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
+        # no batch axis (the ranker's [U, L] + [N] layout): requests cannot be concatenated
+        self.batched = int(config.get("max_batch_size", 0)) > 0
+
+    def _run(self, feeds):
+        for session, following in zip(self.sessions, self.sessions[1:]):  # outputs feed the next graph's inputs, in order
+            feeds = {i.name: o for i, o in zip(following.get_inputs(), session.run(None, feeds))}
+        return self.sessions[-1].run(self.outputs, feeds)
 
     def execute(self, requests):
+        if not self.batched:
+            return [self._execute_batch([r])[0] for r in requests]
+        return self._execute_batch(requests)
+
+    def _execute_batch(self, requests):
         pb_utils = self.pb_utils
         try:
             per_request = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name, _ in self.inputs] for r in requests]
@@ -55,9 +71,7 @@ class TritonPythonModel:
                 name: np.ascontiguousarray(np.concatenate([arrays[i] for arrays in per_request]), dtype=dtype)
                 for i, (name, dtype) in enumerate(self.inputs)
             }
-            for session, following in zip(self.sessions, self.sessions[1:]):  # outputs feed the next graph's inputs, in order
-                feeds = {i.name: o for i, o in zip(following.get_inputs(), session.run(None, feeds))}
-            results = self.sessions[-1].run(self.outputs, feeds)
+            results = self._run(feeds)
         except Exception as exc:  # one bad batch fails its requests, not the server
             error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]

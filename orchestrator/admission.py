@@ -15,8 +15,10 @@ that finds no free slot within ``admission_wait_ms`` is answered at once with
 The admitted calls keep a bounded latency (about ``max_in_flight`` calls' worth of work on
 the cores). Each refusal is counted in ``recsys_shed_total{rpc}``.
 
-The thread pool (``workers``) must be larger than ``max_in_flight`` so that a refused call
-gets a thread to be refused on at once; gRPC's ``maximum_concurrent_rpcs`` is set to the pool
+A refused call is answered before its body is decoded (:class:`AdmissionInterceptor` hands
+gRPC no deserializer and decodes only admitted bodies). grpc-python runs every handler on a
+pool thread, refusals included, so the thread pool (``workers``) must be larger than
+``max_in_flight`` so that a refused call gets a thread to be refused on at once; gRPC's ``maximum_concurrent_rpcs`` is set to the pool
 size, the last guard: calls past it would otherwise wait in the executor's unbounded queue
 before any interceptor sees them (gRPC refuses those itself, RESOURCE_EXHAUSTED without our
 hint).
@@ -105,18 +107,19 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         if handler is None or rpc not in ADMITTED_RPCS or handler.request_streaming or handler.response_streaming:
             return handler
         behaviour = handler.unary_unary
+        decode = handler.request_deserializer
         gate = self.admission
 
-        def admitted(request: Any, context: grpc.ServicerContext) -> Any:
+        # gRPC gets no deserializer: the body arrives as bytes and is decoded only once a slot
+        # is taken, so a refusal costs no protobuf parsing (a BatchRecommend body can be large)
+        def admitted(body: bytes, context: grpc.ServicerContext) -> Any:
             if not gate.try_enter():
                 self.on_shed(rpc)
                 context.set_trailing_metadata(((SHED_HEADER, "1"), (PUSHBACK_HEADER, str(gate.retry_after_ms))))
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, gate.refusal())
             try:
-                return behaviour(request, context)
+                return behaviour(decode(body) if decode is not None else body, context)
             finally:
                 gate.leave()
 
-        return grpc.unary_unary_rpc_method_handler(
-            admitted, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
+        return grpc.unary_unary_rpc_method_handler(admitted, request_deserializer=None, response_serializer=handler.response_serializer)

@@ -275,6 +275,9 @@ class TritonBackend:
         # loads (every ranking goes through the pinned leaf models until it is known again)
         self._ensemble_version: int | None = None
         self._loading = False
+        # whether ranker_ensemble is the fused Python-backend model (the embedded CPU config),
+        # whose version V runs V's graphs, or a Triton ensemble; None until Triton says
+        self._fused: bool | None = None
 
     @property
     def model_version(self) -> str:
@@ -290,10 +293,15 @@ class TritonBackend:
                 meta = self.client.get_model_metadata(USER_TOWER, client_timeout=timeout_s, as_json=True)
                 versions = meta.get("versions") or []
                 ranker = self.client.get_model_metadata(RANKER_TREES, client_timeout=timeout_s, as_json=True).get("versions") or []
+                fused = self._fused
+                if fused is None:  # asked once per load: a reload may change the config
+                    config = self.client.get_model_config(RANKER, client_timeout=timeout_s, as_json=True).get("config", {})
+                    fused = config.get("platform") != "ensemble"
                 with self._lock:
                     self._version = str(max(versions, key=int)) if versions else "unknown"
                     if not self._loading:
                         self._ensemble_version = max(map(int, ranker)) if ranker else None
+                        self._fused = fused
             return bool(ok)
         except Exception as exc:  # any failure to ask is "not ready", which is what health reports
             log.debug("triton at %s not ready: %r", self.url, exc)
@@ -348,13 +356,16 @@ class TritonBackend:
         timeout_s: float,
         version: int | None = None,
     ) -> np.ndarray:
-        """The ensemble when it runs ``version`` (one call), else its two steps pinned to ``version``.
+        """``ranker_ensemble`` when it runs ``version`` (one call), else its two steps pinned to ``version``.
 
-        The ensemble's steps call the *latest* ranker_features and ranker, so a request
-        pinned to the version being replaced (or to the other arm of an A/B test) must not
-        go through it.
+        The fused CPU model (``export/triton_config.render_fused_ranker_config``) runs its own
+        version's graphs, so it is simply called pinned. A Triton ensemble's steps call the
+        *latest* ranker_features and ranker, so a request pinned to the version being
+        replaced (or to the other arm of an A/B test) must not go through it.
         """
         feeds = candidate_feeds(items, retrieval_scores, retrieval_ranks, history, ratings, sources)
+        if self._fused:
+            return self._infer(RANKER, feeds, SCORE, timeout_s, version).reshape(-1)
         if version is None or version == self._ensemble_version:
             return self._infer(RANKER, feeds, SCORE, timeout_s).reshape(-1)
         t0 = time.monotonic()
@@ -375,7 +386,7 @@ class TritonBackend:
         from tritonclient.utils import InferenceServerException
 
         with self._lock:
-            self._loading, self._ensemble_version = True, None
+            self._loading, self._ensemble_version, self._fused = True, None, None
         try:
             for model in (*LEAF_MODELS, RANKER):
                 try:
@@ -384,7 +395,7 @@ class TritonBackend:
                     if "explicit" not in str(exc).lower():
                         raise ModelUnavailable(f"{model}: Triton refused to load version {version}: {exc.message()}") from exc
             expires = time.monotonic() + timeout_s
-            for model in LEAF_MODELS:
+            for model in (*LEAF_MODELS, RANKER):  # the ensemble's version folder too: the fused model is pinned to it
                 while not self._ready_version(model, version):
                     if time.monotonic() > expires:
                         raise ModelUnavailable(f"{model}: version {version} not READY after {timeout_s:.0f} s")

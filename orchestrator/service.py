@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 import uuid
@@ -690,6 +691,7 @@ def create_server(
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
     if keys:
         interceptors.append(ApiKeyInterceptor(keys))
+    sys.setswitchinterval(settings.gil_switch_ms / 1e3)  # process-wide: see ServeSettings.gil_switch_ms
     # after the key check: an unauthenticated caller never takes a slot
     admission = Admission(min(settings.max_in_flight, settings.workers), settings.admission_wait_ms / 1e3, settings.retry_after_ms)
     interceptors.append(AdmissionInterceptor(admission, metrics.count_shed))

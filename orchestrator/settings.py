@@ -59,6 +59,10 @@ class ServeSettings:
             (``orchestrator/admission.py``). About the calls two cores finish in a few tens of ms.
         admission_wait_ms: Longest wait for a free slot before a call is shed.
         retry_after_ms: The retry hint of a shed call (``grpc-retry-pushback-ms``).
+        gil_switch_ms: The interpreter's thread switch interval (``sys.setswitchinterval``,
+            process-wide, set when the server is built). A thread waiting for the GIL waits up
+            to this long while another runs Python; every gRPC call, a refusal too, needs the
+            GIL several times (BENCHMARKS.md "Tuning" measures it).
         history_store: ``sqlite`` (default, a file) or ``redis``.
         history_db_path: SQLite file; None: one per artifacts set under :func:`default_state_dir`.
         redis_url: Redis URL when ``history_store == "redis"``.
@@ -121,6 +125,7 @@ class ServeSettings:
     max_in_flight: int = 16
     admission_wait_ms: float = 2.0
     retry_after_ms: int = 50
+    gil_switch_ms: float = 5.0
     history_store: str = "sqlite"
     history_db_path: Path | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -176,6 +181,8 @@ class ServeSettings:
             problems.append(f"max_in_flight must be >= 1, got {self.max_in_flight}")
         if self.admission_wait_ms < 0 or self.retry_after_ms < 0:
             problems.append("admission_wait_ms and retry_after_ms must be >= 0")
+        if not 0 < self.gil_switch_ms <= 1000:
+            problems.append(f"gil_switch_ms must be in (0, 1000], got {self.gil_switch_ms}")
         if self.history_store not in HISTORY_STORES:
             problems.append(f"history_store must be one of {HISTORY_STORES}, got {self.history_store!r}")
         for name in ("default_deadline_s", "triton_timeout_s", "health_poll_s"):

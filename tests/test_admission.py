@@ -12,7 +12,7 @@ import pytest
 
 from clients import errors as E
 from clients.client import RecsysClient, _shed_pushback_s
-from orchestrator.admission import PUSHBACK_HEADER, SHED_HEADER, Admission
+from orchestrator.admission import PUSHBACK_HEADER, SHED_HEADER, Admission, AdmissionInterceptor
 from orchestrator.backends import InProcessBackend
 from orchestrator.service import create_server
 from orchestrator.settings import ServeSettings
@@ -178,3 +178,43 @@ def test_admission_gate_counts_and_refuses():
     assert gate.try_enter()
     with pytest.raises(ValueError):
         Admission(0)
+
+
+class _Context:
+    """The two ``grpc.ServicerContext`` calls a refusal makes, recorded (abort raises, as gRPC's does)."""
+
+    def __init__(self):
+        self.trailers: tuple = ()
+        self.code: grpc.StatusCode | None = None
+
+    def set_trailing_metadata(self, trailers: tuple) -> None:
+        self.trailers = trailers
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        raise RuntimeError(details)
+
+
+def test_refused_bodies_are_never_decoded_admitted_ones_once():
+    """The gate runs before the request body is parsed: gRPC gets no deserializer from the interceptor."""
+    decoded: list[bytes] = []
+
+    def decode(body: bytes) -> pb.RecommendRequest:
+        decoded.append(body)
+        return pb.RecommendRequest.FromString(body)
+
+    inner = grpc.unary_unary_rpc_method_handler(lambda req, ctx: req.user_id, request_deserializer=decode)
+    gate = Admission(1, wait_s=0.0, retry_after_ms=7)
+    shed: list[str] = []
+    details = type("Details", (), {"method": "/recsys.v1.Recommender/Recommend", "invocation_metadata": ()})()
+    handler = AdmissionInterceptor(gate, shed.append).intercept_service(lambda _d: inner, details)
+    assert handler.request_deserializer is None  # gRPC hands the behaviour raw bytes
+    body = pb.RecommendRequest(user_id=5, k=3).SerializeToString()
+    assert handler.unary_unary(body, _Context()) == 5 and decoded == [body]  # admitted: decoded once
+    assert gate.in_flight == 0
+    gate.try_enter()  # the one slot taken
+    ctx = _Context()
+    with pytest.raises(RuntimeError, match="overloaded"):
+        handler.unary_unary(b"\xff" * 10_000, ctx)
+    assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED and (PUSHBACK_HEADER, "7") in ctx.trailers
+    assert decoded == [body] and shed == ["Recommend"]  # refused: never decoded, counted

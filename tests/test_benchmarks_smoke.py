@@ -146,3 +146,24 @@ def test_subset_histories_keeps_the_users_rows():
     assert sub.user_ids.tolist() == [1, 3]
     assert sub.offsets.tolist() == [0, 2, 5]
     assert sub.items.tolist() == [10, 11, 13, 14, 15]
+
+
+def test_triton_shm_smoke(tiny_repository, tmp_path):
+    """Both ways give the same answers (asserted inside) and every figure is there."""
+    from benchmarks import triton_shm
+    from orchestrator.tritonserver import TritonError, find_triton
+
+    try:
+        find_triton()
+    except TritonError as exc:
+        pytest.skip(f"embedded Triton unavailable: {exc}")
+    out = tmp_path / "shm.json"
+    assert (
+        triton_shm.main(["--repo", str(tiny_repository), "--requests", "5", "--rounds", "2", "--candidates", "30", "--out", str(out)]) == 0
+    )
+    import json
+
+    report = json.loads(out.read_text())
+    _check_conditions(report)
+    assert set(report["results"]) == {f"{m}/{mode}" for m in ("user_tower", "ranker_ensemble") for mode in ("grpc", "shm")}
+    assert all(_finite(r["p50_ms"], r["p99_ms"]) and r["input_bytes"] > 0 for r in report["results"].values())

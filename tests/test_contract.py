@@ -19,17 +19,21 @@ from export.triton_config import (
     CONFIG_NAMES,
     CONFIG_VARIANTS,
     ENSEMBLE,
+    FUSED_CHAIN,
+    FUSED_CONFIG_NAMES,
     LEAF_MODELS,
     ONNX_CPU_INTER_OP_THREADS,
     ONNX_CPU_INTRA_OP_THREADS,
     PYTHON_MODEL,
     Shapes,
     check_ensemble,
+    check_fused,
     check_repository,
     model_specs,
     read_config,
     render_config,
     render_ensemble_config,
+    render_ranker_ensemble,
 )
 from orchestrator.contract import MODEL_NAMES
 
@@ -79,8 +83,15 @@ def test_checked_in_configs_parse(model, config_name):
     # the feature step (and so the ensemble) takes [U, L] histories with [N] candidates: no batch axis
     unbatched = model in ("ranker_features", ENSEMBLE)
     assert (config.max_batch_size == 0) if unbatched else (config.max_batch_size > 0)
-    if model == ENSEMBLE:
+    if model == ENSEMBLE and config_name not in FUSED_CONFIG_NAMES:
         assert config.platform == "ensemble"
+        return
+    if model == ENSEMBLE:  # the embedded CPU config: both graphs in one Python-backend model, queue bounded
+        assert config.backend == "python"
+        assert config.parameters["onnx_chain"].string_value == ",".join(FUSED_CHAIN)
+        assert list(config.dynamic_batching.preferred_batch_size) == []
+        policy = config.dynamic_batching.default_queue_policy
+        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT and policy.max_queue_size > 0
         return
     cpu = config_name != "config.pbtxt"
     assert config.backend == ("python" if config_name == "configs/cpu.pbtxt" else "onnxruntime")
@@ -140,12 +151,15 @@ def test_checked_in_files_are_what_the_generator_writes():
             expected = text_format.Parse(render_config(spec, **CONFIG_VARIANTS[config_name]), mc.ModelConfig())
             assert parse(CHECKED_IN / model / config_name) == expected, (model, config_name)
         assert (CHECKED_IN / model / "model.py").read_text() == PYTHON_MODEL, model
-    ensemble = text_format.Parse(render_ensemble_config(specs), mc.ModelConfig())
     for config_name in CONFIG_NAMES:
-        assert parse(CHECKED_IN / ENSEMBLE / config_name) == ensemble
+        expected = text_format.Parse(render_ranker_ensemble(specs, config_name), mc.ModelConfig())
+        assert parse(CHECKED_IN / ENSEMBLE / config_name) == expected, config_name
+    assert (CHECKED_IN / ENSEMBLE / "model.py").read_text() == PYTHON_MODEL
+    assert FUSED_CONFIG_NAMES == {"configs/cpu.pbtxt"}  # the GPU and onnx_cpu configs stay real ensembles
+    assert text_format.Parse(render_ensemble_config(specs), mc.ModelConfig()).platform == "ensemble"
 
 
-@pytest.mark.parametrize("config_name", CONFIG_NAMES)
+@pytest.mark.parametrize("config_name", sorted(set(CONFIG_NAMES) - FUSED_CONFIG_NAMES))
 def test_checked_in_ensemble_wiring_closes(config_name):
     leaves = {m: parse(CHECKED_IN / m / config_name) for m in LEAF_MODELS}
     ensemble = parse(CHECKED_IN / ENSEMBLE / config_name)
@@ -183,14 +197,38 @@ def test_exported_graphs_match_both_configs(tiny_repository, model, config_name)
 def test_exported_repository_passes_the_export_checks(tiny_repository):
     graphs = {m: tiny_repository / m / "1" / "model.onnx" for m in LEAF_MODELS}
     assert check_repository(tiny_repository, graphs) == []
-    for config_name in CONFIG_NAMES:
+    for config_name in set(CONFIG_NAMES) - FUSED_CONFIG_NAMES:
         leaves = {m: parse(tiny_repository / m / config_name) for m in LEAF_MODELS}
         assert wiring_closes(parse(tiny_repository / ENSEMBLE / config_name), leaves) == []
+    for version in (p for p in (tiny_repository / ENSEMBLE).iterdir() if p.name.isdigit()):
+        assert (version / "model.py").read_text() == PYTHON_MODEL  # what the fused config runs
+
+
+@pytest.mark.parametrize("config_name", sorted(FUSED_CONFIG_NAMES))
+def test_fused_ranker_stands_in_for_the_ensemble(config_name):
+    """Same inputs and outputs as the ensemble it replaces, and a broken one is reported."""
+    leaves = {m: parse(CHECKED_IN / m / config_name) for m in LEAF_MODELS}
+    fused = parse(CHECKED_IN / ENSEMBLE / config_name)
+    ensemble = parse(CHECKED_IN / ENSEMBLE / "config.pbtxt")
+    assert check_fused(ENSEMBLE, fused, leaves) == []
+    assert (list(fused.input), list(fused.output), fused.max_batch_size) == (list(ensemble.input), list(ensemble.output), 0)
+    assert fused.version_policy == leaves["ranker"].version_policy  # two versions side by side, like its graphs
+
+    chain = mc.ModelConfig()
+    chain.CopyFrom(fused)
+    chain.parameters["onnx_chain"].string_value = "ranker,ranker_features"
+    assert any("onnx_chain is 'ranker,ranker_features'" in p for p in check_fused(ENSEMBLE, chain, leaves))
+    dropped = mc.ModelConfig()
+    dropped.CopyFrom(fused)
+    del dropped.input[-1]
+    assert any(p.startswith(f"{ENSEMBLE}: inputs ") for p in check_fused(ENSEMBLE, dropped, leaves))
+    # the ensemble check would refuse it: check_repository picks the check by the platform
+    assert check_ensemble(ENSEMBLE, fused, leaves) == [f"{ENSEMBLE}: platform is '', not 'ensemble'"]
 
 
 def test_broken_ensemble_wiring_is_reported(tiny_repository):
-    leaves = {m: read_config(tiny_repository / m / "configs/cpu.pbtxt") for m in LEAF_MODELS}
-    good = read_config(tiny_repository / ENSEMBLE / "configs/cpu.pbtxt")
+    leaves = {m: read_config(tiny_repository / m / "config.pbtxt") for m in LEAF_MODELS}
+    good = read_config(tiny_repository / ENSEMBLE / "config.pbtxt")
 
     renamed = mc.ModelConfig()
     renamed.CopyFrom(good)

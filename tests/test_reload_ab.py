@@ -205,9 +205,8 @@ def test_hot_reload_on_triton_pins_versions_and_loses_nothing(tiny_artifacts, re
     # the old version stays loaded beside the new one (version_policy latest 2)
     tc = grpcclient.InferenceServerClient(triton.grpc_url)
     assert tc.is_model_ready("user_tower", str(first)) and tc.is_model_ready("user_tower", str(new))
-    tc.close()
-    # a request pinned to the old version ranks through the pinned leaf models, not the
-    # ensemble (which runs the newest): the two versions' rankers give other scores
+    # a request pinned to the old version ranks on that version: the fused CPU ranker_ensemble
+    # runs its own version's graphs, so the pinned call goes to it (an ensemble would use the leaves)
     from orchestrator.backends import TritonBackend
 
     backend = TritonBackend(triton.grpc_url)
@@ -223,12 +222,21 @@ def test_hot_reload_on_triton_pins_versions_and_loses_nothing(tiny_artifacts, re
             np.zeros((3, 10), np.float32),
             np.full((3, len(SOURCES)), -1.0, np.float32),
         )
+        assert backend._fused is True
         old = backend.rank(*args, timeout_s=5, version=first)
         latest = backend.rank(*args, timeout_s=5, version=new)
         assert old.shape == latest.shape == (3,)
         np.testing.assert_allclose(latest, 2.0 * old, rtol=1e-5, atol=1e-6)  # the perturbation doubled every leaf
+        # and each pinned call ran that version's graphs: the leaf models pinned agree
+        fused = backend._fused
+        backend._fused = False  # the ensemble's route for the old version: the pinned leaves
+        np.testing.assert_allclose(backend.rank(*args, timeout_s=5, version=first), old, atol=1e-6)
+        backend._fused = fused
+        stats = tc.get_inference_statistics("ranker_ensemble", str(first), as_json=True)["model_stats"][0]
+        assert int(stats["inference_stats"]["success"]["count"]) >= 1  # the pinned call went to the old version
     finally:
         backend.close()
+        tc.close()
 
 
 def test_a_reload_that_cannot_be_served_keeps_the_old_version(tiny_artifacts, repo_copy, tmp_path):

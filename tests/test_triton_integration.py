@@ -74,7 +74,10 @@ def test_every_model_is_ready(server, client):
         assert client.is_model_ready(name)
     # the CPU configs are the ones served
     assert client.get_model_config("ranker").config.backend == "python"
-    assert client.get_model_config("ranker_ensemble").config.platform == "ensemble"
+    # ranker_ensemble's CPU config is one Python-backend model running both graphs (no ensemble hop)
+    fused = client.get_model_config("ranker_ensemble").config
+    assert (fused.platform, fused.backend) == ("", "python")
+    assert fused.parameters["onnx_chain"].string_value == "ranker_features,ranker"
 
 
 def test_user_tower_through_triton_equals_onnxruntime(client, tiny_repository, shapes):
@@ -109,8 +112,7 @@ def test_ranker_ensemble_equals_onnxruntime_and_lightgbm(client, tiny_repository
     np.testing.assert_allclose(got.reshape(-1), booster.predict(feats), atol=1e-4)
 
 
-def test_concurrent_requests_are_merged_and_split_back(server, tiny_repository, shapes):
-    """Requests of different sizes at once: the dynamic batcher merges them, model.py splits."""
+def _concurrent_ranker_calls(url: str, tiny_repository: Path, shapes: dict) -> None:
     sizes = [1, 30, 7, 30, 1, 12, 30, 5]
     inputs = [sample_candidate_inputs(n, shapes["n_items"], shapes["L"], seed=50 + i) for i, n in enumerate(sizes)]
     results: dict[int, np.ndarray] = {}
@@ -118,7 +120,7 @@ def test_concurrent_requests_are_merged_and_split_back(server, tiny_repository, 
     start = threading.Barrier(len(sizes))
 
     def worker(i: int) -> None:
-        c = grpcclient.InferenceServerClient(server.grpc_url)
+        c = grpcclient.InferenceServerClient(url)
         try:
             start.wait()
             results[i] = infer(c, "ranker_ensemble", inputs[i], ["score"])["score"]
@@ -137,6 +139,28 @@ def test_concurrent_requests_are_merged_and_split_back(server, tiny_repository, 
         feats = local(tiny_repository, "ranker_features", x, "features")
         expected = local(tiny_repository, "ranker", {"features": feats}, "score")
         np.testing.assert_allclose(results[i], expected, atol=1e-6, err_msg=f"request {i} (size {sizes[i]})")
+
+
+def test_concurrent_requests_are_answered_each_with_its_own_rows(server, tiny_repository, shapes):
+    """Requests of different sizes at once on the fused model: each runs alone (no batch axis), none mixes."""
+    _concurrent_ranker_calls(server.grpc_url, tiny_repository, shapes)
+
+
+def test_the_ensemble_config_on_the_real_server(tiny_repository, tmp_path, start_triton, shapes):
+    """The Triton ensemble (the GPU and onnx_cpu configs' ranker_ensemble) served with CPU leaves:
+    an unbatched ensemble feeding the batching ``ranker`` step loads, and concurrent requests of
+    different sizes (whatever the ranker step's dynamic batcher merges) come back split right."""
+    from export.triton_config import ENSEMBLE
+
+    repo = shutil.copytree(tiny_repository, tmp_path / "repo")
+    shutil.copyfile(repo / ENSEMBLE / "config.pbtxt", repo / ENSEMBLE / "configs" / "cpu.pbtxt")
+    url = start_triton(repo).grpc_url
+    c = grpcclient.InferenceServerClient(url)
+    try:
+        assert c.get_model_config(ENSEMBLE).config.platform == "ensemble"
+    finally:
+        c.close()
+    _concurrent_ranker_calls(url, tiny_repository, shapes)
 
 
 def test_wrong_shape_is_rejected_by_triton(client, shapes):
