@@ -428,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", default="model_repository", help="model repository for the embedded Triton and the input check")
     parser.add_argument("--url", default=None, help="Triton gRPC host:port (default: start the embedded Triton)")
-    parser.add_argument("--inputs", type=Path, default=DEFAULT_INPUTS, help="folder from make_inputs (default: the checked-in ml-latest-small set)")
+    parser.add_argument(
+        "--inputs", type=Path, default=DEFAULT_INPUTS, help="folder from make_inputs (default: the checked-in ml-latest-small set)"
+    )
     parser.add_argument("--out", type=Path, default=Path("reports/perf_analyzer"), help="CSV and summary folder (default: %(default)s)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: all five)")
     parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated sweep (default: %(default)s)")
