@@ -7,6 +7,7 @@ repository work on a copy of it.
 
 from __future__ import annotations
 
+import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -78,3 +79,11 @@ def start_triton():
         pytest.skip(f"embedded Triton unavailable: {exc}")
     with ExitStack() as stack:
         yield lambda repo: stack.enter_context(EmbeddedTriton(repo, startup_timeout=90))
+
+
+@pytest.fixture
+def repo_copy(tiny_repository, tmp_path) -> Path:
+    """A writable copy of the tiny repository (tests that publish versions into it)."""
+    repo = tmp_path / "model_repository"
+    shutil.copytree(tiny_repository, repo, ignore=shutil.ignore_patterns("__pycache__", ".staging-*"))
+    return repo

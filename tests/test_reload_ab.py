@@ -131,13 +131,6 @@ def _wait_version(load: Load, version: str, timeout_s: float) -> float:
     return time.monotonic() - t0
 
 
-@pytest.fixture
-def repo_copy(tiny_repository, tmp_path) -> Path:
-    repo = tmp_path / "model_repository"
-    shutil.copytree(tiny_repository, repo, ignore=shutil.ignore_patterns("__pycache__", ".staging-*"))
-    return repo
-
-
 def _settings(artifacts: Path, repo: Path, tmp: Path, **kw) -> ServeSettings:
     base = {"history_db_path": tmp / "h.sqlite", "request_log": False, "health_poll_s": 0.2, "reload_poll_s": 0.2, "warmup_calls": 2}
     return ServeSettings(artifacts_dir=artifacts, model_repository=repo, **(base | kw))

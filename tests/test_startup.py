@@ -8,7 +8,6 @@ asked), the real gRPC server and its health service.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -24,13 +23,6 @@ from orchestrator.service import create_server
 from orchestrator.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def repo_copy(tiny_repository, tmp_path) -> Path:
-    repo = tmp_path / "model_repository"
-    shutil.copytree(tiny_repository, repo, ignore=shutil.ignore_patterns("__pycache__", ".staging-*"))
-    return repo
 
 
 def _settings(artifacts: Path, repo: Path, tmp: Path, **kw) -> ServeSettings:
