@@ -25,6 +25,10 @@ What one run does, per case:
 4. **Stages.** Medians of the server-reported stage timings (history, user tower,
    retrieval, ranking, re-ranking) at c1, the server's own total, and the RPC overhead
    (client-observed minus server total), served and in process.
+5. **Candidate sources** (``--ann-only``, on with ``--quick``; issue 12). The same deployment
+   served again with ``RECSYS_CANDIDATE_SOURCES=two_tower`` (FAISS' list alone, no other
+   source computed) at c1, and its in-process floor: merged vs ANN-only at the same
+   candidate count in one run (``sources`` in the JSON: differences and ratios of the p50s).
 
 The JSON (``--out``) keeps the issue's shape for the first case at the top level and every
 case under ``cases``; a PNG (latency and throughput against concurrency) goes beside it.
