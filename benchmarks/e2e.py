@@ -25,6 +25,10 @@ What one run does, per case:
 4. **Stages.** Medians of the server-reported stage timings (history, user tower,
    retrieval, ranking, re-ranking) at c1, the server's own total, and the RPC overhead
    (client-observed minus server total), served and in process.
+5. **Candidate sources** (``--ann-only``, on with ``--quick``; issue 12). The same deployment
+   served again with ``RECSYS_CANDIDATE_SOURCES=two_tower`` (FAISS' list alone, no other
+   source computed) at c1, and its in-process floor: merged vs ANN-only at the same
+   candidate count in one run (``sources`` in the JSON: differences and ratios of the p50s).
 
 The JSON (``--out``) keeps the issue's shape for the first case at the top level and every
 case under ``cases``; a PNG (latency and throughput against concurrency) goes beside it.
@@ -167,18 +171,29 @@ def known_users(artifacts: Path, n: int, seed: int) -> list[int]:
 class ServedStack:
     """``recsys serve`` (embedded Triton + orchestrator) in a child process; stopped with SIGTERM."""
 
-    def __init__(self, artifacts: Path, repo: Path, history_db: Path, extra: tuple[str, ...] = (), cwd: Path | None = None):
+    def __init__(
+        self,
+        artifacts: Path,
+        repo: Path,
+        history_db: Path,
+        extra: tuple[str, ...] = (),
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.cmd = [
             sys.executable, "-m", "clients.cli", "serve", "--artifacts", str(artifacts), "--repo", str(repo),
             "--history-db", str(history_db), "--port", "0", "--json", "--log-level", "warning", *extra,
         ]  # fmt: skip
         self.cwd = cwd  # another checkout of the project serves (``python -m`` imports from the cwd first)
+        self.env = env  # the server's environment (``RECSYS_*`` settings); None: this process's
         self.proc: subprocess.Popen | None = None
         self.address = ""
         self.info: dict[str, Any] = {}
 
     def __enter__(self) -> ServedStack:
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=None, text=True, start_new_session=True, cwd=self.cwd)
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=subprocess.PIPE, stderr=None, text=True, start_new_session=True, cwd=self.cwd, env=self.env
+        )
         text = ""  # the (indented) JSON announcement, printed once both listen
         while True:
             line = self.proc.stdout.readline()
@@ -352,14 +367,15 @@ def stage_medians(rows: list[dict[str, float]], client_ms: np.ndarray | None = N
 def run_served(
     artifacts: Path, repo: Path, users: list[int], levels: tuple[int, ...], requests: int, warmup: int, k: int,
     timeout_s: float, serve_args: tuple[str, ...], extras: bool = True, overload: bool | None = None, cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The served half: start, time to SERVING, first call, warm-up, every level; with ``extras`` the
     overload run (c64) and the BatchRecommend comparison too (``overload``: the overload run alone, or not;
-    ``cwd``: serve from another checkout of the project)."""
+    ``cwd``: serve from another checkout of the project; ``env``: the server's environment)."""
     out: dict[str, Any] = {"levels": {}}
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
         t0 = time.perf_counter()
-        with ServedStack(artifacts, repo, Path(tmp) / "history.sqlite", serve_args, cwd) as stack:
+        with ServedStack(artifacts, repo, Path(tmp) / "history.sqlite", serve_args, cwd, env) as stack:
             out["serving_after_s"] = round(time.perf_counter() - t0 + _wait_serving(stack.address), 2)
             first = asyncio.run(_drive(stack.address, users[:1], 1, k, timeout_s))
             out["first_call_ms"] = round(first["latencies"][0] * 1e3, 2) if first["latencies"] else None
@@ -389,7 +405,9 @@ def run_served(
 # ---------------------------------------------------------------------------- in process
 
 
-def run_inprocess(artifacts: Path, repo: Path, users: list[int], requests: int, warmup: int, k: int) -> dict[str, Any]:
+def run_inprocess(
+    artifacts: Path, repo: Path, users: list[int], requests: int, warmup: int, k: int, candidate_sources: str = "merged"
+) -> dict[str, Any]:
     """The floor: the same pipeline, catalog, index and ONNX files, one thread, no RPC."""
     from orchestrator.backends import InProcessBackend
     from orchestrator.catalog import Catalog, Filters
@@ -399,7 +417,7 @@ def run_inprocess(artifacts: Path, repo: Path, users: list[int], requests: int, 
     from orchestrator.settings import ServeSettings
     from orchestrator.store import SqliteHistoryStore
 
-    settings = ServeSettings(artifacts_dir=artifacts, model_repository=repo)
+    settings = ServeSettings(artifacts_dir=artifacts, model_repository=repo, candidate_sources=candidate_sources)
     with tempfile.TemporaryDirectory(prefix="e2e-inproc-") as tmp:
         store = SqliteHistoryStore(Path(tmp) / "history.sqlite", artifacts / "interactions.parquet")
         rec = Recommender(settings, Catalog.load(artifacts, settings.mmr_genre_weight), store, InProcessBackend(repo))
@@ -460,6 +478,33 @@ def targets(
         floor_target = name.endswith("qps") or name == "batch_speedup"
         ok = None if value is None else (value >= limit if floor_target else value <= limit)
         out[name] = {"target": limit, "measured": value, "met": ok}
+    return out
+
+
+def sources_comparison(
+    merged_served: dict[str, Any], merged_floor: dict[str, Any], ann_served: dict[str, Any], ann_floor: dict[str, Any]
+) -> dict[str, Any]:
+    """Merged candidate sources against the ANN list alone (``candidate_sources=two_tower``) at c1.
+
+    Same deployment, users and candidate count; ratios are merged / ANN-only of the p50s.
+    """
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a is not None and b else None
+
+    out: dict[str, Any] = {
+        "ann_only": {"served_c1": ann_served["levels"]["c1"], "inprocess_c1": ann_floor["levels"]["c1"]},
+        "stages_ms": {"served": ann_served.get("stages_ms", {}), "inprocess": ann_floor["stages_ms"]},
+    }
+    pairs = {
+        "served_c1_p50": (merged_served["levels"].get("c1", {}).get("p50_ms"), ann_served["levels"]["c1"]["p50_ms"]),
+        "inprocess_c1_p50": (merged_floor["levels"]["c1"]["p50_ms"], ann_floor["levels"]["c1"]["p50_ms"]),
+        "served_retrieval_p50": (merged_served.get("stages_ms", {}).get("retrieval"), ann_served.get("stages_ms", {}).get("retrieval")),
+        "inprocess_retrieval_p50": (merged_floor["stages_ms"].get("retrieval"), ann_floor["stages_ms"].get("retrieval")),
+    }
+    out["merged_over_ann_only"] = {k: ratio(a, b) for k, (a, b) in pairs.items()}
+    out["merged_minus_ann_only_ms"] = {k: round(a - b, 3) if a is not None and b is not None else None for k, (a, b) in pairs.items()}
+    out["note"] = "ANN-only ran after the merged served levels (its own server start); in process, the merged floor ran after it"
     return out
 
 
@@ -524,6 +569,12 @@ def print_report(report: dict[str, Any]) -> None:
                 f"(p99 {o['shed_p99_ms']} ms), {o['internal']} INTERNAL/UNKNOWN; BatchRecommend of {b['users']}: "
                 f"{b['batch_users_per_s']} users/s vs {b['single_users_per_s']} as single calls"
             )
+        if case.get("sources"):
+            d, r = case["sources"]["merged_minus_ann_only_ms"], case["sources"]["merged_over_ann_only"]
+            print(
+                "merged sources vs the ANN list alone, same candidate count, c1 p50 (merged - ANN-only, merged / ANN-only): "
+                + ", ".join(f"{k} {d[k]} ms x{r[k]}" for k in d)
+            )
         print(
             f"first call after start: served {case['first_call_ms']['served']} ms, in-process "
             f"{case['first_call_ms']['inprocess']} ms; SERVING {case['serving_after_s']} s after launch"
@@ -560,6 +611,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="smoke run: ml-latest-small (the demo's deployment when there is one), 300 requests per level, 50 warm-up",
     )
+    p.add_argument(
+        "--ann-only",
+        action="store_true",
+        help="also serve and run in process with the ANN list alone as candidates (candidate_sources=two_tower, c1), "
+        "to compare with the merged sources at the same candidate count (on with --quick)",
+    )
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON report; the PNG goes beside it (default: %(default)s)")
     p.set_defaults(func=main)
 
@@ -568,6 +625,7 @@ def main(args: argparse.Namespace) -> int:
     levels = tuple(int(c) for c in str(args.concurrency).split(","))
     if args.quick:
         args.requests, args.warmup = min(args.requests, 300), min(args.warmup, 50)
+        args.ann_only = True
         args.case = args.case or ["ml-latest-small"]
     names = args.case or list(DEFAULT_CASES)
     if args.artifacts:
@@ -589,6 +647,24 @@ def main(args: argparse.Namespace) -> int:
             log(f"{name}: {n_items:,} items; served path")
             with LoadWatch() as case_load:
                 served = run_served(artifacts, repo, users, levels, args.requests, args.warmup, args.k, args.timeout, tuple(args.serve_arg))
+                if args.ann_only:
+                    log(f"{name}: served, the ANN list alone as candidates (c1)")
+                    env = {**os.environ, "RECSYS_CANDIDATE_SOURCES": "two_tower"}
+                    ann_served = run_served(
+                        artifacts,
+                        repo,
+                        users,
+                        (1,),
+                        args.requests,
+                        args.warmup,
+                        args.k,
+                        args.timeout,
+                        tuple(args.serve_arg),
+                        False,
+                        env=env,
+                    )
+                    log(f"{name}: in-process floor, the ANN list alone")
+                    ann_floor = run_inprocess(artifacts, repo, users, args.requests, args.warmup, args.k, "two_tower")
                 log(f"{name}: in-process floor")
                 floor = run_inprocess(artifacts, repo, users, args.requests, args.warmup, args.k)
             report["cases"][name] = {
@@ -612,6 +688,8 @@ def main(args: argparse.Namespace) -> int:
                 "overload": served.get("overload"),
                 "batch": served.get("batch"),
             }
+            if args.ann_only:
+                report["cases"][name]["sources"] = sources_comparison(served, floor, ann_served, ann_floor)
             report["cases"][name]["targets"] = targets(served["levels"], floor["levels"], served.get("overload"), served.get("batch"))
     first = next(iter(report["cases"].values()))
     report = {

@@ -24,7 +24,8 @@ orchestrator runs exactly what evaluation ran (offline loops over users).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -80,14 +81,28 @@ class CandidateTables:
     def n_items(self) -> int:
         return len(self.log_count)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The published arrays by field name (not the lookups derived from them)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @cached_property
+    def genre_norm(self) -> np.ndarray:
+        """float32 [n_items] each item's genre-vector norm, computed once (``genre_popular``'s cosine).
+
+        Computed row by row as ``genre_popular`` did per call; for multi-hot rows the squares
+        sum to an exact small integer, so the norm does not depend on which rows are batched.
+        """
+        g = self.genre_matrix
+        return np.sqrt(np.einsum("ij,ij->i", g, g))
+
     def with_budgets(self, budgets: Sequence[float]) -> CandidateTables:
         """The same tables with other per-source budgets (normalised to sum 1)."""
         b = np.asarray(budgets, np.float32)
-        return CandidateTables(**{**self.__dict__, "budgets": b / max(float(b.sum()), 1e-12)})
+        return CandidateTables(**{**self.arrays(), "budgets": b / max(float(b.sum()), 1e-12)})
 
     def save(self, path: str | Path) -> None:
         """Writes the tables as one ``.npz`` (plain arrays, loadable without pickle)."""
-        np.savez(Path(path), sources=np.array(SOURCES), **self.__dict__)
+        np.savez(Path(path), sources=np.array(SOURCES), **self.arrays())
 
     @classmethod
     def load(cls, path: str | Path) -> CandidateTables:
@@ -108,8 +123,29 @@ def _drop(items: np.ndarray, blocked: np.ndarray | None) -> np.ndarray:
     return items if blocked is None else items[~blocked[items]]
 
 
+def _top(items: np.ndarray, score: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the ``n`` best of ``score`` (descending, ties by ``items`` ascending), in that order.
+
+    Equal to ``np.lexsort((items, -score))[:n]`` when no two (score, item) pairs are equal: a partition finds
+    the ``n``-th best score, and only the scores at least that good (ties at the boundary
+    included) are sorted.
+    """
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    neg = -score
+    if len(neg) <= 2 * n:
+        return np.lexsort((items, neg))[:n]
+    kth = np.partition(neg, n - 1)[n - 1]
+    if np.isnan(kth):  # fewer than n comparable scores: NaNs sort last, as lexsort puts them
+        return np.lexsort((items, neg))[:n]
+    keep = np.flatnonzero(neg <= kth)
+    return keep[np.lexsort((items[keep], neg[keep]))][:n]
+
+
 def item_knn(tables: CandidateTables, window: np.ndarray, blocked: np.ndarray | None, n: int) -> np.ndarray:
     """Items most similar to the window's: score = sum of cosines to every window item.
+
+    Ranked by a partial sort (:func:`_top`): the order is the full sort's.
 
     Args:
         tables: The tables.
@@ -120,18 +156,17 @@ def item_knn(tables: CandidateTables, window: np.ndarray, blocked: np.ndarray | 
     hist = window[window >= 0]
     if hist.size == 0:
         return np.zeros(0, np.int64)
-    nb = tables.neighbours[hist].reshape(-1).astype(np.int64)
-    sims = tables.neighbour_sims[hist].reshape(-1)
-    ok = nb >= 0
+    # dense over the catalog (a few passes over n_items cost less than sorting the window's
+    # neighbours): bincount adds each item's cosines in the window's order, as over the
+    # sorted unique items; shifted by one, the -1 padding lands in bin 0, dropped
+    nb = tables.neighbours[hist].reshape(-1) + 1
+    m = tables.n_items + 1
+    score = np.bincount(nb, weights=tables.neighbour_sims[hist].reshape(-1), minlength=m)[1:]
+    present = np.bincount(nb, minlength=m)[1:] > 0
     if blocked is not None:
-        ok &= ~blocked[np.where(ok, nb, 0)]
-    nb, sims = nb[ok], sims[ok]
-    if nb.size == 0:
-        return np.zeros(0, np.int64)
-    uniq, inv = np.unique(nb, return_inverse=True)
-    score = np.bincount(inv, weights=sims)
-    order = np.lexsort((uniq, -score))[:n]  # ties by item index: deterministic
-    return uniq[order]
+        present &= ~blocked
+    uniq = np.flatnonzero(present)
+    return uniq[_top(uniq, score[uniq], n)].astype(np.int64)
 
 
 def genre_popular(tables: CandidateTables, window: np.ndarray, blocked: np.ndarray | None, n: int) -> np.ndarray:
@@ -157,9 +192,9 @@ def genre_popular(tables: CandidateTables, window: np.ndarray, blocked: np.ndarr
     # einsum, not ``@``: a BLAS call on a matrix this small costs more in thread wake-ups than
     # in arithmetic on a busy machine (measured: 28 ms vs 0.2 ms at load 25); and not
     # ``(g * profile).sum(1)``, which builds temporaries: 0.06 vs 0.30 ms at ~5,000 x 20
-    cos = np.einsum("ij,j->i", g, profile) / (np.sqrt(np.einsum("ij,ij->i", g, g)) * np.sqrt(float((profile * profile).sum())) + 1e-6)
+    cos = np.einsum("ij,j->i", g, profile) / (tables.genre_norm[pool] * np.sqrt(float((profile * profile).sum())) + 1e-6)
     score = tables.log_count[pool] * cos
-    return pool[np.lexsort((pool, -score))][:n].astype(np.int64)
+    return pool[_top(pool, score, n)].astype(np.int64)
 
 
 def popular_list(order: np.ndarray, blocked: np.ndarray | None, n: int) -> np.ndarray:
@@ -199,30 +234,35 @@ def merge(lists: Sequence[np.ndarray], budgets: np.ndarray, n: int) -> tuple[np.
         merged candidates in merge order and each one's 0-based rank in every source
         (-1 = not in that source's list).
     """
-    keys, items, src = [], [], []
-    for s, (lst, b) in enumerate(zip(lists, budgets)):
-        if b <= 0 or len(lst) == 0:
-            continue
-        keys.append((np.arange(len(lst), dtype=np.float64) + 0.5) / float(b))
-        items.append(np.asarray(lst, np.int64))
-        src.append(np.full(len(lst), s))
-    ranks_out = np.full((0, len(lists)), -1.0, np.float32)
-    if not items:
-        return np.zeros(0, np.int64), ranks_out
-    key, item, source = np.concatenate(keys), np.concatenate(items), np.concatenate(src)
-    order = np.lexsort((source, key))
-    item = item[order]
-    _, first = np.unique(item, return_index=True)
-    merged = item[np.sort(first)][:n]
-    ranks = np.full((len(merged), len(lists)), -1.0, np.float32)
-    for s, lst in enumerate(lists):
-        if len(lst) == 0:
-            continue
-        lst = np.asarray(lst, np.int64)
-        sorter = np.argsort(lst, kind="stable")
-        at = np.clip(np.searchsorted(lst, merged, sorter=sorter), 0, len(lst) - 1)
-        ranks[:, s] = np.where(lst[sorter[at]] == merged, sorter[at], -1)
-    return merged, ranks
+    n_src = len(lists)
+    arrays = [np.asarray(lst, np.int64) for lst in lists]
+    keyed = [s for s, (lst, b) in enumerate(zip(arrays, budgets)) if b > 0 and len(lst) > 0]
+    if not keyed:
+        return np.zeros(0, np.int64), np.full((0, n_src), -1.0, np.float32)
+    key = np.concatenate([(np.arange(len(arrays[s]), dtype=np.float64) + 0.5) / float(budgets[s]) for s in keyed])
+    # stable: equal keys keep the concatenation's (source) order
+    item = np.concatenate([arrays[s] for s in keyed])[np.argsort(key, kind="stable")]
+    # per-item slots over the lists' id range (dense, no sort): each item's first place in key
+    # order is the smallest index written to its slot
+    every = np.concatenate(arrays)
+    lo = int(every.min())
+    span = int(every.max()) - lo + 1
+    place = np.arange(len(item))
+    first = np.full(span, len(item))
+    np.minimum.at(first, item - lo, place)
+    merged = item[first[item - lo] == place][:n]
+    # each merged item's first position in every source: the smallest position per (row, source)
+    row = np.full(span, -1)
+    row[merged - lo] = np.arange(len(merged))
+    lens = np.array([len(x) for x in arrays])
+    source = np.repeat(np.arange(n_src), lens)
+    position = np.arange(len(every)) - np.repeat(np.cumsum(lens) - lens, lens)
+    r = row[every - lo]
+    hit = r >= 0
+    ranks = np.full(len(merged) * n_src, len(every))
+    np.minimum.at(ranks, r[hit] * n_src + source[hit], position[hit])
+    ranks[ranks == len(every)] = -1
+    return merged, ranks.reshape(len(merged), n_src).astype(np.float32)
 
 
 def candidates(

@@ -23,6 +23,7 @@ from orchestrator.ann import IndexBundle, ItemFilter, load_index_bundle, to_devi
 from orchestrator.artifacts import DRIFT_REFERENCE, Demographics, items_of
 from orchestrator.artifacts import load_demographics as read_demographics
 from orchestrator.candidates import TABLES_FILE, CandidateTables, blocked_mask, candidates, two_tower_scores
+from orchestrator.contract import CANDIDATE_SOURCE_NAMES as SOURCES
 from orchestrator.drift import DriftReference
 from orchestrator.errors import InvalidArgument, NotFound
 from orchestrator.mmr import blend_vectors
@@ -248,7 +249,7 @@ class Catalog:
         return items[0][keep], scores[0][keep]
 
     def candidates(
-        self, user: np.ndarray, window: np.ndarray, k: int, allowed: np.ndarray | None, exclude: np.ndarray
+        self, user: np.ndarray, window: np.ndarray, k: int, allowed: np.ndarray | None, exclude: np.ndarray, ann_only: bool = False
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The merged candidate set: FAISS top-``k`` plus the other sources, as evaluation merges them.
 
@@ -258,13 +259,19 @@ class Catalog:
             k: Candidates wanted (each source's list is up to ``k`` long too).
             allowed: bool [n_items] admitted by the filters, or None.
             exclude: Item indices never to return.
+            ann_only: The FAISS list alone, no other source (``ServeSettings.candidate_sources``
+                ``two_tower``): each item's two-tower rank, -1 in every other column.
 
         Returns:
             ``(items int64 [m], scores float32 [m], sources float32 [m, S])``, ``m <= k``: merge
             order, the two-tower inner product of each, and each one's rank in every source.
         """
         ann, _ = self.retrieve(user, k, allowed, exclude)
-        items, sources = candidates(self.tables, ann, window, blocked_mask(self.n_items, exclude, allowed), k)
+        if ann_only:
+            items, sources = ann, np.full((len(ann), len(SOURCES)), -1.0, np.float32)
+            sources[:, SOURCES.index("two_tower")] = np.arange(len(ann))
+        else:
+            items, sources = candidates(self.tables, ann, window, blocked_mask(self.n_items, exclude, allowed), k)
         scores = two_tower_scores(np.asarray(user, np.float32).reshape(-1), self.vectors, items)
         return items, scores, sources
 

@@ -154,6 +154,7 @@ class Recommender:
         self.catalog = catalog
         self.store = store
         self.backend = backend
+        self.ann_only = settings.candidate_sources == "two_tower"
 
     def recommend(self, q: Query, deadline: Deadline) -> Result:
         """Top-``q.k`` movies for a user or a history (see the module docstring)."""
@@ -167,7 +168,7 @@ class Recommender:
             with t("user_tower"):
                 user = self.user_vector(q, window, deadline)
             with t("retrieval"):
-                cand, sims, sources = self.catalog.candidates(user, window.items, self.settings.retrieve_k, allowed, exclude)
+                cand, sims, sources = self.catalog.candidates(user, window.items, self.settings.retrieve_k, allowed, exclude, self.ann_only)
             with t("ranking"):
                 scores = self.rank(cand, sims, sources, window, deadline)
         except ModelUnavailable as exc:
@@ -220,7 +221,7 @@ class Recommender:
             for j, i in enumerate(todo):
                 timers[i].ms["user_tower"] = tower_ms
                 with timers[i]("retrieval"):
-                    cands[i] = self.catalog.candidates(users[j], windows[i].items, self.settings.retrieve_k, *filters[i])
+                    cands[i] = self.catalog.candidates(users[j], windows[i].items, self.settings.retrieve_k, *filters[i], self.ann_only)
             scores = self._rank_many(cands, windows, deadline, timers)
         except ModelUnavailable as exc:
             reason = self.reason(exc, deadline)
@@ -438,7 +439,9 @@ class Recommender:
             deadline = Deadline(None, max(self.settings.triton_timeout_s, 1.0))
             try:
                 user = self.user_vector(query, window, deadline)
-                cand, sims, sources = self.catalog.candidates(user, window.items, self.settings.retrieve_k, None, window.seen)
+                cand, sims, sources = self.catalog.candidates(
+                    user, window.items, self.settings.retrieve_k, None, window.seen, self.ann_only
+                )
                 scores = self.rank(cand, sims, sources, window, deadline)
                 self.rerank(cand, scores, query.k, query.rerank)
             except (ModelUnavailable, DeadlineExceeded) as exc:

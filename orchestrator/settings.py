@@ -18,6 +18,8 @@ from orchestrator.drift import DEFAULT_MIN_REQUESTS, DEFAULT_WINDOW_REQUESTS
 
 ENV_PREFIX = "RECSYS_"
 HISTORY_STORES = ("sqlite", "redis")
+CANDIDATE_MODES = ("merged", "two_tower")
+"""``candidate_sources`` values: every source merged (the default), or the ANN list alone."""
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -72,6 +74,11 @@ class ServeSettings:
         health_poll_s: How often Triton's readiness is polled for the health service.
         retrieve_k: Merged candidates the ranker scores (FAISS' list and every other source's
             are up to this long; the ranker was trained on 200 merged candidates).
+        candidate_sources: ``merged`` (default): every candidate source merged by the published
+            budgets. ``two_tower``: the ANN list alone, no other source computed (their
+            ``candidate_sources`` rank columns -1): the retrieval before issue 12, kept to
+            measure what the merge costs (``recsys bench e2e --quick``); the ranker was
+            trained on merged candidates, so it is a latency baseline, not a quality setting.
         mmr_lambda: Default MMR trade-off (1 relevance only, 0 diversity only).
         mmr_pool: Default number of ranked candidates MMR chooses from.
         mmr_genre_weight: Share of genre cosine (vs embedding cosine) in MMR's similarity.
@@ -133,6 +140,7 @@ class ServeSettings:
     triton_timeout_s: float = 1.0
     health_poll_s: float = 1.0
     retrieve_k: int = 200
+    candidate_sources: str = "merged"
     # the operating point of the offline evaluation (export/evaluate.py EvalSettings)
     # chosen on the rolling evaluation of ml-100k (BENCHMARKS.md, "Diversity: the MMR operating point"):
     # the most diversity for <= 3 % NDCG@10
@@ -192,6 +200,8 @@ class ServeSettings:
             problems.append(f"max_k must be in 1..500 (the API's range), got {self.max_k}")
         if self.retrieve_k < 1:
             problems.append(f"retrieve_k must be >= 1, got {self.retrieve_k}")
+        if self.candidate_sources not in CANDIDATE_MODES:
+            problems.append(f"candidate_sources must be one of {CANDIDATE_MODES}, got {self.candidate_sources!r}")
         if not 0.0 <= self.mmr_lambda <= 1.0:
             problems.append(f"mmr_lambda must be in [0, 1], got {self.mmr_lambda}")
         if not 1 <= self.mmr_pool <= self.retrieve_k:

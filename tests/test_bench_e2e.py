@@ -15,7 +15,7 @@ def test_bench_e2e_writes_the_issue_shape(tiny_artifacts, tiny_repository, tmp_p
     out = tmp_path / "e2e.json"
     code = main(
         ["bench", "e2e", "--artifacts", str(tiny_artifacts), "--repo", str(tiny_repository), "--requests", "30",
-         "--warmup", "5", "--concurrency", "1,4", "--out", str(out)]
+         "--warmup", "5", "--concurrency", "1,4", "--ann-only", "--out", str(out)]
     )  # fmt: skip
     assert code == 0
     report = json.loads(out.read_text())
@@ -41,3 +41,10 @@ def test_bench_e2e_writes_the_issue_shape(tiny_artifacts, tiny_repository, tmp_p
     assert {"users", "single_users_per_s", "batch_users_per_s"} <= set(batch)
     assert batch["single_users_per_s"] > 0 and batch["batch_users_per_s"] > 0
     assert out.with_suffix(".png").stat().st_size > 10_000
+    # issue 12: the merged sources against the ANN list alone at the same candidate count, c1
+    sources = report["cases"]["custom"]["sources"]
+    for level in sources["ann_only"].values():
+        assert level["errors"] == 0 and level["requests"] == 30 and level["p50_ms"] > 0
+    assert "retrieval" in sources["stages_ms"]["served"] and "retrieval" in sources["stages_ms"]["inprocess"]
+    assert set(sources["merged_over_ann_only"]) == {"served_c1_p50", "inprocess_c1_p50", "served_retrieval_p50", "inprocess_retrieval_p50"}
+    assert all(v is not None and v > 0 for v in sources["merged_over_ann_only"].values())

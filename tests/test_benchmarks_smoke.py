@@ -6,6 +6,7 @@ its conditions, every expected row and only finite numbers.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -167,3 +168,18 @@ def test_triton_shm_smoke(tiny_repository, tmp_path):
     _check_conditions(report)
     assert set(report["results"]) == {f"{m}/{mode}" for m in ("user_tower", "ranker_ensemble") for mode in ("grpc", "shm")}
     assert all(_finite(r["p50_ms"], r["p99_ms"]) and r["input_bytes"] > 0 for r in report["results"].values())
+
+
+def test_candidate_latency_smoke(tiny_artifacts, tmp_path):
+    from benchmarks.candidate_latency import main
+
+    out = tmp_path / "candidate_latency.json"
+    assert main(["--artifacts", str(tiny_artifacts), "--windows", "20", "--rounds", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    steps = report["steps"]
+    assert {"ann (FAISS retrieve)", "this tree: candidates (merged)", "this tree: candidates (two_tower only)", "this tree: merge"} <= set(
+        steps
+    )
+    assert all(0 < s["p50_ms"] <= s["p99_ms"] for s in steps.values())
+    assert report["conditions"]["windows"] == 20
+    _check_conditions(report)

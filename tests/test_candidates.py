@@ -10,13 +10,17 @@ from export.candidates import build_tables, choose_budgets, merge_users, recall,
 from export.history import Histories
 from export.items import Catalog, item_stats
 from orchestrator.candidates import (
+    GENRE_POOL_GENRES,
     SOURCES,
     TABLES_FILE,
     CandidateTables,
+    _top,
     blocked_mask,
     candidates,
+    genre_popular,
     item_knn,
     merge,
+    source_lists,
 )
 
 
@@ -133,3 +137,170 @@ def test_offline_lists_equal_the_per_user_online_call(world):
         np.testing.assert_array_equal(items[row, : len(one)], one)
         np.testing.assert_array_equal(ranks[row, : len(one)], r)
         assert len(SOURCES) == r.shape[1]
+
+
+# --------------------------------------------------------------------------- identity with the plain versions
+# The served functions use a dense accumulator, a partial sort and a sort-free merge for speed;
+# these are the plain versions they replaced (sort everything), kept here as the reference.
+
+
+def reference_item_knn(tables, window, blocked, n):
+    hist = window[window >= 0]
+    if hist.size == 0:
+        return np.zeros(0, np.int64)
+    nb = tables.neighbours[hist].reshape(-1).astype(np.int64)
+    sims = tables.neighbour_sims[hist].reshape(-1)
+    ok = nb >= 0
+    if blocked is not None:
+        ok &= ~blocked[np.where(ok, nb, 0)]
+    nb, sims = nb[ok], sims[ok]
+    if nb.size == 0:
+        return np.zeros(0, np.int64)
+    uniq, inv = np.unique(nb, return_inverse=True)
+    score = np.bincount(inv, weights=sims)
+    return uniq[np.lexsort((uniq, -score))[:n]]
+
+
+def reference_genre_popular(tables, window, blocked, n):
+    hist = window[window >= 0]
+    if hist.size == 0:
+        return np.zeros(0, np.int64)
+    profile = tables.genre_matrix[hist].sum(0)
+    if not profile.any():
+        return np.zeros(0, np.int64)
+    top = np.lexsort((np.arange(len(profile)), -profile))[:GENRE_POOL_GENRES]
+    top = top[profile[top] > 0]
+    listed = tables.genre_popular[top].reshape(-1)
+    pool = np.unique(listed[listed >= 0])
+    if blocked is not None:
+        pool = pool[~blocked[pool]]
+    if pool.size == 0:
+        return pool.astype(np.int64)
+    g = tables.genre_matrix[pool]
+    cos = np.einsum("ij,j->i", g, profile) / (np.sqrt(np.einsum("ij,ij->i", g, g)) * np.sqrt(float((profile * profile).sum())) + 1e-6)
+    score = tables.log_count[pool] * cos
+    return pool[np.lexsort((pool, -score))][:n].astype(np.int64)
+
+
+def reference_merge(lists, budgets, n):
+    keys, items, src = [], [], []
+    for s, (lst, b) in enumerate(zip(lists, budgets)):
+        if b <= 0 or len(lst) == 0:
+            continue
+        keys.append((np.arange(len(lst), dtype=np.float64) + 0.5) / float(b))
+        items.append(np.asarray(lst, np.int64))
+        src.append(np.full(len(lst), s))
+    if not items:
+        return np.zeros(0, np.int64), np.full((0, len(lists)), -1.0, np.float32)
+    key, item, source = np.concatenate(keys), np.concatenate(items), np.concatenate(src)
+    item = item[np.lexsort((source, key))]
+    _, first = np.unique(item, return_index=True)
+    merged = item[np.sort(first)][:n]
+    ranks = np.full((len(merged), len(lists)), -1.0, np.float32)
+    for s, lst in enumerate(lists):
+        for row, it in enumerate(merged):
+            at = np.flatnonzero(np.asarray(lst) == it)
+            if at.size:
+                ranks[row, s] = at[0]
+    return merged, ranks
+
+
+def random_tables(rng, n_items=400, m=15, n_genres=7, pool=120):
+    """Tables with the edge cases built in: -1 padding, repeated and zero cosines, tied counts."""
+    nb = np.stack([rng.choice(n_items, m, replace=False) for _ in range(n_items)]).astype(np.int32)
+    sims = (rng.integers(0, 5, (n_items, m)) / 4).astype(np.float32)  # ties and zeros on purpose
+    pad = rng.random((n_items, m)) < 0.2
+    nb[pad], sims[pad] = -1, 0
+    genres = (rng.random((n_items, n_genres)) < 0.3).astype(np.float32)
+    count = rng.integers(0, 6, n_items)  # many equal counts: ties in the genre scores
+    by_count = np.lexsort((np.arange(n_items), -count))
+    per_genre = np.full((n_genres, pool), -1, np.int64)
+    for g in range(n_genres):
+        members = by_count[genres[by_count, g] > 0][:pool]
+        per_genre[g, : len(members)] = members
+    return CandidateTables(
+        neighbours=nb,
+        neighbour_sims=sims,
+        popular=by_count[:pool].astype(np.int64),
+        recent_popular=rng.permutation(n_items)[:pool].astype(np.int64),
+        genre_popular=per_genre,
+        log_count=np.log1p(count).astype(np.float32),
+        genre_matrix=genres,
+        budgets=np.full(len(SOURCES), 1 / len(SOURCES), np.float32),
+    )
+
+
+def random_case(rng, n_items):
+    """A history window (-1 padded, maybe empty), a blocked mask (or None), a list length."""
+    length = int(rng.integers(0, 30))
+    window = np.full(30, -1, np.int64)
+    window[30 - length :] = rng.choice(n_items, length, replace=False)
+    kind = rng.integers(0, 4)
+    blocked = None if kind == 0 else rng.random(n_items) < (0.02, 0.3, 0.97)[kind - 1]
+    return window, blocked, int(rng.choice([1, 3, 10, 40, 150, 500]))
+
+
+def assert_same(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sources_and_merge_equal_the_plain_versions_on_random_windows(seed):
+    rng = np.random.default_rng(seed)
+    tables = random_tables(rng)
+    for _ in range(150):
+        window, blocked, n = random_case(rng, tables.n_items)
+        assert_same(item_knn(tables, window, blocked, n), reference_item_knn(tables, window, blocked, n))
+        assert_same(genre_popular(tables, window, blocked, n), reference_genre_popular(tables, window, blocked, n))
+        ann = rng.permutation(tables.n_items)[: int(rng.integers(0, n + 1))]
+        if blocked is not None:
+            ann = ann[~blocked[ann]]
+        budgets = rng.integers(0, 3, len(SOURCES)).astype(np.float32)  # zeros and equal shares (key ties)
+        lists = source_lists(tables, ann, window, blocked, n)
+        for got, want in zip(merge(lists, budgets, n), reference_merge(lists, budgets, n)):
+            assert_same(got, want)
+
+
+def test_merge_equals_the_plain_version_with_repeats_and_empty_lists():
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        lists = [rng.integers(0, 40, int(rng.integers(0, 25))) for _ in range(int(rng.integers(1, 6)))]  # repeats inside lists
+        budgets = rng.choice([0.0, 0.5, 1.0, 2.0], len(lists))
+        n = int(rng.integers(1, 60))
+        for got, want in zip(merge(lists, budgets, n), reference_merge(lists, budgets, n)):
+            assert_same(got, want)
+
+
+def test_top_equals_a_full_sort_with_ties_and_nans():
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        size = int(rng.integers(0, 400))
+        items = rng.permutation(1000)[:size]
+        score = rng.integers(0, 8, size).astype(np.float64)  # heavy ties at every boundary
+        score[rng.random(size) < 0.1] = np.nan
+        n = int(rng.integers(0, 120))
+        np.testing.assert_array_equal(_top(items, score, n), np.lexsort((items, -score))[:n])
+
+
+def test_ann_only_mode_serves_the_faiss_list_alone(tiny_artifacts):
+    from orchestrator.catalog import Catalog
+    from orchestrator.pipeline import Recommender
+    from orchestrator.settings import ServeSettings
+
+    catalog = Catalog.load(tiny_artifacts, use_gpu=False)
+    user = catalog.vectors[:3].mean(0)
+    window = np.r_[np.full(5, -1), np.arange(5)].astype(np.int64)
+    exclude = np.arange(5)
+    ann, _ = catalog.retrieve(user, 20, None, exclude)
+    items, scores, sources = catalog.candidates(user, window, 20, None, exclude, ann_only=True)
+    np.testing.assert_array_equal(items, ann)
+    assert sources[:, 0].tolist() == list(range(len(ann))) and (sources[:, 1:] == -1).all()
+    merged, _, merged_sources = catalog.candidates(user, window, 20, None, exclude)  # the default: every source
+    want = candidates(catalog.tables, ann, window, blocked_mask(catalog.n_items, exclude), 20)
+    np.testing.assert_array_equal(merged, want[0])
+    np.testing.assert_array_equal(merged_sources, want[1])
+    settings = ServeSettings(artifacts_dir=tiny_artifacts, candidate_sources="two_tower")
+    assert Recommender(settings, catalog, None, None).ann_only  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="candidate_sources"):
+        ServeSettings(candidate_sources="ann")
