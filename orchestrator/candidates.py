@@ -202,23 +202,31 @@ def popular_list(order: np.ndarray, blocked: np.ndarray | None, n: int) -> np.nd
     return _drop(order, blocked)[:n].astype(np.int64)
 
 
-def source_lists(tables: CandidateTables, ann: np.ndarray, window: np.ndarray, blocked: np.ndarray | None, n: int) -> list[np.ndarray]:
-    """Every source's ranked list for one user, in :data:`SOURCES` order.
+def side_lists(tables: CandidateTables, window: np.ndarray, blocked: np.ndarray | None, n: int) -> list[np.ndarray]:
+    """The ranked lists of every source but the ANN search (``SOURCES[1:]``), for one user.
+
+    They read only the history window and the blocked mask, not the user vector, so the
+    orchestrator computes them while the user-tower call is in flight
+    (``ServeSettings.overlap_user_tower``).
 
     Args:
         tables: The tables.
-        ann: int64 the two-tower ANN result, best first (already filtered by the caller).
         window: int64 [L] the user's history window.
         blocked: bool [n_items] items never to return (seen, filtered out), or None.
         n: Longest list wanted from each source.
     """
     return [
-        np.asarray(ann, np.int64)[:n],
         item_knn(tables, window, blocked, n),
         genre_popular(tables, window, blocked, n),
         popular_list(tables.recent_popular, blocked, n),
         popular_list(tables.popular, blocked, n),
     ]
+
+
+def source_lists(tables: CandidateTables, ann: np.ndarray, window: np.ndarray, blocked: np.ndarray | None, n: int) -> list[np.ndarray]:
+    """Every source's ranked list for one user, in :data:`SOURCES` order: the ANN result (int64,
+    best first, already filtered by the caller) then :func:`side_lists`."""
+    return [np.asarray(ann, np.int64)[:n], *side_lists(tables, window, blocked, n)]
 
 
 def merge(lists: Sequence[np.ndarray], budgets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ import pandas as pd
 from orchestrator.ann import IndexBundle, ItemFilter, load_index_bundle, to_device
 from orchestrator.artifacts import DRIFT_REFERENCE, Demographics, items_of
 from orchestrator.artifacts import load_demographics as read_demographics
-from orchestrator.candidates import TABLES_FILE, CandidateTables, blocked_mask, candidates, two_tower_scores
+from orchestrator.candidates import TABLES_FILE, CandidateTables, blocked_mask, merge, side_lists, two_tower_scores
 from orchestrator.contract import CANDIDATE_SOURCE_NAMES as SOURCES
 from orchestrator.drift import DriftReference
 from orchestrator.errors import InvalidArgument, NotFound
@@ -248,8 +248,26 @@ class Catalog:
         keep = items[0] >= 0
         return items[0][keep], scores[0][keep]
 
+    def side_lists(self, window: np.ndarray, k: int, allowed: np.ndarray | None, exclude: np.ndarray) -> list[np.ndarray]:
+        """The candidate sources that do not need the user vector (:func:`~orchestrator.candidates.side_lists`).
+
+        Args:
+            window: int64 [L] history window (-1 padded).
+            k: Longest list wanted from each source.
+            allowed: bool [n_items] admitted by the filters, or None.
+            exclude: Item indices never to return.
+        """
+        return side_lists(self.tables, window, blocked_mask(self.n_items, exclude, allowed), k)
+
     def candidates(
-        self, user: np.ndarray, window: np.ndarray, k: int, allowed: np.ndarray | None, exclude: np.ndarray, ann_only: bool = False
+        self,
+        user: np.ndarray,
+        window: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None,
+        exclude: np.ndarray,
+        ann_only: bool = False,
+        side: list[np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The merged candidate set: FAISS top-``k`` plus the other sources, as evaluation merges them.
 
@@ -261,6 +279,8 @@ class Catalog:
             exclude: Item indices never to return.
             ann_only: The FAISS list alone, no other source (``ServeSettings.candidate_sources``
                 ``two_tower``): each item's two-tower rank, -1 in every other column.
+            side: :meth:`side_lists` of the same window, filters and ``k`` when already computed
+                (the pipeline computes them while the user tower runs); computed here otherwise.
 
         Returns:
             ``(items int64 [m], scores float32 [m], sources float32 [m, S])``, ``m <= k``: merge
@@ -271,7 +291,9 @@ class Catalog:
             items, sources = ann, np.full((len(ann), len(SOURCES)), -1.0, np.float32)
             sources[:, SOURCES.index("two_tower")] = np.arange(len(ann))
         else:
-            items, sources = candidates(self.tables, ann, window, blocked_mask(self.n_items, exclude, allowed), k)
+            if side is None:
+                side = self.side_lists(window, k, allowed, exclude)
+            items, sources = merge([np.asarray(ann, np.int64)[:k], *side], self.tables.budgets, k)
         scores = two_tower_scores(np.asarray(user, np.float32).reshape(-1), self.vectors, items)
         return items, scores, sources
 

@@ -9,6 +9,10 @@ block. What the stages share:
 * the **history window** (the last ``L`` movies and ratings, left-padded with -1 / 0) that
   both the user tower and the ranker's features read, exactly as offline
   (``export/history.py``);
+* the **user-tower call overlapped** with the candidate sources that need no user vector
+  (``ServeSettings.overlap_user_tower``): the call runs on a pool thread, waiting on Triton
+  with the GIL released, while this thread computes the item-neighbour, genre and popular
+  lists; the ANN search and the merge follow once the vector is back;
 * the **deadline**: every model call gets ``min(triton_timeout_s, time left)``. A model
   that fails or is too slow while the caller still has time yields the popular fallback
   (``is_fallback`` + reason); an expired deadline is DEADLINE_EXCEEDED, never a hang.
@@ -19,8 +23,10 @@ The pipeline trusts its inputs: the service validated them.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -45,6 +51,24 @@ log = logging.getLogger(__name__)
 
 RANK_ROWS_PER_CALL = RANKER_MAX_ROWS
 """Most candidate rows per ``ranker_ensemble`` call (``orchestrator/contract.py``)."""
+
+TOWER_THREADS = 32
+"""Threads of the process-wide pool that runs user-tower calls overlapped with the other
+candidate sources (``ServeSettings.overlap_user_tower``); admission keeps the calls in flight
+below ``max_in_flight``, so the pool rarely grows past it."""
+
+_tower_pool: ThreadPoolExecutor | None = None
+_tower_pool_lock = threading.Lock()
+
+
+def tower_pool() -> ThreadPoolExecutor:
+    """The process-wide pool of :data:`TOWER_THREADS` (one for every version's pipeline, so a
+    hot reload adds no threads)."""
+    global _tower_pool
+    with _tower_pool_lock:
+        if _tower_pool is None:
+            _tower_pool = ThreadPoolExecutor(max_workers=TOWER_THREADS, thread_name_prefix="recsys-tower")
+        return _tower_pool
 
 
 @dataclass(frozen=True)
@@ -164,11 +188,18 @@ class Recommender:
         if window.length == 0:
             return self.fallback(q, window, reason, t)  # cold start: popular
         allowed, exclude = self.catalog.allowed(q.filters), self.catalog.excluded(q.filters, window.seen)
+        k = self.settings.retrieve_k
         try:
             with t("user_tower"):
-                user = self.user_vector(q, window, deadline)
+                if self.settings.overlap_user_tower and not self.ann_only:
+                    # the sources that need no user vector run here while the tower call is in flight
+                    pending = tower_pool().submit(self.user_vector, q, window, deadline)
+                    side = self.catalog.side_lists(window.items, k, allowed, exclude)
+                    user = pending.result()
+                else:
+                    user, side = self.user_vector(q, window, deadline), None
             with t("retrieval"):
-                cand, sims, sources = self.catalog.candidates(user, window.items, self.settings.retrieve_k, allowed, exclude, self.ann_only)
+                cand, sims, sources = self.catalog.candidates(user, window.items, k, allowed, exclude, self.ann_only, side)
             with t("ranking"):
                 scores = self.rank(cand, sims, sources, window, deadline)
         except ModelUnavailable as exc:

@@ -79,6 +79,10 @@ class ServeSettings:
             ``candidate_sources`` rank columns -1): the retrieval before issue 12, kept to
             measure what the merge costs (``recsys bench e2e --quick``); the ranker was
             trained on merged candidates, so it is a latency baseline, not a quality setting.
+        overlap_user_tower: Compute the candidate sources that do not need the user vector
+            (item neighbours, genre and popular lists) while the user-tower call is in flight
+            on a pool thread, instead of after it (same candidates either way; the timed
+            ``user_tower`` stage then covers both).
         mmr_lambda: Default MMR trade-off (1 relevance only, 0 diversity only).
         mmr_pool: Default number of ranked candidates MMR chooses from.
         mmr_genre_weight: Share of genre cosine (vs embedding cosine) in MMR's similarity.
@@ -141,6 +145,7 @@ class ServeSettings:
     health_poll_s: float = 1.0
     retrieve_k: int = 200
     candidate_sources: str = "merged"
+    overlap_user_tower: bool = True
     # the operating point of the offline evaluation (export/evaluate.py EvalSettings)
     # chosen on the rolling evaluation of ml-100k (BENCHMARKS.md, "Diversity: the MMR operating point"):
     # the most diversity for <= 3 % NDCG@10
