@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -52,23 +52,35 @@ log = logging.getLogger(__name__)
 RANK_ROWS_PER_CALL = RANKER_MAX_ROWS
 """Most candidate rows per ``ranker_ensemble`` call (``orchestrator/contract.py``)."""
 
-TOWER_THREADS = 32
-"""Threads of the process-wide pool that runs user-tower calls overlapped with the other
-candidate sources (``ServeSettings.overlap_user_tower``); admission keeps the calls in flight
-below ``max_in_flight``, so the pool rarely grows past it."""
-
 _tower_pool: ThreadPoolExecutor | None = None
 _tower_pool_lock = threading.Lock()
 
 
-def tower_pool() -> ThreadPoolExecutor:
-    """The process-wide pool of :data:`TOWER_THREADS` (one for every version's pipeline, so a
-    hot reload adds no threads)."""
+def tower_pool(threads: int) -> ThreadPoolExecutor:
+    """The process-wide pool that runs user-tower calls overlapped with the other candidate
+    sources (``ServeSettings.overlap_user_tower``): one for every version's pipeline, so a hot
+    reload adds no threads. Created on first use with ``threads`` threads (the admission gate's
+    ``max_in_flight``: no more Recommends than that are in flight), all started at once so the
+    thread count stays flat."""
     global _tower_pool
     with _tower_pool_lock:
         if _tower_pool is None:
-            _tower_pool = ThreadPoolExecutor(max_workers=TOWER_THREADS, thread_name_prefix="recsys-tower")
+            _tower_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="recsys-tower")
+            prestart_threads(_tower_pool, threads)
         return _tower_pool
+
+
+def prestart_threads(pool: ThreadPoolExecutor, n: int) -> None:
+    """Starts all ``n`` threads of ``pool`` now (it would grow them lazily, one per busy moment).
+
+    Started up front, a pool's thread count is fixed from the start, so threads that appear
+    later are leaks, not a pool growing (``recsys bench faults`` counts them). Used for the
+    gRPC server's pool and for :func:`tower_pool`.
+    """
+    barrier = threading.Barrier(n)
+    # every task waits for all the others: none finishes before n threads exist
+    done = [pool.submit(barrier.wait, 10.0) for _ in range(n)]
+    wait(done, timeout=15.0)
 
 
 @dataclass(frozen=True)
@@ -179,6 +191,8 @@ class Recommender:
         self.store = store
         self.backend = backend
         self.ann_only = settings.candidate_sources == "two_tower"
+        if settings.overlap_user_tower and not self.ann_only:
+            tower_pool(settings.max_in_flight)  # started now, not on the first request
 
     def recommend(self, q: Query, deadline: Deadline) -> Result:
         """Top-``q.k`` movies for a user or a history (see the module docstring)."""
@@ -193,7 +207,7 @@ class Recommender:
             with t("user_tower"):
                 if self.settings.overlap_user_tower and not self.ann_only:
                     # the sources that need no user vector run here while the tower call is in flight
-                    pending = tower_pool().submit(self.user_vector, q, window, deadline)
+                    pending = tower_pool(self.settings.max_in_flight).submit(self.user_vector, q, window, deadline)
                     side = self.catalog.side_lists(window.items, k, allowed, exclude)
                     user = pending.result()
                 else:

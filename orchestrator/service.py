@@ -38,7 +38,16 @@ from orchestrator.catalog import YEAR_RANGE, Catalog, Filters
 from orchestrator.deployment import ReloadWatcher, Router, start_version
 from orchestrator.errors import Deadline, InvalidArgument, RecsysError, abort, describe
 from orchestrator.metrics import Metrics, MetricsInterceptor
-from orchestrator.pipeline import HISTORY_UNAVAILABLE, MODEL_TIMEOUT, MODEL_UNAVAILABLE, NO_HISTORY, Query, Recommender, Result
+from orchestrator.pipeline import (
+    HISTORY_UNAVAILABLE,
+    MODEL_TIMEOUT,
+    MODEL_UNAVAILABLE,
+    NO_HISTORY,
+    Query,
+    Recommender,
+    Result,
+    prestart_threads,
+)
 from orchestrator.requestlog import LogRow, RequestLog
 from orchestrator.rerank import Promotion, RerankOptions
 from orchestrator.settings import ServeSettings
@@ -631,19 +640,6 @@ def make_backend(settings: ServeSettings) -> InferenceBackend:
     if settings.triton_url:
         return TritonBackend(settings.triton_url)
     return InProcessBackend(settings.model_repository)
-
-
-def prestart_threads(pool: futures.ThreadPoolExecutor, n: int) -> None:
-    """Starts all ``n`` threads of ``pool`` now (it would grow them lazily, one per busy moment).
-
-    The pool is larger than the admission gate so refusals are answered at once; started up
-    front, its thread count is fixed from the start, so threads that appear later are leaks,
-    not the pool growing (``recsys bench faults`` counts them).
-    """
-    barrier = threading.Barrier(n)
-    # every task waits for all the others: none finishes before n threads exist
-    done = [pool.submit(barrier.wait, 10.0) for _ in range(n)]
-    futures.wait(done, timeout=15.0)
 
 
 def create_server(
