@@ -15,8 +15,10 @@ from export.synth import SynthSpec, synthesize
 from export.two_tower import (
     Demographics,
     ItemEncoder,
+    TwoTower,
     TwoTowerConfig,
     UserTower,
+    _sampled_softmax_loss,
     recency_weights,
     train_two_tower,
     training_targets,
@@ -141,6 +143,69 @@ def test_both_softmaxes_learn(ml, catalog, full_softmax_items):
     losses = [e["loss"] for e in result.history]
     assert np.isfinite(losses).all()
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("logq", [True, False])
+def test_sampled_loss_is_the_cross_entropy_against_the_sampled_negatives(ml, catalog, logq):
+    """The fused sampled softmax equals cross-entropy over [target, negatives] with logQ and hits masked."""
+    period = Period.at(ml.ratings, catalog, int(ml.ratings.timestamp.max()) + 1)
+    torch.manual_seed(0)
+    model = TwoTower(replace(TINY, temperature=0.2), catalog, period.stats, Demographics.from_users(ml.users).cardinalities).eval()
+    g = torch.Generator().manual_seed(1)
+    u = torch.nn.functional.normalize(torch.randn(40, TINY.dim, generator=g), dim=-1)
+    target = torch.randint(catalog.n_items, (40,), generator=g)
+    sampled = torch.cat([target[:12], torch.randint(catalog.n_items, (20,), generator=g)])  # some hit their own row
+    log_q = torch.randn(catalog.n_items, generator=g)
+    got = _sampled_softmax_loss(model, u, target, sampled, log_q if logq else None)
+    with torch.no_grad():
+        v_pos, v_neg = model.item_tower(target), model.item_tower(sampled)
+    logits = torch.cat([(u * v_pos).sum(-1, keepdim=True), u @ v_neg.T], 1) / model.temperature()
+    if logq:
+        logits = logits - torch.cat([log_q[target][:, None], log_q[sampled][None, :].expand(len(target), -1)], 1)
+    hit = sampled[None, :] == target[:, None]
+    assert hit.any()
+    logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hit, -1e4)], 1)
+    expected = torch.nn.functional.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long), reduction="none")
+    torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_large_catalog_ids_train_sparse_and_lazy(ml, catalog, tmp_path):
+    """Above ``sparse_id_items`` only the id rows a step reads move; the towers still export to ONNX."""
+    from export.onnx_export import export_item_tower, export_user_tower, sample_user_inputs, session
+
+    cutoff = int(np.quantile(ml.ratings.timestamp, 0.8))
+    unrated = ml.movies.movie_id.to_numpy()[::6]  # a sixth of the catalog is never rated
+    period = Period.at(ml.ratings[~ml.ratings.movie_id.isin(unrated)], catalog, cutoff)
+    demo = Demographics.from_users(ml.users)
+    # negatives drawn from the step's targets only (no uniform draws), so unrated items are never read
+    config = replace(TINY, epochs=3, full_softmax_items=0, sparse_id_items=0, negatives=32, uniform_share=0.0)
+    torch.manual_seed(config.seed)
+    init = TwoTower(config, catalog, period.stats, demo.cardinalities).item_tower.encoder.id_emb.weight.detach().clone()
+    result = train_two_tower(config, catalog, period.stats, period.histories, demo, progress=False)
+    model = result.model
+    assert model.item_tower.encoder.id_emb.sparse
+    losses = [e["loss"] for e in result.history]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    weight = model.item_tower.encoder.id_emb.weight.detach()
+    read = np.zeros(catalog.n_items, bool)
+    read[period.histories.items] = True
+    read[0] = True  # padding looks up row 0 (masked to zero afterwards)
+    assert (~read).sum() > 0
+    torch.testing.assert_close(weight[~read], init[~read], rtol=0, atol=0)
+    assert (weight[read] - init[read]).abs().amax(1).min() > 0
+    # the dense rule below the threshold: every row decays
+    dense = train_two_tower(replace(config, sparse_id_items=10**9), catalog, period.stats, period.histories, demo, progress=False)
+    assert not dense.model.item_tower.encoder.id_emb.sparse
+    assert (dense.model.item_tower.encoder.id_emb.weight.detach()[~read] != init[~read]).all()
+    export_user_tower(model, tmp_path / "user.onnx")
+    export_item_tower(model, tmp_path / "item.onnx")
+    x = sample_user_inputs(6, catalog.n_items, L, list(demo.cardinalities), seed=3)
+    got = session(tmp_path / "user.onnx").run(["user_embedding"], x)[0]
+    np.testing.assert_allclose(got, model.user_vectors(x["history"], x["history_rating"], x["demographics"]), rtol=0, atol=1e-5)
+    items = np.arange(catalog.n_items, dtype=np.int64).reshape(-1, 1)
+    np.testing.assert_allclose(
+        session(tmp_path / "item.onnx").run(["item_embedding"], {"item": items})[0], model.item_vectors(), rtol=0, atol=1e-5
+    )
 
 
 def test_recency_weights_halve_per_half_life():
