@@ -269,6 +269,32 @@ def table(rows: list[dict], chosen: dict) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def families(rows: list[dict], served: tuple[str, str, int]) -> str:
+    """Markdown: per method, its best points on all 5 windows (in-sample: read off the test
+    windows, to compare the methods' frontiers, not to choose), and the served point."""
+    out = "| method | most ILD@10 for <= 3 % NDCG@10 loss (all 5) | least NDCG@10 loss for >= +20 % ILD@10 (all 5) |\n|---|---|---|\n"
+
+    def fmt(r: dict | None) -> str:
+        return f"{r['params']}, pool {r['pool']}: {r['all'][0]:+.1f} % / {r['all'][1]:+.1f} %" if r else "none in the grid"
+
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        within = [r for r in mine if r["all"][0] >= -MAX_LOSS]
+        enough = [r for r in mine if r["all"][1] >= 20.0]
+        out += (
+            f"| {method} | {fmt(max(within, key=lambda r: r['all'][1]) if within else None)} "
+            f"| {fmt(max(enough, key=lambda r: r['all'][0]) if enough else None)} |\n"
+        )
+    for r in rows:
+        if (r["method"], r["params"], r["pool"]) == served:
+            out += (
+                f"\nserved ({r['method']} {r['params']}, pool {r['pool']}): all 5 windows NDCG@10 {r['all'][0]:+.2f} % "
+                f"[{r['ndcg_ci'][0]:+.1f}..{r['ndcg_ci'][1]:+.1f}], ILD@10 {r['all'][1]:+.2f} %; windows 1-3 "
+                f"{r['tune'][0]:+.2f} % / {r['tune'][1]:+.2f} %; windows 4-5 {r['held'][0]:+.2f} % / {r['held'][1]:+.2f} %\n"
+            )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ml-100k", required=True, help="MovieLens 100K CSV folder")
@@ -291,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['params']} pool {r['pool']}: all 5 windows NDCG@10 {r['all'][0]:+.2f} %, ILD@10 {r['all'][1]:+.2f} %; "
             f"windows 4-5 NDCG@10 {r['held'][0]:+.2f} %, ILD@10 {r['held'][1]:+.2f} %\n"
         )
+    st = dump["settings"]
+    text += "\n" + families(rows, (f"mmr-{st.mmr_penalty}", f"lam {st.mmr_lambda:g}", st.mmr_pool))
     for name in ("mmr-max",):
         for r in rows:
             if r["method"] == name and r["pool"] == 50 and r["params"] in ("lam 0.7", "lam 0.4"):
