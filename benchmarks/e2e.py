@@ -421,7 +421,7 @@ def run_inprocess(
     with tempfile.TemporaryDirectory(prefix="e2e-inproc-") as tmp:
         store = SqliteHistoryStore(Path(tmp) / "history.sqlite", artifacts / "interactions.parquet")
         rec = Recommender(settings, Catalog.load(artifacts, settings.mmr_genre_weight), store, InProcessBackend(repo))
-        options = RerankOptions(mmr_lambda=settings.mmr_lambda, pool=settings.mmr_pool)
+        options = RerankOptions(mmr_lambda=settings.mmr_lambda, pool=settings.mmr_pool, penalty=settings.mmr_penalty)
 
         def call(user: int) -> tuple[float, dict[str, float]]:
             t0 = time.perf_counter()

@@ -64,6 +64,7 @@ class EvalSettings:
         windows: Rolling-origin test windows (1 = the single global time split).
         mmr_lambda: MMR trade-off (1 = pure relevance, 0 = pure diversity).
         mmr_pool: Candidates (best by ranker score) that MMR chooses from.
+        mmr_penalty: MMR's similarity penalty (:data:`orchestrator.mmr.PENALTIES`).
         mmr_genre_weight: Share of genre cosine (vs two-tower embedding cosine) in MMR's
             item similarity (:func:`orchestrator.mmr.blend_vectors`).
         mmr_sweep: Extra lambdas reported as a diversity/accuracy curve.
@@ -76,8 +77,9 @@ class EvalSettings:
     # the served defaults (one home: orchestrator/settings.py)
     mmr_lambda: float = ServeSettings.mmr_lambda
     mmr_pool: int = ServeSettings.mmr_pool
+    mmr_penalty: str = ServeSettings.mmr_penalty
     mmr_genre_weight: float = ServeSettings.mmr_genre_weight
-    mmr_sweep: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+    mmr_sweep: tuple[float, ...] = (1.0, 0.95, 0.92, 0.9, 0.88, 0.86, 0.84, 0.8, 0.7)
     baselines: tuple[str, ...] = ("popularity", "item_knn", "ease", "als")
     bootstrap_samples: int = 2000
 
@@ -161,7 +163,7 @@ def our_rankings(fitted: Fitted, users: np.ndarray, settings: EvalSettings) -> d
         [features.vectors.numpy(), fitted.catalog.genre_matrix], [1.0 - settings.mmr_genre_weight, settings.mmr_genre_weight]
     )
     for lam in sorted(set(settings.mmr_sweep) | {settings.mmr_lambda}, reverse=True):
-        out[f"mmr@{lam:g}"] = mmr_lists(ranked, scores, vectors, lam, settings.mmr_pool, width)
+        out[f"mmr@{lam:g}"] = mmr_lists(ranked, scores, vectors, lam, settings.mmr_pool, width, settings.mmr_penalty)
     out["two_tower_ranker_mmr"] = out[f"mmr@{settings.mmr_lambda:g}"]
     return out
 
@@ -174,14 +176,16 @@ def _pad_lists(rows: list[np.ndarray], n: int) -> np.ndarray:
     return out
 
 
-def mmr_lists(ranked: np.ndarray, scores: np.ndarray, vectors: np.ndarray, lam: float, pool: int, k: int) -> np.ndarray:
+def mmr_lists(
+    ranked: np.ndarray, scores: np.ndarray, vectors: np.ndarray, lam: float, pool: int, k: int, penalty: str = "max"
+) -> np.ndarray:
     """MMR over the ``pool`` best ranker candidates; the rest of the list keeps ranker order."""
     out = np.full((len(ranked), k), -1, dtype=np.int64)
     for row, (items, sc) in enumerate(zip(ranked, scores)):
         valid = items >= 0
         items, sc = items[valid], sc[valid]
         head = min(pool, len(items))
-        picked = mmr_rerank(sc[:head], vectors[items[:head]], k=head, lam=lam)
+        picked = mmr_rerank(sc[:head], vectors[items[:head]], k=head, lam=lam, penalty=penalty)
         merged = np.concatenate([items[:head][picked], items[head:]])[:k]
         out[row, : len(merged)] = merged
     return out
@@ -389,7 +393,12 @@ def build_report(results: list[WindowResult], settings: EvalSettings, ml: MovieL
         "pooling": "per-user metrics averaged over all (user, window) pairs; coverage averaged over windows",
         "bootstrap": f"paired, {settings.bootstrap_samples} resamples of the (user, window) pairs, 2.5/97.5 percentiles",
         "diversity": "ILD on genre multi-hot vectors (1 - cosine); novelty = mean -log2 popularity share",
-        "mmr": {"lambda": settings.mmr_lambda, "pool": settings.mmr_pool, "genre_weight": settings.mmr_genre_weight},
+        "mmr": {
+            "lambda": settings.mmr_lambda,
+            "pool": settings.mmr_pool,
+            "penalty": settings.mmr_penalty,
+            "genre_weight": settings.mmr_genre_weight,
+        },
         "data": str(data_dir),
         "report": {"rows_read": ml.report.rows_read, "dropped": ml.report.dropped},
     }

@@ -12,6 +12,17 @@ is pure relevance ordering; ``lam = 0`` picks each item to be as dissimilar as
 possible from what is already in the list (the first pick is still the most
 relevant item).
 
+``penalty`` chooses how the similarity to the selected set enters (issue 12):
+
+* ``"max"`` (the formula above, Carbonell & Goldstein): the closest selected item;
+* ``"sum"``: ``sum_{j in S} sim(i, j)``, the increase of the list's summed pairwise
+  similarity when ``i`` joins it. Intra-list diversity (ILD, ``1 -`` the mean pairwise
+  cosine) is a function of exactly that sum, so this greedy step trades relevance against
+  the quantity ILD measures. The penalty grows with the list, so the top positions (where
+  NDCG's discount is largest) stay close to the ranker's order and the lower ones diversify
+  more; ``lam`` values are not comparable across penalties.
+* ``"mean"``: the sum divided by ``|S|``.
+
 Relevance is min-max scaled to ``[0, 1]`` inside the candidate pool before it
 enters the formula. Cosine similarity lives in ``[-1, 1]`` while ranker scores
 can have any scale (LambdaRank margins, dot products, probabilities), so
@@ -26,7 +37,10 @@ import numbers
 
 import numpy as np
 
-__all__ = ["blend_vectors", "mmr_rerank"]
+PENALTIES = ("max", "sum", "mean")
+"""The values of ``mmr_rerank``'s ``penalty``."""
+
+__all__ = ["PENALTIES", "blend_vectors", "mmr_rerank"]
 
 
 def mmr_rerank(
@@ -35,6 +49,7 @@ def mmr_rerank(
     k: int,
     lam: float,
     pool: int | None = None,
+    penalty: str = "max",
 ) -> np.ndarray:
     """Re-rank candidates with Maximal Marginal Relevance.
 
@@ -47,16 +62,17 @@ def mmr_rerank(
     3. Normalise vectors to unit length; a zero vector has similarity 0 with
        every candidate.
     4. Pick the most relevant candidate first, then repeatedly the remaining
-       candidate maximising ``lam * r_i - (1 - lam) * max_{j in S} cos(i, j)``
-       until ``k`` are picked or the pool is exhausted.
+       candidate maximising ``lam * r_i - (1 - lam) * P_i`` until ``k`` are picked or
+       the pool is exhausted, with ``P_i = max_{j in S} cos(i, j)`` (``penalty="max"``),
+       ``sum_{j in S} cos(i, j)`` (``"sum"``) or that sum over ``|S|`` (``"mean"``).
 
     Ties in step 4 follow ``np.argmax`` semantics over the pool order of step
     1, i.e. they go to the more relevant candidate, then to the lower input
     index. Consequently ``lam = 1`` returns exactly the top-k by relevance in
     stable order (``np.argsort(-relevance, kind="stable")[:k]``).
 
-    A running vector of each candidate's maximum similarity to the selected
-    set is updated with one matrix-vector product per pick, so the cost is
+    A running vector of each candidate's maximum (or summed) similarity to the
+    selected set is updated with one matrix-vector product per pick, so the cost is
     O(k * pool * d) time and O(pool * d) memory.
 
     Args:
@@ -67,6 +83,7 @@ def mmr_rerank(
         lam: Trade-off in ``[0, 1]``; 1 = relevance only, 0 = diversity only.
         pool: If given (``>= 1``), only the ``pool`` most relevant candidates
             are considered.
+        penalty: One of :data:`PENALTIES` (see the module docstring).
 
     Returns:
         Int array of ``min(k, pool or n, n)`` distinct indices into
@@ -74,7 +91,7 @@ def mmr_rerank(
 
     Raises:
         ValueError: If shapes disagree, inputs are not finite, ``k < 1``,
-            ``pool < 1`` or ``lam`` is outside ``[0, 1]``.
+            ``pool < 1``, ``lam`` is outside ``[0, 1]`` or ``penalty`` is unknown.
     """
     rel = np.asarray(relevance, dtype=np.float64)
     vecs = np.asarray(item_vectors, dtype=np.float64)
@@ -93,6 +110,8 @@ def mmr_rerank(
         raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
     if pool is not None and (isinstance(pool, bool) or not isinstance(pool, numbers.Integral) or pool < 1):
         raise ValueError(f"pool must be a positive integer or None, got {pool!r}")
+    if penalty not in PENALTIES:
+        raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
 
     # Stable sort: the pool order doubles as the tie-break order of every step.
     cand = np.argsort(-rel, kind="stable")
@@ -118,14 +137,19 @@ def mmr_rerank(
     # relevance so that is position 0, for every lam including 0.
     picked[0] = 0
     taken[0] = True
-    max_sim = unit @ unit[0]
+    # max: each candidate's highest similarity to S; sum/mean: its summed similarity to S
+    sim_to_s = unit @ unit[0]
     for step in range(1, n_out):
-        score = rel_term - (1.0 - lam) * max_sim
+        pen = sim_to_s / step if penalty == "mean" else sim_to_s
+        score = rel_term - (1.0 - lam) * pen
         score[taken] = -np.inf
         best = int(np.argmax(score))
         picked[step] = best
         taken[best] = True
-        np.maximum(max_sim, unit @ unit[best], out=max_sim)
+        if penalty == "max":
+            np.maximum(sim_to_s, unit @ unit[best], out=sim_to_s)
+        else:
+            sim_to_s += unit @ unit[best]
     return cand[picked].astype(np.intp, copy=False)
 
 

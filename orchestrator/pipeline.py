@@ -479,7 +479,11 @@ class Recommender:
         # the most popular last, as the most recent, each rated 4
         hist, rats = history_window(items[::-1], np.full(len(items), 4.0, np.float32), L)
         window = Window(hist, rats, np.unique(items), [])
-        query = Query(k=10, filters=Filters(), rerank=RerankOptions(self.settings.mmr_lambda, self.settings.mmr_pool))
+        query = Query(
+            k=10,
+            filters=Filters(),
+            rerank=RerankOptions(self.settings.mmr_lambda, self.settings.mmr_pool, penalty=self.settings.mmr_penalty),
+        )
         for _ in range(calls):
             deadline = Deadline(None, max(self.settings.triton_timeout_s, 1.0))
             try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from orchestrator.mmr import mmr_rerank
+from orchestrator.settings import ServeSettings
 
 PROMOTION_KINDS = {"sponsored": "sponsored", "editorial": "editorial pick"}
 """Promotion kind -> the explanation a promoted item carries."""
@@ -44,6 +45,8 @@ class RerankOptions:
         freshness_weight: Weight of release-year freshness added to the scaled relevance.
         max_per_genre: At most this many results per genre; None = no quota.
         promotions: Promotion slots, applied after everything else.
+        penalty: MMR's similarity penalty (:data:`orchestrator.mmr.PENALTIES`); the default
+            is the served one (``ServeSettings.mmr_penalty``).
     """
 
     mmr_lambda: float
@@ -51,6 +54,7 @@ class RerankOptions:
     freshness_weight: float = 0.0
     max_per_genre: int | None = None
     promotions: tuple[Promotion, ...] = ()
+    penalty: str = ServeSettings.mmr_penalty
 
 
 def _scaled(x: np.ndarray) -> np.ndarray:
@@ -71,7 +75,8 @@ def rerank(
     1. Pool: the ``options.pool`` candidates with the highest relevance.
     2. Freshness: ``relevance' = scaled(relevance) + w * freshness`` inside the pool (both
        in 0..1), when ``freshness_weight > 0``.
-    3. MMR over the pool with ``options.mmr_lambda`` on ``vectors``' cosine.
+    3. MMR over the pool with ``options.mmr_lambda`` and ``options.penalty`` on ``vectors``'
+       cosine.
     4. Quota: walking MMR's order, skip a candidate once any of its genres holds
        ``max_per_genre`` picks; stop at ``k``. MMR orders the whole pool when a quota is
        set, so skipped picks are replaced by the next best diverse ones.
@@ -95,7 +100,7 @@ def rerank(
     if options.freshness_weight > 0 and freshness is not None:
         pool_rel = pool_rel + options.freshness_weight * np.asarray(freshness, np.float64)[pool]
     quota = options.max_per_genre is not None and genres is not None
-    order = mmr_rerank(pool_rel, np.asarray(vectors)[pool], k=len(pool) if quota else k, lam=options.mmr_lambda)
+    order = mmr_rerank(pool_rel, np.asarray(vectors)[pool], k=len(pool) if quota else k, lam=options.mmr_lambda, penalty=options.penalty)
     picked = pool[order]
     if not quota:
         return picked[:k]

@@ -155,7 +155,7 @@ def parse_rerank(msg: pb.Rerank, k: int, settings: ServeSettings, default_lambda
         quota = msg.max_per_genre
         if not 1 <= quota <= 500:
             raise InvalidArgument(f"rerank.max_per_genre must be in 1..500, got {quota}")
-    return RerankOptions(lam, int(pool), fresh, quota, parse_promotions(msg.promotions, k))
+    return RerankOptions(lam, int(pool), fresh, quota, parse_promotions(msg.promotions, k), settings.mmr_penalty)
 
 
 PROMOTION_KIND_NAMES = {pb.PROMOTION_KIND_SPONSORED: "sponsored", pb.PROMOTION_KIND_EDITORIAL: "editorial"}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.drift import DEFAULT_MIN_REQUESTS, DEFAULT_WINDOW_REQUESTS
+from orchestrator.mmr import PENALTIES
 
 ENV_PREFIX = "RECSYS_"
 HISTORY_STORES = ("sqlite", "redis")
@@ -85,6 +86,9 @@ class ServeSettings:
             ``user_tower`` stage then covers both).
         mmr_lambda: Default MMR trade-off (1 relevance only, 0 diversity only).
         mmr_pool: Default number of ranked candidates MMR chooses from.
+        mmr_penalty: How MMR counts similarity to the items already picked, one of
+            :data:`orchestrator.mmr.PENALTIES` (``sum``: the summed similarity, which is what
+            ILD measures; ``max``: Carbonell & Goldstein's closest item).
         mmr_genre_weight: Share of genre cosine (vs embedding cosine) in MMR's similarity.
         max_k: Largest ``k`` a request may ask for.
         max_batch: Largest BatchRecommend.
@@ -148,9 +152,10 @@ class ServeSettings:
     overlap_user_tower: bool = True
     # the operating point of the offline evaluation (export/evaluate.py EvalSettings)
     # chosen on the rolling evaluation of ml-100k (BENCHMARKS.md, "Diversity: the MMR operating point"):
-    # the most diversity for <= 3 % NDCG@10
-    mmr_lambda: float = 0.7
-    mmr_pool: int = 50
+    # the most ILD@10 for <= 3 % NDCG@10 on windows 1-3 (benchmarks/diversity_frontier.py)
+    mmr_lambda: float = 0.86
+    mmr_pool: int = 30
+    mmr_penalty: str = "sum"
     mmr_genre_weight: float = 1.0
     max_k: int = 500
     max_batch: int = 256
@@ -211,6 +216,8 @@ class ServeSettings:
             problems.append(f"mmr_lambda must be in [0, 1], got {self.mmr_lambda}")
         if not 1 <= self.mmr_pool <= self.retrieve_k:
             problems.append(f"mmr_pool must be in 1..retrieve_k ({self.retrieve_k}), got {self.mmr_pool}")
+        if self.mmr_penalty not in PENALTIES:
+            problems.append(f"mmr_penalty must be one of {PENALTIES}, got {self.mmr_penalty!r}")
         if not 0.0 <= self.mmr_genre_weight <= 1.0:
             problems.append(f"mmr_genre_weight must be in [0, 1], got {self.mmr_genre_weight}")
         if self.reload_poll_s < 0 or not self.reload_timeout_s > 0:

@@ -170,3 +170,75 @@ def test_blend_vectors_cosine_is_the_weighted_sum():
     assert float(v[0] @ v[1]) == pytest.approx(0.25 * 0 + 0.75 * 1)
     with pytest.raises(ValueError):
         blend_vectors([a, g], [0.5, 0.6])
+
+
+def _reference(rel: np.ndarray, vecs: np.ndarray, k: int, lam: float, penalty: str) -> list[int]:
+    """The greedy rule written out naively: each step recomputes every penalty from scratch."""
+    order = list(np.argsort(-rel, kind="stable"))
+    r = rel[order]
+    r = (r - r.min()) / (r.max() - r.min()) if r.max() > r.min() else np.ones_like(r)
+    unit = vecs[order] / np.linalg.norm(vecs[order], axis=1, keepdims=True)
+    picked = [0]
+    while len(picked) < min(k, len(order)):
+        best, best_score = -1, -np.inf
+        for i in range(len(order)):
+            if i in picked:
+                continue
+            sims = [float(unit[i] @ unit[j]) for j in picked]
+            pen = {"max": max(sims), "sum": sum(sims), "mean": sum(sims) / len(sims)}[penalty]
+            score = lam * r[i] - (1 - lam) * pen
+            if score > best_score + 1e-12:
+                best, best_score = i, score
+        picked.append(best)
+    return [int(order[p]) for p in picked]
+
+
+@pytest.mark.parametrize("penalty", ["max", "sum", "mean"])
+@pytest.mark.parametrize("seed", range(4))
+def test_penalties_match_the_naive_rule(penalty: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    rel = rng.normal(size=30)
+    vecs = rng.normal(size=(30, 6))
+    for lam in (0.0, 0.3, 0.7, 0.9, 1.0):
+        out = mmr_rerank(rel, vecs, k=10, lam=lam, penalty=penalty)
+        assert out.tolist() == _reference(rel, vecs, 10, lam, penalty), (penalty, lam)
+
+
+def test_max_is_the_default_penalty() -> None:
+    rng = np.random.default_rng(7)
+    rel, vecs = rng.normal(size=40), rng.normal(size=(40, 5))
+    for lam in (0.2, 0.7):
+        np.testing.assert_array_equal(mmr_rerank(rel, vecs, k=10, lam=lam), mmr_rerank(rel, vecs, k=10, lam=lam, penalty="max"))
+
+
+def test_sum_penalty_buys_more_ild_than_max() -> None:
+    # A = e1, B = e2 are picked first; then C = e1 (max-sim 1, summed 1) against
+    # D = (e1 + e2)/sqrt(2) (max-sim .71, summed 1.41): max picks D, sum picks C.
+    # ILD {A, B, C} = 1 - (0 + 1 + 0)/3 = 2/3 > ILD {A, B, D} = 1 - (.71 + .71 + 0)/3.
+    rel = np.array([1.0, 0.9, 0.8, 0.7])
+    vecs = np.stack([E1, E2, E1, (E1 + E2) / np.sqrt(2)])
+    by_max = mmr_rerank(rel, vecs, k=3, lam=0.0, penalty="max")
+    by_sum = mmr_rerank(rel, vecs, k=3, lam=0.0, penalty="sum")
+    np.testing.assert_array_equal(by_max, [0, 1, 3])
+    np.testing.assert_array_equal(by_sum, [0, 1, 2])
+    assert intra_list_diversity(by_sum, vecs) == pytest.approx(2 / 3)
+    assert intra_list_diversity(by_sum, vecs) > intra_list_diversity(by_max, vecs) + 0.1
+
+
+@pytest.mark.parametrize("penalty", ["sum", "mean"])
+def test_sum_and_mean_diversify_clustered_candidates(penalty: str) -> None:
+    # the 10 most relevant of 40 candidates all share one direction; 30 less relevant ones
+    # spread over 5 others: relevance order has ILD 0, a diversifying re-ranker must not
+    rng = np.random.default_rng(3)
+    rel = np.concatenate([np.linspace(1.0, 0.9, 10), np.linspace(0.8, 0.5, 30)])
+    vecs = np.concatenate([np.tile(np.eye(6)[0], (10, 1)), np.eye(6)[1 + rng.integers(0, 5, 30)]])
+    plain = mmr_rerank(rel, vecs, k=10, lam=1.0, penalty=penalty)
+    assert intra_list_diversity(plain, vecs) == pytest.approx(0.0)
+    diverse = mmr_rerank(rel, vecs, k=10, lam=0.5, penalty=penalty)
+    assert diverse[0] == 0
+    assert intra_list_diversity(diverse, vecs) > 0.5
+
+
+def test_unknown_penalty_is_rejected() -> None:
+    with pytest.raises(ValueError, match="penalty"):
+        mmr_rerank(np.ones(3), np.eye(3), k=2, lam=0.5, penalty="min")

@@ -1,0 +1,49 @@
+"""Tests for the re-rankers of benchmarks.diversity_frontier (the served one is tested in test_mmr)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.diversity_frontier import _unit, dpp, mmr, pareto
+from export.ranking_metrics import intra_list_diversity
+from orchestrator.mmr import mmr_rerank
+
+
+def _clustered(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    # scores best first (as the pool is); the 12 best share one genre, the rest spread
+    rng = np.random.default_rng(seed)
+    sc = np.linspace(2.0, 0.0, 40)
+    vecs = np.concatenate([np.tile(np.eye(6)[0], (12, 1)), np.eye(6)[1 + rng.integers(0, 5, 28)]])
+    return sc, _unit(vecs)
+
+
+def test_keep_one_is_the_served_code() -> None:
+    rng = np.random.default_rng(1)
+    sc, unit = np.sort(rng.normal(size=30))[::-1], _unit(rng.normal(size=(30, 5)))
+    for penalty in ("max", "sum", "mean"):
+        np.testing.assert_array_equal(mmr(0.7, penalty)(sc, unit), mmr_rerank(sc, unit, k=10, lam=0.7, penalty=penalty))
+
+
+@pytest.mark.parametrize("penalty", ["max", "sum", "mean"])
+def test_keep_two_keeps_the_top_and_then_diversifies(penalty: str) -> None:
+    sc, unit = _clustered()
+    out = mmr(0.5, penalty, keep=2)(sc, unit)
+    assert out[:2].tolist() == [0, 1]
+    assert len(set(out.tolist())) == 10
+    assert intra_list_diversity(out, unit) > 0.4
+    np.testing.assert_array_equal(mmr(1.0, penalty, keep=2)(sc, unit), np.arange(10))
+
+
+def test_dpp_diversifies_and_follows_relevance_when_alpha_is_large() -> None:
+    sc, unit = _clustered()
+    diverse = dpp(1.0, 0.001)(sc, unit)
+    assert diverse[0] == 0 and len(set(diverse.tolist())) == 10
+    assert intra_list_diversity(diverse, unit) > 0.5
+    # quality dominates: exp(200 * r) swamps any determinant ratio
+    np.testing.assert_array_equal(dpp(200.0, 0.1)(sc, unit), np.arange(10))
+
+
+def test_pareto_keeps_only_undominated_points() -> None:
+    rows = [{"k": (-1.0, 10.0)}, {"k": (-2.0, 9.0)}, {"k": (-3.0, 15.0)}, {"k": (0.5, 2.0)}]
+    assert [r["k"] for r in pareto(rows, "k")] == [(0.5, 2.0), (-1.0, 10.0), (-3.0, 15.0)]
