@@ -191,8 +191,9 @@ class Recommender:
         self.store = store
         self.backend = backend
         self.ann_only = settings.candidate_sources == "two_tower"
-        if settings.overlap_user_tower and not self.ann_only:
-            tower_pool(settings.max_in_flight)  # started now, not on the first request
+        # the pool that overlaps the user-tower call with the other sources (None: run in turn),
+        # started now, not on the first request
+        self.tower = tower_pool(settings.max_in_flight) if settings.overlap_user_tower and not self.ann_only else None
 
     def recommend(self, q: Query, deadline: Deadline) -> Result:
         """Top-``q.k`` movies for a user or a history (see the module docstring)."""
@@ -205,9 +206,9 @@ class Recommender:
         k = self.settings.retrieve_k
         try:
             with t("user_tower"):
-                if self.settings.overlap_user_tower and not self.ann_only:
+                if self.tower is not None:
                     # the sources that need no user vector run here while the tower call is in flight
-                    pending = tower_pool(self.settings.max_in_flight).submit(self.user_vector, q, window, deadline)
+                    pending = self.tower.submit(self.user_vector, q, window, deadline)
                     side = self.catalog.side_lists(window.items, k, allowed, exclude)
                     user = pending.result()
                 else:
