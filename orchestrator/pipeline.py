@@ -228,10 +228,10 @@ class Recommender:
         """:meth:`recommend` for many queries, the models called in batches (BatchRecommend).
 
         One user-tower call for every query with a history; FAISS and MMR per query (filters
-        differ); the ranker on whole users, :data:`RANK_ROWS_PER_CALL` rows per ensemble call
-        at most (the ranker step's ``max_batch_size``). A user with fewer candidates than the
-        widest one is padded with copies of its last candidate, whose scores are dropped. A
-        model failure falls every query of the batch back to the popular movies, as for one.
+        differ); the ranker on whole users, ``batch_rank_users`` a call, ``batch_rank_lanes``
+        calls in flight (:meth:`_rank_many`). A user with fewer candidates than ``retrieve_k``
+        is padded with copies of its last candidate, whose scores are dropped. A model
+        failure falls every query of the batch back to the popular movies, as for one.
 
         Returns:
             Per query, in order, its Result or the error that query alone raised (e.g. an
@@ -287,35 +287,54 @@ class Recommender:
     def _rank_many(
         self, cands: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], windows: list[Window], deadline: Deadline, timers: list[Timer]
     ) -> dict[int, np.ndarray]:
-        """Ranker scores of several users' candidates, whole users per call (see :meth:`recommend_many`)."""
+        """Ranker scores of several users' candidates, whole users per call (see :meth:`recommend_many`).
+
+        Every call has one shape, ``batch_rank_users`` users x ``retrieve_k`` candidates (the last
+        group padded with copies of its last user): onnxruntime's first runs of a new shape are
+        several times slower, and :meth:`warm_up` has run this one. Up to ``batch_rank_lanes``
+        calls are in flight at once (the tower pool runs the other lanes).
+        """
         scores = {i: np.zeros(0, np.float32) for i, (c, _, _) in cands.items() if len(c) == 0}
         ranked = [i for i, (c, _, _) in cands.items() if len(c)]
-        width = max((len(cands[i][0]) for i in ranked), default=1)
-        per_call = max(1, RANK_ROWS_PER_CALL // width)
-        for lo in range(0, len(ranked), per_call):
-            group = ranked[lo : lo + per_call]
+        width = max([self.settings.retrieve_k, *(len(cands[i][0]) for i in ranked)])
+        per_call = max(1, min(self.settings.batch_rank_users, RANK_ROWS_PER_CALL // width))
+        groups = [ranked[lo : lo + per_call] for lo in range(0, len(ranked), per_call)]
+
+        def rank_group(group: list[int]) -> None:
             t0 = time.perf_counter()
-            items = np.zeros((len(group), width), np.int64)
-            sims = np.zeros((len(group), width), np.float32)
-            sources = np.zeros((len(group), width, len(CANDIDATE_SOURCE_NAMES)), np.float32)
-            for r, i in enumerate(group):
+            rows = [*group, *[group[-1]] * (per_call - len(group))]  # padding users: scores dropped
+            items = np.zeros((per_call, width), np.int64)
+            sims = np.zeros((per_call, width), np.float32)
+            sources = np.zeros((per_call, width, len(CANDIDATE_SOURCE_NAMES)), np.float32)
+            for r, i in enumerate(rows):
                 c, s, src = cands[i]
                 items[r], sims[r], sources[r] = c[-1], s[-1], src[-1]  # padding: copies of the last candidate, dropped below
                 items[r, : len(c)], sims[r, : len(c)], sources[r, : len(c)] = c, s, src
-            ranks = np.tile(np.arange(width, dtype=np.float32), len(group))
             out = self.backend.rank(
                 items.reshape(-1),
                 sims.reshape(-1),
-                ranks,
-                np.stack([windows[i].items for i in group]),
-                np.stack([windows[i].ratings for i in group]),
+                np.tile(np.arange(width, dtype=np.float32), per_call),
+                np.stack([windows[i].items for i in rows]),
+                np.stack([windows[i].ratings for i in rows]),
                 sources.reshape(-1, len(CANDIDATE_SOURCE_NAMES)),
                 timeout_s=self.timeout(deadline, "ranking"),
-            ).reshape(len(group), width)
+            ).reshape(per_call, width)
             ms = (time.perf_counter() - t0) * 1e3
             for r, i in enumerate(group):
                 scores[i] = out[r, : len(cands[i][0])]
                 timers[i].ms["ranking"] = ms
+
+        def lane(part: list[list[int]]) -> None:
+            for group in part:
+                rank_group(group)
+
+        lanes = min(self.settings.batch_rank_lanes, len(groups)) if self.tower is not None else 1
+        others = [self.tower.submit(lane, groups[j::lanes]) for j in range(1, lanes)] if self.tower is not None else []
+        try:
+            lane(groups[::lanes])
+        finally:
+            for f in others:
+                f.result()  # every lane finished (and its error raised) before the scores are read
         return scores
 
     # ------------------------------------------------------------------ stages
@@ -496,7 +515,15 @@ class Recommender:
                 self.rerank(cand, scores, query.k, query.rerank)
             except (ModelUnavailable, DeadlineExceeded) as exc:
                 log.warning("warm-up call failed (%s); serving continues cold", exc)
-                break
+                return time.perf_counter() - t0
+        if calls:  # BatchRecommend's one ranker shape, twice on each lane (each Triton instance's first runs)
+            n = 2 * self.settings.batch_rank_users * self.settings.batch_rank_lanes
+            try:
+                for _ in range(2):
+                    deadline = Deadline(None, max(self.settings.triton_timeout_s, 1.0))
+                    self._rank_many({i: (cand, sims, sources) for i in range(n)}, [window] * n, deadline, [Timer() for _ in range(n)])
+            except (ModelUnavailable, DeadlineExceeded) as exc:
+                log.warning("batch warm-up failed (%s); serving continues cold", exc)
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ the other RPCs
