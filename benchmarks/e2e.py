@@ -40,6 +40,8 @@ import argparse
 import asyncio
 import json
 import os
+import random
+import re
 import shutil
 import signal
 import subprocess
@@ -266,8 +268,19 @@ async def _drive(address: str, users: list[int], concurrency: int, k: int, timeo
     return {"latencies": latencies, "server_ms": server_ms, "errors": dict(errors), "fallbacks": fallbacks, "wall_s": wall}
 
 
-async def _drive_overload(address: str, users: list[int], concurrency: int, k: int, timeout_s: float) -> dict[str, Any]:
-    """Recommend calls at ``concurrency`` past capacity: latency of admitted and of shed calls apart."""
+RETRY_HINT = re.compile(r"retry after (\d+) ms")
+"""The retry hint in a shed call's message (``orchestrator/admission.py`` ``Admission.refusal``)."""
+
+
+async def _drive_overload(
+    address: str, users: list[int], concurrency: int, k: int, timeout_s: float, honour_hint: bool = False
+) -> dict[str, Any]:
+    """Recommend calls at ``concurrency`` past capacity: latency of admitted and of shed calls apart.
+
+    Each worker sends its next call as soon as the last one is answered; with ``honour_hint`` a
+    worker whose call was shed first waits the server's retry hint (jittered 0.5-1x, as the
+    client library's retry does), without it the shed workers call again at once (a flood).
+    """
     import grpc
 
     from clients.client import AsyncRecsysClient
@@ -277,6 +290,7 @@ async def _drive_overload(address: str, users: list[int], concurrency: int, k: i
     shed: list[float] = []
     codes: Counter[str] = Counter()
     queue = list(reversed(users))
+    rng = random.Random(0)
     async with AsyncRecsysClient(address, timeout_s=timeout_s, retries=0) as client:
 
         async def worker() -> None:
@@ -292,8 +306,13 @@ async def _drive_overload(address: str, users: list[int], concurrency: int, k: i
                     codes[code.name] += 1
                     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         shed.append(time.perf_counter() - t0)
+                        hint = RETRY_HINT.search(exc.details() if callable(exc.details) else exc.details)
+                        if honour_hint and hint:
+                            await asyncio.sleep(rng.uniform(0.5, 1.0) * int(hint.group(1)) / 1e3)
 
+        t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
 
     def p99(xs: list[float]) -> float | None:
         return round(float(np.percentile(np.asarray(xs) * 1e3, 99)), 3) if xs else None
@@ -308,7 +327,17 @@ async def _drive_overload(address: str, users: list[int], concurrency: int, k: i
         "shed_p99_ms": p99(shed),
         "internal": codes.get("INTERNAL", 0) + codes.get("UNKNOWN", 0),
         "codes": dict(codes),
+        "admitted_per_s": round(len(admitted) / wall, 1),
+        "clients": "wait the retry hint after a shed call" if honour_hint else "call again at once after a shed call",
     }
+
+
+def overload_line(o: dict[str, Any]) -> str:
+    """One overload run in words."""
+    return (
+        f"c{o['concurrency']} overload ({o['clients']}): {o['admitted']} admitted (p99 {o['admitted_p99_ms']} ms, "
+        f"{o.get('admitted_per_s')}/s), {o['shed']} shed (p99 {o['shed_p99_ms']} ms), {o['internal']} INTERNAL/UNKNOWN"
+    )
 
 
 def run_batch(address: str, users: list[int], k: int, rounds: int = BATCH_ROUNDS) -> dict[str, Any]:
@@ -391,10 +420,9 @@ def run_served(
                 log(f"served c{c}: p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, {s['qps']} QPS, {s['errors']} errors")
             if extras if overload is None else overload:
                 picked = users[1 + warmup : 1 + warmup + max(requests, 4 * OVERLOAD_CONCURRENCY)]
-                out["overload"] = o = asyncio.run(_drive_overload(stack.address, picked, OVERLOAD_CONCURRENCY, k, timeout_s))
-                log(
-                    f"served c{o['concurrency']} overload: {o['admitted']} admitted (p99 {o['admitted_p99_ms']} ms), {o['shed']} shed (p99 {o['shed_p99_ms']} ms), {o['internal']} INTERNAL/UNKNOWN"
-                )
+                for key, honour in (("overload", False), ("overload_backoff", True)):
+                    out[key] = o = asyncio.run(_drive_overload(stack.address, picked, OVERLOAD_CONCURRENCY, k, timeout_s, honour))
+                    log(f"served {overload_line(o)}")
             if not extras:
                 return out
             out["batch"] = b = run_batch(stack.address, users[1 + warmup : 1 + warmup + BATCH_USERS], k)
@@ -563,12 +591,12 @@ def print_report(report: dict[str, Any]) -> None:
         print("\nmedian stage times at c1 (ms): served " + ", ".join(f"{k} {v}" for k, v in st["served"].items()))
         print("                              in-process " + ", ".join(f"{k} {v}" for k, v in st["inprocess"].items()))
         if case.get("overload"):
-            o, b = case["overload"], case["batch"]
-            print(
-                f"overload c{o['concurrency']}: {o['admitted']} admitted (p99 {o['admitted_p99_ms']} ms), {o['shed']} shed "
-                f"(p99 {o['shed_p99_ms']} ms), {o['internal']} INTERNAL/UNKNOWN; BatchRecommend of {b['users']}: "
-                f"{b['batch_users_per_s']} users/s vs {b['single_users_per_s']} as single calls"
-            )
+            for key in ("overload", "overload_backoff"):
+                if case.get(key):
+                    print(overload_line(case[key]))
+        if case.get("batch"):
+            b = case["batch"]
+            print(f"BatchRecommend of {b['users']}: {b['batch_users_per_s']} users/s vs {b['single_users_per_s']} as single calls")
         if case.get("sources"):
             d, r = case["sources"]["merged_minus_ann_only_ms"], case["sources"]["merged_over_ann_only"]
             print(
@@ -686,6 +714,7 @@ def main(args: argparse.Namespace) -> int:
                 "first_call_ms": {"served": served["first_call_ms"], "inprocess": floor["first_call_ms"]},
                 "serving_after_s": served["serving_after_s"],
                 "overload": served.get("overload"),
+                "overload_backoff": served.get("overload_backoff"),
                 "batch": served.get("batch"),
             }
             if args.ann_only:
@@ -700,6 +729,7 @@ def main(args: argparse.Namespace) -> int:
         "stages_ms": first["stages_ms"],
         "targets": first["targets"],
         "overload": first["overload"],
+        "overload_backoff": first["overload_backoff"],
         "batch": first["batch"],
         **report,
     }

@@ -689,7 +689,9 @@ def create_server(
         interceptors.append(ApiKeyInterceptor(keys))
     sys.setswitchinterval(settings.gil_switch_ms / 1e3)  # process-wide: see ServeSettings.gil_switch_ms
     # after the key check: an unauthenticated caller never takes a slot
-    admission = Admission(min(settings.max_in_flight, settings.workers), settings.admission_wait_ms / 1e3, settings.retry_after_ms)
+    admission = Admission(
+        min(settings.max_in_flight, settings.workers), settings.admission_wait_ms / 1e3, settings.retry_after_ms, settings.max_running
+    )
     interceptors.append(AdmissionInterceptor(admission, metrics.count_shed))
     # so_reuseport off: a second server on a taken port must fail, not share it silently;
     # maximum_concurrent_rpcs = the pool: no call waits in the executor's unbounded queue

@@ -60,6 +60,10 @@ class ServeSettings:
         max_in_flight: Model-backed calls (Recommend, BatchRecommend, Similar, Popular) run at
             once; past it calls are shed with RESOURCE_EXHAUSTED and a retry hint
             (``orchestrator/admission.py``). About the calls two cores finish in a few tens of ms.
+        max_running: Of the admitted calls, how many run the pipeline at once; the others wait
+            their turn in arrival order within their deadline (``orchestrator/admission.py``).
+            Two or three on two cores: more threads at once cost more in GIL hand-offs and
+            thread switches than they overlap.
         admission_wait_ms: Longest wait for a free slot before a call is shed.
         retry_after_ms: The retry hint of a shed call (``grpc-retry-pushback-ms``).
         gil_switch_ms: The interpreter's thread switch interval (``sys.setswitchinterval``,
@@ -144,6 +148,7 @@ class ServeSettings:
     metrics_port: int | None = None
     workers: int = 64
     max_in_flight: int = 16
+    max_running: int = 3
     admission_wait_ms: float = 2.0
     retry_after_ms: int = 50
     gil_switch_ms: float = 5.0
@@ -205,6 +210,8 @@ class ServeSettings:
             problems.append(f"workers must be >= 1, got {self.workers}")
         if self.batch_rank_users < 1 or self.batch_rank_lanes < 1:
             problems.append(f"batch_rank_users and batch_rank_lanes must be >= 1, got {self.batch_rank_users}, {self.batch_rank_lanes}")
+        if self.max_running < 1:
+            problems.append(f"max_running must be >= 1, got {self.max_running}")
         if self.max_in_flight < 1:
             problems.append(f"max_in_flight must be >= 1, got {self.max_in_flight}")
         if self.admission_wait_ms < 0 or self.retry_after_ms < 0:

@@ -12,7 +12,7 @@ import pytest
 
 from clients import errors as E
 from clients.client import RecsysClient, _shed_pushback_s
-from orchestrator.admission import PUSHBACK_HEADER, SHED_HEADER, Admission, AdmissionInterceptor
+from orchestrator.admission import PUSHBACK_HEADER, SHED_HEADER, Admission, AdmissionInterceptor, Turns
 from orchestrator.backends import InProcessBackend
 from orchestrator.service import create_server
 from orchestrator.settings import ServeSettings
@@ -21,12 +21,16 @@ from protos.recsys.v1 import recsys_pb2_grpc
 
 
 class SlowBackend:
-    """The in-process backend with a fixed delay before each user-tower call (a busy model)."""
+    """The in-process backend with a fixed delay before each user-tower call (a busy model);
+    counts the user-tower calls in progress at once (``most_at_once``)."""
 
     def __init__(self, inner: InProcessBackend):
         self.inner = inner
         self.name = inner.name
         self.delay_s = 0.0
+        self.at_once = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
 
     @property
     def model_version(self) -> str:
@@ -36,8 +40,15 @@ class SlowBackend:
         return True
 
     def user_embedding(self, *args, timeout_s, version=None):
-        time.sleep(self.delay_s)
-        return self.inner.user_embedding(*args, timeout_s=timeout_s, version=version)
+        with self._lock:
+            self.at_once += 1
+            self.most_at_once = max(self.most_at_once, self.at_once)
+        try:
+            time.sleep(self.delay_s)
+            return self.inner.user_embedding(*args, timeout_s=timeout_s, version=version)
+        finally:
+            with self._lock:
+                self.at_once -= 1
 
     def rank(self, *args, timeout_s, version=None):
         return self.inner.rank(*args, timeout_s=timeout_s, version=version)
@@ -55,15 +66,15 @@ class SlowBackend:
         self.inner.close()
 
 
-@pytest.fixture(scope="module")
-def gated(tiny_artifacts, tiny_repository, tmp_path_factory):
+def start_gated(tiny_artifacts, tiny_repository, tmp_path_factory, max_in_flight: int, max_running: int):
     backend = SlowBackend(InProcessBackend(tiny_repository))
     s = ServeSettings(
         artifacts_dir=tiny_artifacts,
         model_repository=tiny_repository,
         history_db_path=tmp_path_factory.mktemp("adm") / "h.sqlite",
         workers=16,
-        max_in_flight=2,
+        max_in_flight=max_in_flight,
+        max_running=max_running,
         admission_wait_ms=0.0,
         retry_after_ms=40,
         triton_timeout_s=5.0,
@@ -76,9 +87,71 @@ def gated(tiny_artifacts, tiny_repository, tmp_path_factory):
     counts = ratings.user_id.value_counts()
     user = int(counts[(counts >= 8) & (counts <= 20)].index[0])  # a moderate history: unseen movies left
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield backend, server, port, recsys_pb2_grpc.RecommenderStub(channel), user
+    return backend, server, port, recsys_pb2_grpc.RecommenderStub(channel), user, channel
+
+
+@pytest.fixture(scope="module")
+def gated(tiny_artifacts, tiny_repository, tmp_path_factory):
+    *parts, channel = start_gated(tiny_artifacts, tiny_repository, tmp_path_factory, max_in_flight=2, max_running=2)
+    yield tuple(parts)
     channel.close()
-    server.stop()
+    parts[1].stop()
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(tiny_artifacts, tiny_repository, tmp_path_factory):
+    """Four calls admitted, one running at a time."""
+    *parts, channel = start_gated(tiny_artifacts, tiny_repository, tmp_path_factory, max_in_flight=4, max_running=1)
+    yield tuple(parts)
+    channel.close()
+    parts[1].stop()
+
+
+def test_admitted_calls_wait_their_turn_and_all_succeed(one_at_a_time):
+    backend, server, _port, stub, user = one_at_a_time
+    backend.delay_s, backend.most_at_once = 0.2, 0
+    codes: list[str] = []
+    start = threading.Barrier(4)
+
+    def call() -> None:
+        start.wait()
+        try:
+            stub.Recommend(pb.RecommendRequest(user_id=user, k=3), timeout=20)
+            codes.append("OK")
+        except grpc.RpcError as exc:
+            codes.append(exc.code().name)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        backend.delay_s = 0.0
+    assert codes == ["OK"] * 4  # admitted, none shed: they queued for their turn
+    assert backend.most_at_once == 1  # and ran one at a time
+    assert server.admission.in_flight == 0
+
+
+def test_a_call_whose_deadline_passes_in_the_queue_is_answered_deadline_exceeded(one_at_a_time):
+    backend, server, _port, stub, user = one_at_a_time
+    backend.delay_s = 1.5
+    blocker = threading.Thread(target=lambda: stub.Recommend(pb.RecommendRequest(user_id=user, k=3), timeout=20))
+    blocker.start()
+    try:
+        expires = time.monotonic() + 20
+        while backend.at_once == 0:  # the first call holds the one turn
+            assert time.monotonic() < expires
+            time.sleep(0.01)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.Recommend(pb.RecommendRequest(user_id=user, k=3), timeout=0.3)
+        assert excinfo.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        blocker.join(30)
+        backend.delay_s = 0.0
+    assert server.admission.in_flight == 0
+    stub.Recommend(pb.RecommendRequest(user_id=user, k=3), timeout=10)  # the turn is free again
 
 
 def test_calls_past_the_limit_are_shed_fast_with_a_retry_hint(gated):
@@ -178,14 +251,54 @@ def test_admission_gate_counts_and_refuses():
     assert gate.try_enter()
     with pytest.raises(ValueError):
         Admission(0)
+    with pytest.raises(ValueError):
+        Admission(2, running=0)
+
+
+def test_turns_are_limited_and_given_in_arrival_order():
+    gate = Admission(8, running=1)
+    assert gate.start(None)
+    assert not gate.start(0.01)  # the one turn is taken: a short wait gives up
+    order: list[int] = []
+    waiting = []
+    for n in range(3):
+        t = threading.Thread(target=lambda n=n: (gate.start(10), order.append(n), gate.finish()))
+        t.start()
+        waiting.append(t)
+        time.sleep(0.05)  # queued one after another
+    gate.finish()
+    for t in waiting:
+        t.join(10)
+    assert order == [0, 1, 2]
+
+
+def test_a_released_turn_goes_to_the_oldest_waiter_not_a_newcomer():
+    turns = Turns(1)
+    assert turns.acquire(None)
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: turns.acquire(10) and got.set())
+    waiter.start()
+    expires = time.monotonic() + 10
+    while not turns._queue:  # the waiter is queued
+        assert time.monotonic() < expires
+        time.sleep(0.005)
+    turns.release()  # handed to the waiter at once...
+    assert not turns.acquire(0)  # ...so a newcomer finds none free
+    waiter.join(10)
+    assert got.is_set()
+    turns.release()
+    assert turns.acquire(0)  # free again, nobody waiting
 
 
 class _Context:
-    """The two ``grpc.ServicerContext`` calls a refusal makes, recorded (abort raises, as gRPC's does)."""
+    """The ``grpc.ServicerContext`` calls a refusal makes, recorded (abort raises, as gRPC's does)."""
 
     def __init__(self):
         self.trailers: tuple = ()
         self.code: grpc.StatusCode | None = None
+
+    def time_remaining(self) -> float | None:
+        return None
 
     def set_trailing_metadata(self, trailers: tuple) -> None:
         self.trailers = trailers
