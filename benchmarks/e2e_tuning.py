@@ -81,6 +81,10 @@ VARIANTS = (
     Variant("max_in_flight 8", env={"RECSYS_MAX_IN_FLIGHT": "8"}),
     Variant("GIL switch 1 ms", env={"RECSYS_GIL_SWITCH_MS": "1"}),
     Variant("GIL switch 0.25 ms", env={"RECSYS_GIL_SWITCH_MS": "0.25"}),
+    Variant("max_running 16 (every admitted call runs at once)", env={"RECSYS_MAX_RUNNING": "16"}),
+    Variant("max_running 2", env={"RECSYS_MAX_RUNNING": "2"}),
+    Variant("max_running 4", env={"RECSYS_MAX_RUNNING": "4"}),
+    Variant("user-tower overlap off", env={"RECSYS_OVERLAP_USER_TOWER": "false"}),
 )
 
 
