@@ -170,7 +170,7 @@ def build_reference(
         "users": len(ids),
         "k": REFERENCE_K,
         "seed": seed,
-        "settings": {k: getattr(settings, k) for k in ("retrieve_k", "mmr_lambda", "mmr_pool", "mmr_genre_weight")},
+        "settings": {k: getattr(settings, k) for k in ("retrieve_k", "mmr_lambda", "mmr_pool", "mmr_penalty", "mmr_genre_weight")},
         "index": "exact inner product (the served FAISS index approximates it)",
     }
     return DriftReference.from_samples(samples, catalog.filter.genres, meta)
