@@ -107,6 +107,18 @@ def one_at_a_time(tiny_artifacts, tiny_repository, tmp_path_factory):
     parts[1].stop()
 
 
+def run_together(call, n: int, backend: SlowBackend) -> None:
+    """``call`` on ``n`` threads (each waits at a barrier inside ``call``); the backend's delay reset after."""
+    threads = [threading.Thread(target=call) for _ in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        backend.delay_s = 0.0
+
+
 def test_admitted_calls_wait_their_turn_and_all_succeed(one_at_a_time):
     backend, server, _port, stub, user = one_at_a_time
     backend.delay_s, backend.most_at_once = 0.2, 0
@@ -121,14 +133,7 @@ def test_admitted_calls_wait_their_turn_and_all_succeed(one_at_a_time):
         except grpc.RpcError as exc:
             codes.append(exc.code().name)
 
-    threads = [threading.Thread(target=call) for _ in range(4)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-    finally:
-        backend.delay_s = 0.0
+    run_together(call, 4, backend)
     assert codes == ["OK"] * 4  # admitted, none shed: they queued for their turn
     assert backend.most_at_once == 1  # and ran one at a time
     assert server.admission.in_flight == 0
@@ -171,14 +176,7 @@ def test_calls_past_the_limit_are_shed_fast_with_a_retry_hint(gated):
         with lock:
             outcomes.append(out)
 
-    threads = [threading.Thread(target=call) for _ in range(6)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-    finally:
-        backend.delay_s = 0.0
+    run_together(call, 6, backend)
     codes = sorted(o[0] for o in outcomes)
     assert codes == ["RESOURCE_EXHAUSTED"] * 4 + ["ok"] * 2, codes
     # refused at once: every refusal arrives before the first admitted call (1 s of model time) ends
