@@ -62,7 +62,9 @@ def run(data: str, baseline_names: tuple[str, ...] = ("popularity", "item_knn", 
     active = np.unique(split.val.user_id.to_numpy())
     active = active[fitted.val_period.histories.positions(active) >= 0]
     val = merged_candidates(fitted.two_tower_val.model, fitted.val_period, fitted.demographics, fitted.tables_val, active, n)
-    val_features = RankerFeatures(cat, fitted.val_period.stats, fitted.two_tower_val.model.item_vectors(), fitted.val_period.cf_vectors)
+    val_features = RankerFeatures(
+        cat, fitted.val_period.stats, fitted.two_tower_val.model.item_vectors(), fitted.val_period.cf_vectors, fitted.val_period.ease
+    )
 
     rel_test = relevant_items(split.test, index)
     users = users_with_history(rel_test, fitted.test_period)

@@ -3,7 +3,7 @@
     python -m benchmarks.feature_step [--items 87585] [--rounds 7] [--out reports/benchmarks/feature_step.json]
 
 Random tables of the served shapes (an ML-32M-sized catalog by default, 64-dim item vectors,
-32-dim CF vectors, 20 genres, L = 50), exported with the project's own exporter, then timed at
+32-dim CF vectors, 64 EASE weights per item, 20 genres, L = 50), exported with the project's own exporter, then timed at
 the shapes the orchestrator sends: one user with 200 candidates (Recommend) and 64 users with
 200 each (a BatchRecommend's ranker call, split at 4,096 rows in serving, here one call to show
 the per-user cost). Medians of ``--rounds`` rounds of 50 calls (5 for the 64-user shape). The
@@ -22,8 +22,9 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.common import REPORTS, LoadWatch, conditions, conditions_line, log, write_json
-from export.features import RankerFeatures
+from export.features import EASE_NEIGHBOURS, RankerFeatures
 from export.onnx_export import export_ranker_features
+from orchestrator.candidates import SOURCES
 
 TARGET_MS = 0.3
 HISTORY_LEN = 50
@@ -41,6 +42,9 @@ def random_module(n_items: int, seed: int = 0) -> RankerFeatures:
         "genres": (torch.rand(n_items, 20, generator=g) > 0.8).float(),
         "vectors": torch.nn.functional.normalize(torch.randn(n_items, 64, generator=g), dim=-1),
         "cf_vectors": torch.randn(n_items, 32, generator=g),
+        "ease_items": torch.randint(0, n_items, (n_items, EASE_NEIGHBOURS), generator=g),
+        "ease_weights": torch.rand(n_items, EASE_NEIGHBOURS, generator=g) * 0.1,
+        "ease_zeros": torch.zeros(n_items + 1),
     }
     return RankerFeatures.from_state_dict(state).eval()
 
@@ -55,6 +59,9 @@ def feeds(n_items: int, users: int, candidates: int, seed: int) -> dict[str, np.
         "retrieval_rank": np.tile(np.arange(candidates, dtype=np.float32), users),
         "history": rng.integers(0, n_items, (users, HISTORY_LEN)).astype(np.int32),
         "history_rating": (rng.integers(1, 11, (users, HISTORY_LEN)) / 2).astype(np.float32),
+        "candidate_sources": np.where(rng.random((n, len(SOURCES))) < 0.5, rng.integers(0, candidates, (n, len(SOURCES))), -1).astype(
+            np.float32
+        ),
     }
 
 

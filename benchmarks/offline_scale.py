@@ -277,7 +277,7 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
         tables = stages.run("candidate_tables", val_period.tables, catalog, TrainSettings())
         cands = stages.run("ranker_retrieval", merged_candidates, model, val_period, demographics, tables, users, settings.candidates)
         cand = cands.items
-        features = RankerFeatures(catalog, val_period.stats, model.item_vectors(), val_period.cf_vectors)
+        features = RankerFeatures(catalog, val_period.stats, model.item_vectors(), val_period.cf_vectors, val_period.ease)
         feats = stages.run(
             "ranker_features", candidate_features, features, cands.history, cands.history_rating, cand, cands.scores, cands.sources
         )

@@ -74,13 +74,12 @@ class FittedBackend:
         timeout_s: float,
         version: int | None = None,
     ) -> np.ndarray:
-        per_user = len(items) // len(history)  # the contract's layout: N = U * C, grouped by user
-        feats = self.features.compute(
+        feats = self.features.compute(  # the contract's layout: N = U * C, grouped by user
             items.astype(np.int64),
             retrieval_scores.astype(np.float32),
             retrieval_ranks.astype(np.float32),
-            np.repeat(history, per_user, axis=0),
-            np.repeat(ratings, per_user, axis=0),
+            history,
+            ratings,
             sources.astype(np.float32),
         )
         return np.asarray(self.booster.predict(feats, num_threads=1), np.float32).reshape(-1)

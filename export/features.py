@@ -63,6 +63,8 @@ FEATURE_NAMES = (
     "cf_sim_history_max",
     "cf_sim_last5_max",
     "cf_sim_history_sum",
+    "ease_score",
+    "ease_score_last5",
 ) + SOURCE_FEATURE_NAMES
 """Column names of the feature matrix, in order."""
 
@@ -100,6 +102,59 @@ def cf_item_vectors(histories: Histories, n_items: int, dim: int = CF_DIM, seed:
     return vectors
 
 
+EASE_LAM = 300.0
+"""L2 strength of the EASE weights behind ``ease_score`` (the middle of the baseline's grid, where
+its validation choice falls most often on ml-100k, ml-latest-small and the synthetic sample)."""
+
+EASE_NEIGHBOURS = 64
+"""EASE weights kept per history item (the largest; the rest of the row is dropped)."""
+
+EASE_MAX_ITEMS = 10_000
+"""Most-rated items the EASE weights are solved over: a dense n x n inverse (0.8 GiB in float64
+at 10,000). Items outside get no weights and score 0; smaller catalogs are solved whole."""
+
+
+def ease_neighbours(
+    histories: Histories, n_items: int, lam: float = EASE_LAM, width: int = EASE_NEIGHBOURS, max_items: int = EASE_MAX_ITEMS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's largest EASE weights (Steck, 2019), as a sparse lookup table.
+
+    EASE scores item ``j`` for a user as ``sum_(h in history) B[h, j]``; keeping the ``width``
+    largest weights of each row ``B[h, :]`` turns that sum into a gather over the history,
+    which is how :class:`RankerFeatures` computes ``ease_score`` offline and in Triton.
+
+    Returns:
+        ``(items int32 [n_items, width], -1 padded; weights float32 [n_items, width])``.
+    """
+    from scipy.sparse import csr_matrix
+
+    from export.baselines import EASE
+
+    items = np.full((n_items, width), -1, np.int32)
+    weights = np.zeros((n_items, width), np.float32)
+    users = histories.user_of_position()
+    x = csr_matrix((np.ones(len(users), np.float32), (users, histories.items)), shape=(max(histories.n_users, 1), n_items))
+    x.sum_duplicates()
+    x.data[:] = 1.0
+    counts = np.asarray(x.sum(axis=0)).ravel()
+    keep = np.flatnonzero(counts > 0)
+    if len(keep) > max_items:
+        keep = np.sort(keep[np.argsort(-counts[keep], kind="stable")[:max_items]])
+    k = min(width, len(keep) - 1)
+    if k < 1:
+        return items, weights
+    b = EASE(lam=lam, max_items=max(max_items, len(keep))).fit(x[:, keep]).weights
+    assert b is not None
+    for s in range(0, len(keep), 2048):  # row chunks bound the argpartition's index copy
+        rows = b[s : s + 2048]
+        top = np.argpartition(-rows, k - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(rows, top, axis=1)
+        order = np.argsort(-vals, axis=1, kind="stable")
+        items[keep[s : s + 2048], :k] = keep[np.take_along_axis(top, order, axis=1)]
+        weights[keep[s : s + 2048], :k] = np.take_along_axis(vals, order, axis=1)
+    return items, weights
+
+
 def _diag(values: np.ndarray):
     from scipy.sparse import diags
 
@@ -109,7 +164,14 @@ def _diag(values: np.ndarray):
 class RankerFeatures(nn.Module):
     """Per-candidate ranker features from item tables and the user's history window."""
 
-    def __init__(self, catalog: Catalog, stats: ItemStats, item_vectors: np.ndarray, cf_vectors: np.ndarray):
+    def __init__(
+        self,
+        catalog: Catalog,
+        stats: ItemStats,
+        item_vectors: np.ndarray,
+        cf_vectors: np.ndarray,
+        ease: tuple[np.ndarray, np.ndarray],
+    ):
         super().__init__()
         self.register_buffer("log_count", torch.tensor(np.asarray(np.log1p(stats.count)), dtype=torch.float32))
         self.register_buffer("log_recent", torch.tensor(np.asarray(np.log1p(stats.recent_count)), dtype=torch.float32))
@@ -120,6 +182,12 @@ class RankerFeatures(nn.Module):
         self.register_buffer("genres", genres)
         self.register_buffer("vectors", F.normalize(torch.tensor(np.asarray(item_vectors), dtype=torch.float32), dim=-1))
         self.register_buffer("cf_vectors", torch.tensor(np.asarray(cf_vectors), dtype=torch.float32))
+        # EASE table with -1 padding pointing at an extra all-zero column (index n_items)
+        n_items = len(stats.count)
+        ease_items, ease_weights = ease
+        self.register_buffer("ease_items", torch.tensor(np.where(ease_items >= 0, ease_items, n_items), dtype=torch.long))
+        self.register_buffer("ease_weights", torch.tensor(np.asarray(ease_weights), dtype=torch.float32))
+        self.register_buffer("ease_zeros", torch.zeros(n_items + 1))
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> RankerFeatures:
@@ -198,6 +266,16 @@ class RankerFeatures(nn.Module):
         cf_last_max = cf_masked[:, :, -LAST_N:].max(-1).values * per_user
         cf_sum = (cf_dots * mask).sum(-1)
 
+        # EASE: scatter each user's history rows of B into a dense [U, n_items + 1] score row,
+        # then read the candidates' entries (the last column collects the padding)
+        ease_idx = self.ease_items[hist].reshape(n_users, -1)  # [U, L * M]
+        ease_w = self.ease_weights[hist] * valid.unsqueeze(-1)  # [U, L, M]
+        zeros = valid[:, :1] * self.ease_zeros  # [U, n_items + 1]
+        ease_all = torch.gather(zeros.scatter_add(1, ease_idx, ease_w.reshape(n_users, -1)), 1, item_uc)
+        ease_idx_last = self.ease_items[hist[:, -LAST_N:]].reshape(n_users, -1)
+        ease_w_last = ease_w[:, -LAST_N:].reshape(n_users, -1)
+        ease_last = torch.gather(zeros.scatter_add(1, ease_idx_last, ease_w_last), 1, item_uc)
+
         ones = torch.ones_like(affinity)  # [U, C]: spreads a per-user value over its candidates
         item_count = self.log_count[item]
         user_count = (user_mean_count.unsqueeze(1) * ones).reshape(-1)
@@ -225,6 +303,8 @@ class RankerFeatures(nn.Module):
             cf_max.reshape(-1),
             cf_last_max.reshape(-1),
             cf_sum.reshape(-1),
+            ease_all.reshape(-1),
+            ease_last.reshape(-1),
         ]
         return torch.cat([torch.stack(cols, dim=1), candidate_sources.to(torch.float32).reshape(item.shape[0], -1)], dim=1)
 
@@ -237,22 +317,32 @@ class RankerFeatures(nn.Module):
         history: np.ndarray,
         history_rating: np.ndarray,
         candidate_sources: np.ndarray,
-        batch_size: int = 65536,
+        batch_rows: int = 65536,
     ) -> np.ndarray:
-        """Numpy convenience wrapper, one history row per candidate (U = N): float32 [n, len(FEATURE_NAMES)]."""
+        """Numpy convenience wrapper: float32 [N, len(FEATURE_NAMES)].
+
+        ``history`` / ``history_rating`` hold one row per user, N = U * C rows grouped by user as
+        in the served graph (U = N: one history row per candidate). Users are fed in slices
+        that bound both the rows per call and the dense EASE score rows ([users, n_items]).
+        """
+        n, users = len(item), len(history)
+        if n == 0:
+            return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
+        if users == 0 or n % users:
+            raise ValueError(f"{n} candidate rows do not split evenly over {users} history rows")
+        per_user = n // users
+        step = max(1, min(batch_rows // per_user, (1 << 25) // len(self.ease_zeros)))
         out = []
-        for s in range(0, len(item), batch_size):
-            sl = slice(s, s + batch_size)
+        for s in range(0, users, step):
+            rows = slice(s * per_user, (s + step) * per_user)
             out.append(
                 self(
-                    torch.as_tensor(item[sl], dtype=torch.long),
-                    torch.as_tensor(retrieval_score[sl], dtype=torch.float32),
-                    torch.as_tensor(retrieval_rank[sl], dtype=torch.float32),
-                    torch.as_tensor(history[sl], dtype=torch.long),
-                    torch.as_tensor(history_rating[sl], dtype=torch.float32),
-                    torch.as_tensor(candidate_sources[sl], dtype=torch.float32),
+                    torch.as_tensor(item[rows], dtype=torch.long),
+                    torch.as_tensor(retrieval_score[rows], dtype=torch.float32),
+                    torch.as_tensor(retrieval_rank[rows], dtype=torch.float32),
+                    torch.as_tensor(history[s : s + step], dtype=torch.long),
+                    torch.as_tensor(history_rating[s : s + step], dtype=torch.float32),
+                    torch.as_tensor(candidate_sources[rows], dtype=torch.float32),
                 ).numpy()
             )
-        if not out:
-            return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
         return np.concatenate(out).astype(np.float32)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from export.candidates import build_tables, choose_budgets, merge_users, user_item_scores, user_source_lists
 from export.data import MovieLens, load_movielens
 from export.drift_reference import build_reference
-from export.features import FEATURE_NAMES, RankerFeatures, cf_item_vectors
+from export.features import FEATURE_NAMES, RankerFeatures, cf_item_vectors, ease_neighbours
 from export.history import Histories
 from export.items import Catalog, ItemStats, item_stats
 from export.ranker import RankerConfig, candidate_features, candidate_labels, train_ranker
@@ -86,13 +86,14 @@ class Period:
     histories: Histories
     stats: ItemStats
     cf_vectors: np.ndarray
+    ease: tuple[np.ndarray, np.ndarray]
 
     @classmethod
     def at(cls, past: pd.DataFrame, catalog: Catalog, cutoff: int) -> Period:
         past = past[past.timestamp < cutoff]
         histories = Histories.from_frame(past, catalog)
         stats = item_stats(past, catalog, cutoff)
-        return cls(cutoff, past, histories, stats, cf_item_vectors(histories, catalog.n_items))
+        return cls(cutoff, past, histories, stats, cf_item_vectors(histories, catalog.n_items), ease_neighbours(histories, catalog.n_items))
 
     def tables(self, catalog: Catalog, settings: TrainSettings) -> CandidateTables:
         """Candidate-source tables from this period's past (default budgets until chosen)."""
@@ -135,7 +136,7 @@ class Fitted:
 
     def ranker_features(self, period: Period, model: TwoTower) -> RankerFeatures:
         """The feature module for a period and the two-tower whose item vectors it compares."""
-        return RankerFeatures(self.catalog, period.stats, model.item_vectors(), period.cf_vectors)
+        return RankerFeatures(self.catalog, period.stats, model.item_vectors(), period.cf_vectors, period.ease)
 
 
 def retrieve(
@@ -273,7 +274,7 @@ def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True, sp
     # ranker: merged candidates for everybody active in validation who has a past, labels from validation
     t0 = time.perf_counter()
     feats = candidate_features(
-        RankerFeatures(catalog, val_period.stats, tt_val.model.item_vectors(), val_period.cf_vectors),
+        RankerFeatures(catalog, val_period.stats, tt_val.model.item_vectors(), val_period.cf_vectors, val_period.ease),
         cands.history,
         cands.history_rating,
         cands.items,

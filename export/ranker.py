@@ -77,7 +77,7 @@ def candidate_features(
         cand_items: int64 [n_users, C] candidates, best first (``-1`` = none).
         cand_scores: float32 [n_users, C] retrieval scores.
         cand_sources: float32 [n_users, C, S] rank of each candidate in each source (-1 absent).
-        chunk_users: Users per feature call (bounds the repeated history's memory).
+        chunk_users: Users per feature call.
 
     Returns:
         float32 [n_users * C, len(FEATURE_NAMES)], rows grouped by user.
@@ -95,8 +95,8 @@ def candidate_features(
                 items,
                 scores.astype(np.float32),
                 ranks,
-                np.repeat(history[sl], n_cand, axis=0),
-                np.repeat(history_rating[sl], n_cand, axis=0),
+                history[sl],
+                history_rating[sl],
                 cand_sources[sl].reshape(m * n_cand, -1),
             )
         )

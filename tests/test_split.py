@@ -72,7 +72,7 @@ def test_features_do_not_change_with_future_interactions(ml, catalog):
     for period in (a, b):
         hist, hist_r = period.histories.last(users, 50)
         items = np.arange(20)
-        f = RankerFeatures(catalog, period.stats, vectors, period.cf_vectors).compute(
+        f = RankerFeatures(catalog, period.stats, vectors, period.cf_vectors, period.ease).compute(
             items, np.zeros(20, np.float32), np.zeros(20, np.float32), hist, hist_r, np.full((20, len(SOURCES)), -1.0, np.float32)
         )
         feats.append(f)
