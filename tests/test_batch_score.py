@@ -91,8 +91,11 @@ def reference(artifacts: Path, repo: Path, user_ids: np.ndarray, k: int, candida
                 "item": cand.astype(np.int32),
                 "retrieval_score": (item_vectors[cand] @ vec[u]).astype(np.float32),
                 "retrieval_rank": np.arange(n, dtype=np.float32),
-                "history": hist[u : u + 1].astype(np.int32),  # the history once, not once per candidate
-                "history_rating": rating[u : u + 1].astype(np.float32),
+                # one history row per candidate, as batch-score sends them (U = N): the grouped
+                # layout sums some per-user features in another order (last-bit differences
+                # that can swap near-tied candidates)
+                "history": np.repeat(hist[u : u + 1], n, axis=0).astype(np.int32),
+                "history_rating": np.repeat(rating[u : u + 1], n, axis=0).astype(np.float32),
                 "candidate_sources": sources,
             }
             f = features.run(["features"], feed)[0]

@@ -18,6 +18,7 @@ from tritonclient.grpc import model_config_pb2
 
 from benchmarks.perf_analyzer.make_inputs import DEFAULT_OUT, MODELS, make_inputs, read_config
 from benchmarks.perf_analyzer.run import entry_fits
+from export.features import FEATURE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = ("config.pbtxt", "configs/cpu.pbtxt")
@@ -80,7 +81,7 @@ def check_ranges(model: str, entries: list[dict], n_items: int, cards: list[int]
 
 def test_checked_in_inputs_fit_the_checked_in_configs():
     meta = check_inputs(DEFAULT_OUT, ROOT / "model_repository")
-    assert meta["history_len"] == 50 and meta["n_features"] == 28  # 23 features + 5 candidate-source ranks
+    assert meta["history_len"] == 50 and meta["n_features"] == len(FEATURE_NAMES)
     assert meta["models"]["ranker"]["batch_size"] == meta["candidates"]  # one user's rows per request
     for model in ("ranker_features", "ranker_ensemble"):  # no batch axis: one entry is one request
         assert meta["models"][model]["batch_size"] == 1
