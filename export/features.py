@@ -145,6 +145,7 @@ def ease_neighbours(
         return items, weights
     b = EASE(lam=lam, max_items=max(max_items, len(keep))).fit(x[:, keep]).weights
     assert b is not None
+    b[np.diag_indices(len(keep))] = -np.inf  # an item is not its own neighbour (its weight is 0)
     for s in range(0, len(keep), 2048):  # row chunks bound the argpartition's index copy
         rows = b[s : s + 2048]
         top = np.argpartition(-rows, k - 1, axis=1)[:, :k]

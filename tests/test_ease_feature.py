@@ -1,0 +1,96 @@
+"""The ranker's ``ease_score`` features against EASE itself (``export.baselines.EASE``)."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.sparse import csr_matrix
+
+from export.baselines import EASE
+from export.data import load_movielens
+from export.features import FEATURE_NAMES, LAST_N, RankerFeatures, cf_item_vectors, ease_neighbours
+from export.history import Histories
+from export.items import Catalog, item_stats
+from orchestrator.candidates import SOURCES
+
+DATA = Path(__file__).parents[1] / "data" / "ml-latest-small"
+N_USED = 60  # items the tiny interaction set draws from
+WINDOW = 20
+LAM = 10.0
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    ml = load_movielens(DATA, progress=False)
+    return Catalog.from_movies(ml.movies, ml.genres, ml.genre_matrix)
+
+
+@pytest.fixture(scope="module")
+def frame(catalog):
+    rng = np.random.default_rng(0)
+    rows = []
+    for user in range(40):
+        items = rng.choice(N_USED, size=15 + user % 10, replace=False)
+        for t, item in enumerate(items):
+            rows.append((user, int(catalog.movie_ids[item]), float(rng.integers(1, 11) / 2), 1000 * user + t))
+    return pd.DataFrame(rows, columns=["user_id", "movie_id", "rating", "timestamp"])
+
+
+def full_weights(histories: Histories, n_items: int) -> np.ndarray:
+    """EASE's dense B over every item (the baseline's own fit)."""
+    users = histories.user_of_position()
+    x = csr_matrix((np.ones(len(users), np.float32), (users, histories.items)), shape=(histories.n_users, n_items))
+    x.data[:] = 1.0
+    used = np.flatnonzero(np.asarray(x.sum(axis=0)).ravel() > 0)
+    b = np.zeros((n_items, n_items), np.float32)
+    b[np.ix_(used, used)] = EASE(lam=LAM).fit(x[:, used]).weights
+    return b
+
+
+def test_ease_score_is_eases_score_of_the_window(catalog, frame):
+    hist = Histories.from_frame(frame, catalog)
+    n = catalog.n_items
+    table = ease_neighbours(hist, n, lam=LAM, width=N_USED)  # wide enough to keep every weight
+    rng = np.random.default_rng(1)
+    module = RankerFeatures(
+        catalog, item_stats(frame, catalog, 10**9), rng.normal(size=(n, 8)).astype(np.float32), cf_item_vectors(hist, n), table
+    )
+    users = hist.user_ids[:7]
+    window, window_r = hist.last(users, WINDOW)
+    cands = np.arange(N_USED)
+    n_rows = len(users) * N_USED
+    feats = module.compute(
+        np.tile(cands, len(users)),
+        np.zeros(n_rows, np.float32),
+        np.zeros(n_rows, np.float32),
+        window,
+        window_r,
+        np.full((n_rows, len(SOURCES)), -1.0, np.float32),
+    ).reshape(len(users), N_USED, -1)
+    b = full_weights(hist, n)
+    for u in range(len(users)):
+        h = window[u][window[u] >= 0]
+        np.testing.assert_allclose(feats[u, :, FEATURE_NAMES.index("ease_score")], b[h][:, cands].sum(0), atol=1e-5)
+        last = window[u][-LAST_N:]
+        last = last[last >= 0]
+        np.testing.assert_allclose(feats[u, :, FEATURE_NAMES.index("ease_score_last5")], b[last][:, cands].sum(0), atol=1e-5)
+
+
+def test_table_keeps_each_rows_largest_weights_of_the_most_rated_items(catalog, frame):
+    hist = Histories.from_frame(frame, catalog)
+    n = catalog.n_items
+    items, weights = ease_neighbours(hist, n, lam=LAM, width=5)
+    b = full_weights(hist, n)
+    used = np.flatnonzero(b.any(axis=1))
+    assert (items[np.setdiff1d(np.arange(n), used)] == -1).all()
+    for i in used:
+        np.testing.assert_allclose(weights[i], np.sort(b[i])[::-1][:5], rtol=1e-6)
+        np.testing.assert_allclose(b[i, items[i]], weights[i], rtol=1e-6)
+    # past max_items only the most-rated items are solved (and only they are anyone's neighbours)
+    counts = np.bincount(hist.items, minlength=n)
+    items, _ = ease_neighbours(hist, n, lam=LAM, width=5, max_items=20)
+    solved = np.flatnonzero(items[:, 0] >= 0)
+    assert len(solved) == 20
+    assert counts[solved].min() >= np.sort(counts)[::-1][19]
+    assert np.isin(items[solved], solved).all()
