@@ -12,6 +12,7 @@ ONNX translation of deep trees is slow on the CPU and can need tens of GiB (docs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import lightgbm as lgb
@@ -117,10 +118,13 @@ def candidate_labels(user_ids: np.ndarray, cand_items: np.ndarray, period: pd.Da
     return labels.reshape(n_users, n_cand)
 
 
-def train_ranker(features: np.ndarray, labels: np.ndarray, config: RankerConfig) -> lgb.Booster:
+def train_ranker(
+    features: np.ndarray, labels: np.ndarray, config: RankerConfig, feature_names: Sequence[str] = FEATURE_NAMES
+) -> lgb.Booster:
     """Trains LambdaRank on ``features`` [n_users * C, F] grouped by user with ``labels`` [n_users, C].
 
-    Queries without any positive label carry no ranking signal and are dropped.
+    Queries without any positive label carry no ranking signal and are dropped. ``feature_names``
+    names the ``F`` columns (the served features; benchmarks that try extra columns name them).
     """
     n_users, n_cand = labels.shape
     keep = labels.max(axis=1) > 0
@@ -128,7 +132,7 @@ def train_ranker(features: np.ndarray, labels: np.ndarray, config: RankerConfig)
         raise ValueError("no ranker training query has a positive label: the validation period is too small")
     x = features.reshape(n_users, n_cand, -1)[keep].reshape(-1, features.shape[1])
     y = labels[keep].reshape(-1)
-    data = lgb.Dataset(x, label=y, group=np.full(int(keep.sum()), n_cand), feature_name=list(FEATURE_NAMES))
+    data = lgb.Dataset(x, label=y, group=np.full(int(keep.sum()), n_cand), feature_name=list(feature_names))
     params = {
         "objective": "lambdarank",
         "metric": "ndcg",
