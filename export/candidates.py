@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from export.baselines import ItemKNN
@@ -43,9 +42,7 @@ def neighbour_table(histories: Histories, n_items: int, neighbours: int, shrink:
     Returns:
         ``(int32 [n_items, neighbours] -1 padded, float32 [n_items, neighbours])``.
     """
-    users = histories.user_of_position()
-    x = sp.csr_matrix((np.ones(len(users), np.float32), (users, histories.items)), shape=(max(histories.n_users, 1), n_items))
-    x.data[:] = 1.0
+    x = histories.binary_matrix(n_items)
     sim = ItemKNN(neighbours=max(1, min(neighbours, n_items - 1)), shrink=shrink).fit(x).similarity.tocsr()
     ids = np.full((n_items, neighbours), -1, np.int32)
     vals = np.zeros((n_items, neighbours), np.float32)

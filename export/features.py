@@ -87,12 +87,9 @@ def cf_item_vectors(histories: Histories, n_items: int, dim: int = CF_DIM, seed:
     Returns:
         float32 [n_items, dim] (zero rows for items nobody interacted with).
     """
-    from scipy.sparse import csr_matrix
     from sklearn.utils.extmath import randomized_svd
 
-    users = histories.user_of_position()
-    x = csr_matrix((np.ones(len(users), np.float32), (users, histories.items)), shape=(max(histories.n_users, 1), n_items))
-    x.data[:] = 1.0
+    x = histories.binary_matrix(n_items)
     norms = np.sqrt(np.asarray(x.power(2).sum(axis=0))).ravel()
     x = x @ _diag(np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0))
     rank = max(1, min(dim, min(x.shape) - 1))
@@ -126,16 +123,11 @@ def ease_neighbours(
     Returns:
         ``(items int32 [n_items, width], -1 padded; weights float32 [n_items, width])``.
     """
-    from scipy.sparse import csr_matrix
-
     from export.baselines import EASE
 
     items = np.full((n_items, width), -1, np.int32)
     weights = np.zeros((n_items, width), np.float32)
-    users = histories.user_of_position()
-    x = csr_matrix((np.ones(len(users), np.float32), (users, histories.items)), shape=(max(histories.n_users, 1), n_items))
-    x.sum_duplicates()
-    x.data[:] = 1.0
+    x = histories.binary_matrix(n_items)
     counts = np.asarray(x.sum(axis=0)).ravel()
     keep = np.flatnonzero(counts > 0)
     if len(keep) > max_items:

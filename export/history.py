@@ -9,12 +9,16 @@ demand from one CSR-like layout, so a 32M-interaction data set never materialise
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from export.items import Catalog
 from orchestrator.contract import PAD_ITEM, history_windows  # noqa: F401 - PAD_ITEM re-exported
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 
 @dataclass(frozen=True)
@@ -101,3 +105,15 @@ class Histories:
     def user_of_position(self) -> np.ndarray:
         """int64 [nnz]: the row (user position) each flat interaction belongs to."""
         return np.repeat(np.arange(self.n_users), np.diff(self.offsets))
+
+    def binary_matrix(self, n_items: int) -> sp.csr_matrix:
+        """float32 users x items CSR (rows in store order, at least one): 1 where the user
+        interacted, re-ratings counted once. What the item-item models (ItemKNN, EASE, the CF
+        vectors) are fitted on."""
+        import scipy.sparse as sp  # offline only: importing the histories does not load scipy
+
+        users = self.user_of_position()
+        x = sp.csr_matrix((np.ones(len(users), np.float32), (users, self.items)), shape=(max(self.n_users, 1), n_items))
+        x.sum_duplicates()
+        x.data[:] = 1.0
+        return x
