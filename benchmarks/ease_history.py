@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.sparse import csr_matrix
 from scipy.sparse.linalg import svds
 
 from benchmarks.common import LoadWatch, conditions, conditions_line, log, markdown_table, write_json
@@ -57,11 +56,7 @@ def longest(histories: Histories) -> int:
 
 def ease_weights(histories: Histories, n_items: int) -> np.ndarray:
     """Dense EASE weights ``B`` [n_items, n_items] fitted on binary interactions of ``histories``."""
-    users = histories.user_of_position()
-    x = csr_matrix((np.ones(len(users), np.float32), (users, histories.items)), shape=(max(histories.n_users, 1), n_items))
-    x.sum_duplicates()
-    x.data[:] = 1.0
-    b = EASE(lam=EASE_LAM, max_items=max(n_items, 1)).fit(x).weights
+    b = EASE(lam=EASE_LAM, max_items=max(n_items, 1)).fit(histories.binary_matrix(n_items)).weights
     assert b is not None
     return b.astype(np.float32)
 
@@ -94,19 +89,20 @@ def alone_ndcg(
     histories: Histories, users: np.ndarray, relevant: list[np.ndarray], weights: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """Per-user NDCG@10 of EASE alone for each (weights, history length) pair."""
-    full, _ = histories.last(users, longest(histories))
+    every = longest(histories)
+    full, _ = histories.last(users, every)
     out: dict[str, np.ndarray] = {}
-    for wname, b in weights.items():
-        for length in WINDOWS:
-            hist, _ = histories.last(users, length or longest(histories))
+    for length in WINDOWS:
+        hist, _ = histories.last(users, length or every)
+        for wname, b in weights.items():
             ranked = np.stack([top10(b[h[h >= 0]].sum(axis=0), f[f >= 0]) for h, f in zip(hist, full)])
             out[f"{wname}/{length or 'all'}"] = per_user_ndcg(ranked, relevant)
     return out
 
 
-def extra_columns(histories: Histories, n_items: int, users: np.ndarray, cands: np.ndarray, length: int) -> dict[str, np.ndarray]:
-    """EASE's score of each candidate over the last ``length`` interactions (0 = all): dense and rank-64."""
-    b = ease_weights(histories, n_items)
+def extra_columns(histories: Histories, b: np.ndarray, users: np.ndarray, cands: np.ndarray, length: int) -> dict[str, np.ndarray]:
+    """EASE's score of each candidate over the last ``length`` interactions (0 = all): with the
+    dense weights ``b`` (:func:`ease_weights` of ``histories``) and their rank-64 factors."""
     p, q = factorised(b)
     hist, _ = histories.last(users, length or longest(histories))
     safe = np.where(cands >= 0, cands, 0)
@@ -119,8 +115,11 @@ def extra_columns(histories: Histories, n_items: int, users: np.ndarray, cands: 
     return {"dense": dense, f"rank{RANK}": low}
 
 
+SHIPPED = f"shipped ranker ({len(FEATURE_NAMES)} features)"
+"""The row every other ranker row is compared with."""
+
 VARIANTS: dict[str, tuple[str, ...]] = {
-    "shipped ranker (30 features)": (),
+    SHIPPED: (),
     f"+ EASE rank {RANK}": (f"rank{RANK}",),
     "+ EASE dense": ("dense",),
     "+ both": ("dense", f"rank{RANK}"),
@@ -145,7 +144,8 @@ def measure(data: str, windows: int, extra_window: int, settings: TrainSettings 
         log(f"window {len(lengths) + 1}: {len(users)} test users, EASE alone")
         full, _ = period.histories.last(users, longest(period.histories))
         lengths.append((full >= 0).sum(axis=1))
-        weights = {"dense": ease_weights(period.histories, n_items), f"table{EASE_NEIGHBOURS}": table_weights(period.histories, n_items)}
+        dense = ease_weights(period.histories, n_items)
+        weights = {"dense": dense, f"table{EASE_NEIGHBOURS}": table_weights(period.histories, n_items)}
         for key, v in alone_ndcg(period.histories, users, relevant, weights).items():
             alone.setdefault(key, []).append(v)
         log("ranker variants")
@@ -164,8 +164,8 @@ def measure(data: str, windows: int, extra_window: int, settings: TrainSettings 
             cv.sources,
         )
         labels = candidate_labels(active, cv.items, split.val, cat)
-        vx = extra_columns(vp.histories, n_items, active, cv.items, extra_window)
-        tx = extra_columns(period.histories, n_items, users, c.items, extra_window)
+        vx = extra_columns(vp.histories, ease_weights(vp.histories, n_items), active, cv.items, extra_window)
+        tx = extra_columns(period.histories, dense, users, c.items, extra_window)
         for name, cols in VARIANTS.items():
             booster = train_ranker(
                 np.hstack([vfeats] + [vx[k].reshape(-1, 1) for k in cols]), labels, settings.ranker, (*FEATURE_NAMES, *cols)
@@ -179,7 +179,7 @@ def measure(data: str, windows: int, extra_window: int, settings: TrainSettings 
             )
 
     run(data, None, None, settings, False, inspect, windows=windows)
-    base = np.concatenate(ranker["shipped ranker (30 features)"])
+    base = np.concatenate(ranker[SHIPPED])
     hl = np.concatenate(lengths)
     return {
         "pairs": int(len(base)),

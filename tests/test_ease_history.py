@@ -51,8 +51,8 @@ def test_extra_columns_are_ease_scores_of_the_candidates_over_the_window():
     users = np.arange(5)
     cands = np.tile(np.arange(10), (5, 1))
     cands[0, -1] = -1
-    cols = eh.extra_columns(h, 40, users, cands, 0)
     b = eh.ease_weights(h, 40)
+    cols = eh.extra_columns(h, b, users, cands, 0)
     hist, _ = h.last(users, 100)
     for i in range(5):
         expected = b[hist[i][hist[i] >= 0]].sum(axis=0)[np.where(cands[i] >= 0, cands[i], 0)]
@@ -70,7 +70,7 @@ def test_a_tiny_run_reports_every_row_with_finite_figures(tmp_path):
     report = eh.measure(str(tmp_path), 2, 0, settings)
     assert set(report["ease_alone"]) == {f"{w}/{n or 'all'}" for w in ("dense", f"table{eh.EASE_NEIGHBOURS}") for n in eh.WINDOWS}
     assert set(eh.VARIANTS) <= set(report["ranker"])
-    shipped = report["ranker"]["shipped ranker (30 features)"]["vs_shipped"]
+    shipped = report["ranker"][eh.SHIPPED]["vs_shipped"]
     assert shipped["mean_diff"] == 0.0 and shipped["users"] == report["pairs"] > 0
     values = [*report["ease_alone"].values(), *(v["ndcg@10"] for v in report["ranker"].values())]
     assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values)
