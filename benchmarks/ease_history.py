@@ -20,8 +20,10 @@ costs and whether a whole-history EASE column would lift the ranker:
    period's. The candidates ordered by each column alone are reported beside.
 
 Pooled over the (user, window) pairs; each ranker row's interval is the paired bootstrap of
-its NDCG@10 minus the shipped ranker's. Nothing here is served; it says what a longer EASE
-history would be worth before the contract (issue 15's bounded history read) is changed.
+its NDCG@10 minus the shipped ranker's. This is the measurement that added the served
+``ease_lowrank_long`` (the rank-64 column over the last ``RANKER_HISTORY`` = 200 interactions,
+BENCHMARKS.md); since then the shipped ranker carries it, so ``--extra-window 200``'s
+``+ EASE rank 64`` row repeats a column the shipped one has.
 """
 
 from __future__ import annotations
@@ -31,12 +33,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.sparse.linalg import svds
 
 from benchmarks.common import LoadWatch, conditions, conditions_line, log, markdown_table, write_json
 from export.baselines import EASE
 from export.evaluate import bootstrap_diff, per_user_ndcg
-from export.features import EASE_LAM, EASE_NEIGHBOURS, FEATURE_NAMES, RankerFeatures, ease_neighbours
+from export.features import EASE_LAM, EASE_NEIGHBOURS, EASE_RANK, FEATURE_NAMES, RankerFeatures, ease_factors, ease_tables
 from export.history import Histories
 from export.pipeline import TrainSettings, merged_candidates, run, users_with_history
 from export.ranker import candidate_features, candidate_labels, rerank, train_ranker
@@ -45,8 +46,8 @@ from export.split import relevant_items
 WINDOWS = (50, 200, 0)
 """History lengths of the EASE-alone table (0 = every interaction)."""
 
-RANK = 64
-"""Rank of the factorised EASE weights."""
+RANK = EASE_RANK
+"""Rank of the factorised EASE weights (the served ``ease_lowrank_long``'s)."""
 
 
 def longest(histories: Histories) -> int:
@@ -62,20 +63,14 @@ def ease_weights(histories: Histories, n_items: int) -> np.ndarray:
 
 
 def table_weights(histories: Histories, n_items: int) -> np.ndarray:
-    """The served table (:func:`export.features.ease_neighbours`) as a dense matrix, zeros elsewhere."""
-    items, weights = ease_neighbours(histories, n_items)
+    """The served neighbour table (:func:`export.features.ease_tables`) as a dense matrix, zeros elsewhere."""
+    t = ease_tables(histories, n_items)
+    items, weights = t.items, t.weights
     out = np.zeros((n_items, n_items), np.float32)
     rows = np.repeat(np.arange(n_items), items.shape[1])
     keep = items.reshape(-1) >= 0
     out[rows[keep], items.reshape(-1)[keep]] = weights.reshape(-1)[keep]
     return out
-
-
-def factorised(b: np.ndarray, rank: int = RANK) -> tuple[np.ndarray, np.ndarray]:
-    """``(P, Q)`` with ``P Q^T`` the rank-``rank`` truncated SVD of ``b`` (deterministic start)."""
-    k = min(rank, min(b.shape) - 1)
-    u, s, vt = svds(b.astype(np.float64), k=k, v0=np.full(b.shape[0], 1.0 / np.sqrt(b.shape[0])))
-    return (u * s).astype(np.float32), vt.T.astype(np.float32)
 
 
 def top10(scores: np.ndarray, seen: np.ndarray) -> np.ndarray:
@@ -103,7 +98,7 @@ def alone_ndcg(
 def extra_columns(histories: Histories, b: np.ndarray, users: np.ndarray, cands: np.ndarray, length: int) -> dict[str, np.ndarray]:
     """EASE's score of each candidate over the last ``length`` interactions (0 = all): with the
     dense weights ``b`` (:func:`ease_weights` of ``histories``) and their rank-64 factors."""
-    p, q = factorised(b)
+    p, q = ease_factors(b)
     hist, _ = histories.last(users, length or longest(histories))
     safe = np.where(cands >= 0, cands, 0)
     dense = np.zeros(cands.shape, np.float32)

@@ -3,7 +3,8 @@
     python -m benchmarks.feature_step [--items 87585] [--rounds 7] [--out reports/benchmarks/feature_step.json]
 
 Random tables of the served shapes (an ML-32M-sized catalog by default, 64-dim item vectors,
-32-dim CF vectors, 64 EASE weights per item, 20 genres, L = 50), exported with the project's own exporter, then timed at
+32-dim CF vectors, 64 EASE weights per item, rank-64 EASE factors over 10,000 items, 20 genres,
+histories of H = 200), exported with the project's own exporter, then timed at
 the shapes the orchestrator sends: one user with 200 candidates (Recommend) and 64 users with
 200 each (a BatchRecommend's ranker call, split at 4,096 rows in serving, here one call to show
 the per-user cost). Medians of ``--rounds`` rounds of 50 calls (5 for the 64-user shape). The
@@ -22,12 +23,15 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.common import REPORTS, LoadWatch, conditions, conditions_line, log, write_json
-from export.features import EASE_NEIGHBOURS, RankerFeatures
+from export.features import EASE_NEIGHBOURS, EASE_RANK, RankerFeatures
 from export.onnx_export import export_ranker_features
 from orchestrator.candidates import SOURCES
+from orchestrator.contract import RANKER_HISTORY
 
 TARGET_MS = 0.3
-HISTORY_LEN = 50
+HISTORY_LEN = RANKER_HISTORY
+EASE_FITTED = 10_000
+"""Items with EASE factors (``EASE_MAX_ITEMS`` at this catalog size)."""
 
 
 def random_module(n_items: int, seed: int = 0) -> RankerFeatures:
@@ -45,12 +49,15 @@ def random_module(n_items: int, seed: int = 0) -> RankerFeatures:
         "ease_items": torch.randint(0, n_items, (n_items, EASE_NEIGHBOURS), generator=g),
         "ease_weights": torch.rand(n_items, EASE_NEIGHBOURS, generator=g) * 0.1,
         "ease_zeros": torch.zeros(n_items + 1),
+        "ease_rows": torch.cat([torch.randint(0, EASE_FITTED + 1, (n_items,), generator=g), torch.tensor([EASE_FITTED])]),
+        "ease_p": torch.cat([torch.randn(EASE_FITTED, EASE_RANK, generator=g) * 0.01, torch.zeros(1, EASE_RANK)]),
+        "ease_q": torch.cat([torch.randn(EASE_FITTED, EASE_RANK, generator=g) * 0.01, torch.zeros(1, EASE_RANK)]),
     }
     return RankerFeatures.from_state_dict(state).eval()
 
 
 def feeds(n_items: int, users: int, candidates: int, seed: int) -> dict[str, np.ndarray]:
-    """What the orchestrator sends: [N] per candidate, [U, L] per user, INT32 ids."""
+    """What the orchestrator sends: [N] per candidate, [U, H] per user, INT32 ids."""
     rng = np.random.default_rng(seed)
     n = users * candidates
     return {
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, LoadWatch() as load:
         path = Path(tmp) / "ranker_features.onnx"
-        export_ranker_features(random_module(args.items), HISTORY_LEN, path)
+        export_ranker_features(random_module(args.items), path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -130,7 +130,7 @@ def real_requests(artifacts: str | Path, repo: str | Path, users: int, max_count
         ValueError: No user has ``max_count`` unseen items.
     """
     from benchmarks.perf_analyzer.make_inputs import latest_version
-    from export.batch_score import load_user_data, user_inputs
+    from export.batch_score import load_user_data, ranker_history, user_inputs
     from export.candidates import merged_from_ann
     from export.onnx_export import session
     from export.retrieval import top_k
@@ -149,6 +149,7 @@ def real_requests(artifacts: str | Path, repo: str | Path, users: int, max_count
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(eligible, size=min(users, len(eligible)), replace=False))
     x = user_inputs(data, chosen, history_len)
+    long_history, long_rating = ranker_history(data, chosen)
     vectors = tower.run(["user_embedding"], x)[0]
     seen = data.histories.seen(chosen)
     ann, _ = top_k(vectors, item_vectors, max_count, seen)
@@ -163,8 +164,8 @@ def real_requests(artifacts: str | Path, repo: str | Path, users: int, max_count
             "retrieval_score": scores[u].astype(np.float32),
             # 0-based rank in the merged list, as in training (export.ranker.candidate_features)
             "retrieval_rank": np.arange(max_count, dtype=np.float32),
-            "history": x["history"][u : u + 1].astype(np.int32),  # once per user
-            "history_rating": x["history_rating"][u : u + 1].astype(np.float32),
+            "history": long_history[u : u + 1].astype(np.int32),  # once per user
+            "history_rating": long_rating[u : u + 1].astype(np.float32),
             "candidate_sources": sources[u].astype(np.float32),
         }
         rows.append(r)

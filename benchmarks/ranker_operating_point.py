@@ -96,12 +96,7 @@ class Sweep:
             log(f"window {len(self.windows) + 1}: C={c} done ({scores})")
         window["seconds"] = round(time.perf_counter() - t_window, 1)
         self.windows.append(window)
-        self.last = {
-            "boosters": boosters,
-            "features": test_feats,
-            "module": feats_test_module,
-            "history_len": fitted.two_tower.model.config.history_len,
-        }
+        self.last = {"boosters": boosters, "features": test_feats, "module": feats_test_module}
 
 
 def time_latest(sweep: Sweep, repeats: int, workdir: Path) -> dict[str, dict[str, float | None]]:
@@ -109,7 +104,7 @@ def time_latest(sweep: Sweep, repeats: int, workdir: Path) -> dict[str, dict[str
     out: dict[str, dict[str, float | None]] = {}
     last = sweep.last
     feature_graph = workdir / "ranker_features.onnx"
-    export_ranker_features(last["module"], last["history_len"], feature_graph)
+    export_ranker_features(last["module"], feature_graph)
     fsess = session(feature_graph)
     for c in sweep.candidates:
         xt, ct = last["features"][c]

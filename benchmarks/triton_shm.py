@@ -42,7 +42,7 @@ def _inputs(repo: Path, candidates: int) -> dict[str, tuple[dict[str, np.ndarray
     n_items = int(np.load(Path(info["artifacts"]["path"]) / "item_embeddings.npy", mmap_mode="r").shape[0])
     L = int(dims["history"][1])
     user = sample_user_inputs(1, n_items, L, (1, 1, 1), seed=1)
-    ranker = sample_candidate_inputs(candidates, n_items, L, seed=2, users=1)
+    ranker = sample_candidate_inputs(candidates, n_items, seed=2, users=1)
     return {
         "user_tower": (user, "user_embedding", [1, out_dim]),
         "ranker_ensemble": (ranker, "score", [candidates, 1]),

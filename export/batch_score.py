@@ -64,6 +64,7 @@ from orchestrator.contract import (
     HISTORY_RATING,
     ITEM,
     RANKER_ENSEMBLE,
+    RANKER_HISTORY,
     RANKER_MAX_ROWS,
     SCORE,
     USER_EMBEDDING,
@@ -210,6 +211,12 @@ def user_inputs(data: UserData, user_ids: np.ndarray, history_len: int) -> dict[
     """The user tower's inputs for ``user_ids``: history window, ratings, demographics."""
     history, rating = data.histories.last(user_ids, history_len)
     return user_tower_feeds(history, rating, data.demographics.lookup(user_ids))
+
+
+def ranker_history(data: UserData, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ranker's per-user inputs for ``user_ids``: the last ``RANKER_HISTORY`` items and ratings
+    (the user tower's window is the last ``L`` of them)."""
+    return data.histories.last(user_ids, RANKER_HISTORY)
 
 
 def candidate_rows(
@@ -592,7 +599,7 @@ def _score_chunk(
     timings.sources += time.perf_counter() - t
 
     t = time.perf_counter()
-    rows, user_row, rank = candidate_rows(cand_items, cand_scores, cand_sources, x[HISTORY], x[HISTORY_RATING])
+    rows, user_row, rank = candidate_rows(cand_items, cand_scores, cand_sources, *ranker_history(data, users))
     max_rows = ensemble.max_batch_size or MAX_ROWS_PER_CALL
     scores = triton.infer_rows(ensemble, rows, SCORE, user_bounds(user_row, len(users), max_rows)).reshape(-1)
     timings.ranker += time.perf_counter() - t
@@ -613,11 +620,11 @@ def _score_chunk(
 def _check_shapes(tower: ModelInfo, ensemble: ModelInfo, history_len: int, n_items: int, bundle) -> None:
     """Refuses a server whose models do not fit the artifacts (before any chunk is scored)."""
     problems = []
-    for info in (tower, ensemble):
+    for info, length in ((tower, history_len), (ensemble, RANKER_HISTORY)):
         for name in (HISTORY, HISTORY_RATING):
             dims = info.dims.get(name)
-            if not dims or dims[-1] != history_len:  # [L] with a batch axis, [-1, L] without
-                problems.append(f"{info.name} input {name} has dims {dims}, expected a last dim of {history_len}")
+            if not dims or dims[-1] != length:  # [L] with a batch axis, [-1, H] without
+                problems.append(f"{info.name} input {name} has dims {dims}, expected a last dim of {length}")
     if int(bundle.index.ntotal) != n_items:
         problems.append(f"the FAISS index holds {bundle.index.ntotal} items, items.parquet {n_items}")
     if problems:

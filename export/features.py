@@ -10,14 +10,16 @@ One output row per candidate; the user's history is sent once per user, not once
 candidate. A call scores U users with C candidates each (N = U * C rows, grouped by user:
 rows ``u*C .. u*C+C-1`` belong to user ``u``). Per-user work (history lookups, genre profile,
 mean rating, ...) runs once per user; the candidate-by-history similarities are batched
-matrix products ``[U, C, D] x [U, D, L]``. Offline, where every row has its own history, the
+matrix products ``[U, C, D] x [U, D, L]`` (L = ``FEATURE_WINDOW``). Offline, where every row has its own history, the
 same graph runs with U = N and C = 1. Inputs:
 
 * ``item`` int32/int64 [N]: candidate item index.
 * ``retrieval_score`` float32 [N]: the two-tower inner product.
 * ``retrieval_rank`` float32 [N]: 0-based rank of the candidate in retrieval.
-* ``history`` int32/int64 [U, L]: each user's last L items, most recent last, ``-1`` padding.
-* ``history_rating`` float32 [U, L]: their ratings, 0 = unknown.
+* ``history`` int32/int64 [U, H]: each user's last H items (``RANKER_HISTORY``), most recent
+  last, ``-1`` padding. ``ease_lowrank_long`` reads all of them; every other history feature
+  reads the last ``FEATURE_WINDOW``.
+* ``history_rating`` float32 [U, H]: their ratings, 0 = unknown.
 * ``candidate_sources`` float32 [N, S]: the candidate's 0-based rank in each candidate source,
   -1 where the source did not propose it (``orchestrator/candidates.py``); passed through as
   the last ``S`` features.
@@ -29,6 +31,8 @@ Output: ``features`` float32 [N, len(FEATURE_NAMES)].
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -65,8 +69,13 @@ FEATURE_NAMES = (
     "cf_sim_history_sum",
     "ease_score",
     "ease_score_last5",
+    "ease_lowrank_long",
 ) + SOURCE_FEATURE_NAMES
 """Column names of the feature matrix, in order."""
+
+FEATURE_WINDOW = 50
+"""The most recent history items the similarity, genre, rating and ``ease_score`` features read
+(the ``history`` input is longer: ``RANKER_HISTORY``)."""
 
 LAST_N = 5
 """How many of the most recent items the ``sim_last5_*`` features compare the candidate with."""
@@ -111,18 +120,45 @@ EASE_MAX_ITEMS = 10_000
 at 10,000). Items outside get no weights and score 0; smaller catalogs are solved whole."""
 
 
-def ease_neighbours(
-    histories: Histories, n_items: int, lam: float = EASE_LAM, width: int = EASE_NEIGHBOURS, max_items: int = EASE_MAX_ITEMS
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each item's largest EASE weights (Steck, 2019), as a sparse lookup table.
+EASE_RANK = 64
+"""Rank of the factorised EASE weights behind ``ease_lowrank_long``."""
 
-    EASE scores item ``j`` for a user as ``sum_(h in history) B[h, j]``; keeping the ``width``
-    largest weights of each row ``B[h, :]`` turns that sum into a gather over the history,
-    which is how :class:`RankerFeatures` computes ``ease_score`` offline and in Triton.
 
-    Returns:
-        ``(items int32 [n_items, width], -1 padded; weights float32 [n_items, width])``.
+@dataclass(frozen=True)
+class EaseTables:
+    """The EASE weights (Steck, 2019) as the feature graph reads them, both from one fit.
+
+    EASE scores item ``j`` for a user as ``sum_(h in history) B[h, j]``. Two lookup tables of
+    ``B`` turn that sum into gathers over the history:
+
+    Attributes:
+        items: int32 [n_items, width] each item's ``width`` largest weights' columns, -1 padded
+            (``ease_score``, ``ease_score_last5``: the last ``FEATURE_WINDOW`` items).
+        weights: float32 [n_items, width] those weights.
+        rows: int32 [n_items] each item's row in ``p`` / ``q``; ``len(p) - 1`` (a zero row) for
+            items outside the fit.
+        p: float32 [k + 1, EASE_RANK] and
+        q: float32 [k + 1, EASE_RANK]: ``B ~ P Q^T``, its rank-``EASE_RANK`` truncated SVD over the
+            ``k`` fitted items, so a user's scores are ``(sum of P over the history) Q^T`` at 128
+            floats an item (``ease_lowrank_long``: the whole ``RANKER_HISTORY``).
     """
+
+    items: np.ndarray
+    weights: np.ndarray
+    rows: np.ndarray
+    p: np.ndarray
+    q: np.ndarray
+
+
+def ease_tables(
+    histories: Histories,
+    n_items: int,
+    lam: float = EASE_LAM,
+    width: int = EASE_NEIGHBOURS,
+    max_items: int = EASE_MAX_ITEMS,
+    rank: int = EASE_RANK,
+) -> EaseTables:
+    """Fits EASE on the binary interactions of ``histories`` and cuts its two lookup tables."""
     from export.baselines import EASE
 
     items = np.full((n_items, width), -1, np.int32)
@@ -134,18 +170,36 @@ def ease_neighbours(
         keep = np.sort(keep[np.argsort(-counts[keep], kind="stable")[:max_items]])
     k = min(width, len(keep) - 1)
     if k < 1:
-        return items, weights
+        return EaseTables(items, weights, np.zeros(n_items, np.int32), np.zeros((1, rank), np.float32), np.zeros((1, rank), np.float32))
     b = EASE(lam=lam, max_items=max(max_items, len(keep))).fit(x[:, keep]).weights
     assert b is not None
+    rows = np.full(n_items, len(keep), np.int32)
+    rows[keep] = np.arange(len(keep), dtype=np.int32)
+    p, q = ease_factors(b, rank)
     b[np.diag_indices(len(keep))] = -np.inf  # an item is not its own neighbour (its weight is 0)
     for s in range(0, len(keep), 2048):  # row chunks bound the argpartition's index copy
-        rows = b[s : s + 2048]
-        top = np.argpartition(-rows, k - 1, axis=1)[:, :k]
-        vals = np.take_along_axis(rows, top, axis=1)
+        chunk = b[s : s + 2048]
+        top = np.argpartition(-chunk, k - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(chunk, top, axis=1)
         order = np.argsort(-vals, axis=1, kind="stable")
         items[keep[s : s + 2048], :k] = keep[np.take_along_axis(top, order, axis=1)]
         weights[keep[s : s + 2048], :k] = np.take_along_axis(vals, order, axis=1)
-    return items, weights
+    return EaseTables(items, weights, rows, p, q)
+
+
+def ease_factors(b: np.ndarray, rank: int = EASE_RANK) -> tuple[np.ndarray, np.ndarray]:
+    """``(P, Q)``, each [k + 1, rank] with a last zero row, ``P Q^T`` the truncated SVD of ``b`` [k, k]
+    (ARPACK from a fixed start vector, so a refit gives the same factors)."""
+    from scipy.sparse.linalg import svds
+
+    n = b.shape[0]
+    p = np.zeros((n + 1, rank), np.float32)
+    q = np.zeros((n + 1, rank), np.float32)
+    r = min(rank, n - 1)
+    if r >= 1:
+        u, s, vt = svds(np.asarray(b, np.float64), k=r, v0=np.full(n, 1.0 / np.sqrt(n)))
+        p[:n, :r], q[:n, :r] = u * s, vt.T
+    return p, q
 
 
 def _diag(values: np.ndarray):
@@ -163,7 +217,7 @@ class RankerFeatures(nn.Module):
         stats: ItemStats,
         item_vectors: np.ndarray,
         cf_vectors: np.ndarray,
-        ease: tuple[np.ndarray, np.ndarray],
+        ease: EaseTables,
     ):
         super().__init__()
         self.register_buffer("log_count", torch.tensor(np.asarray(np.log1p(stats.count)), dtype=torch.float32))
@@ -177,10 +231,14 @@ class RankerFeatures(nn.Module):
         self.register_buffer("cf_vectors", torch.tensor(np.asarray(cf_vectors), dtype=torch.float32))
         # EASE table with -1 padding pointing at an extra all-zero column (index n_items)
         n_items = len(stats.count)
-        ease_items, ease_weights = ease
-        self.register_buffer("ease_items", torch.tensor(np.where(ease_items >= 0, ease_items, n_items), dtype=torch.long))
-        self.register_buffer("ease_weights", torch.tensor(np.asarray(ease_weights), dtype=torch.float32))
+        self.register_buffer("ease_items", torch.tensor(np.where(ease.items >= 0, ease.items, n_items), dtype=torch.long))
+        self.register_buffer("ease_weights", torch.tensor(np.asarray(ease.weights), dtype=torch.float32))
         self.register_buffer("ease_zeros", torch.zeros(n_items + 1))
+        # the factor rows of every item, the padding (-1, read as the last item) sent to the zero row
+        rows = np.append(np.asarray(ease.rows, np.int64), len(ease.p) - 1)
+        self.register_buffer("ease_rows", torch.tensor(rows, dtype=torch.long))
+        self.register_buffer("ease_p", torch.tensor(np.asarray(ease.p), dtype=torch.float32))
+        self.register_buffer("ease_q", torch.tensor(np.asarray(ease.q), dtype=torch.float32))
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> RankerFeatures:
@@ -201,11 +259,17 @@ class RankerFeatures(nn.Module):
         candidate_sources: torch.Tensor,
     ) -> torch.Tensor:
         # U users, C candidates each, N = U * C rows grouped by user (see the module docstring)
-        history = history.to(torch.long)
-        history_rating = history_rating.to(torch.float32)
+        long_history = history.to(torch.long)
+        history = long_history[:, -FEATURE_WINDOW:]
+        history_rating = history_rating[:, -FEATURE_WINDOW:].to(torch.float32)
         n_users = history.shape[0]
         item = item.reshape(-1).to(torch.long)
         item_uc = item.reshape(n_users, -1)  # [U, C]
+
+        # EASE through its factors over the whole long window: (sum of P over it) . Q[candidate]
+        long_rows = self.ease_rows[long_history]  # -1 padding indexes the last entry: the zero row
+        user_p = self.ease_p[long_rows].sum(1)  # [U, R]
+        ease_long = torch.matmul(self.ease_q[self.ease_rows[item_uc]], user_p.unsqueeze(-1)).squeeze(-1)  # [U, C]
 
         # per-user work, once per user: [U, L] and [U] tensors
         valid = (history >= 0).to(torch.float32)
@@ -298,6 +362,7 @@ class RankerFeatures(nn.Module):
             cf_sum.reshape(-1),
             ease_all.reshape(-1),
             ease_last.reshape(-1),
+            ease_long.reshape(-1),
         ]
         return torch.cat([torch.stack(cols, dim=1), candidate_sources.to(torch.float32).reshape(item.shape[0], -1)], dim=1)
 

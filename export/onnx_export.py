@@ -22,7 +22,7 @@ the model, the tensor and the difference.
 Tensor layout: users (``user_tower``), items (``item_tower``) and feature rows (``ranker``)
 are the batch dimension, so Triton's dynamic batcher can merge requests. ``ranker_features``
 (and so ``ranker_ensemble``) has ``max_batch_size: 0``: it takes U users' histories once
-([U, L], compact INT32 ids) and their N = U * C candidates ([N] per-candidate tensors), a shape
+([U, H], compact INT32 ids) and their N = U * C candidates ([N] per-candidate tensors), a shape
 that has no single batch axis; the orchestrator merges users itself (BatchRecommend), and the
 ``ranker`` step behind it still batches feature rows across requests.
 """
@@ -69,6 +69,7 @@ from orchestrator.contract import (
     GRAPH_MODELS,
     MODEL_NAMES,
     RANKER_ENSEMBLE,
+    RANKER_HISTORY,
     VERSION_INFO,
     published_versions,
 )
@@ -237,16 +238,16 @@ def export_item_tower(model: TwoTower, path: Path) -> None:
     _export_graph(ItemTowerGraph(model), (torch.zeros(2, 1, dtype=torch.long),), path, ("item",), ("item_embedding",))
 
 
-def export_ranker_features(module: RankerFeatures, history_len: int, path: Path) -> None:
-    """Writes ``ranker_features`` ONNX: U histories [U, L] + N = U * C candidates [N] -> features [N, F]."""
-    L = history_len
+def export_ranker_features(module: RankerFeatures, path: Path) -> None:
+    """Writes ``ranker_features`` ONNX: U histories [U, H] + N = U * C candidates [N] -> features [N, F]."""
+    H = RANKER_HISTORY
     # traced with U=2, C=3 so neither axis is mistaken for a constant
     args = (
         torch.zeros(6, dtype=torch.int32),
         torch.zeros(6),
         torch.zeros(6),
-        torch.full((2, L), -1, dtype=torch.int32),
-        torch.zeros(2, L),
+        torch.full((2, H), -1, dtype=torch.int32),
+        torch.zeros(2, H),
         torch.full((6, len(SOURCES)), -1.0),
     )
     axes = {
@@ -377,13 +378,14 @@ def sample_user_inputs(n: int, n_items: int, history_len: int, demo_cardinalitie
     return {"history": history, "history_rating": rating, "demographics": demo}
 
 
-def sample_candidate_inputs(n: int, n_items: int, history_len: int, seed: int = 0, users: int | None = None) -> dict[str, np.ndarray]:
-    """Random but valid ``ranker_features`` inputs: ``n`` candidates of ``users`` users (default: one each)."""
+def sample_candidate_inputs(n: int, n_items: int, seed: int = 0, users: int | None = None) -> dict[str, np.ndarray]:
+    """Random but valid ``ranker_features`` inputs: ``n`` candidates of ``users`` users (default: one
+    each), histories of the ranker's window ``RANKER_HISTORY``."""
     rng = np.random.default_rng(seed)
     users = n if users is None else users
     if users <= 0 or n % users:
         raise ValueError(f"{n} candidates do not split evenly over {users} users")
-    user = sample_user_inputs(users, n_items, history_len, (1, 1, 1), seed)
+    user = sample_user_inputs(users, n_items, RANKER_HISTORY, (1, 1, 1), seed)
     return {
         "item": rng.integers(0, n_items, n).astype(np.int32),
         "retrieval_score": rng.uniform(-1, 1, n).astype(np.float32),
@@ -582,7 +584,7 @@ def _parity(
     out["item_tower"][str(n_items)] = _max_diff(sess.run(["item_embedding"], {"item": items})[0], ref)
     sess = session(graphs["ranker_features"])
     for b, users in PARITY_BATCHES["ranker_features"]:
-        x = sample_candidate_inputs(b, n_items, cfg.history_len, seed=b, users=users)
+        x = sample_candidate_inputs(b, n_items, seed=b, users=users)
         out["ranker_features"][str(b)] = _max_diff(sess.run(["features"], x)[0], _features_torch(features, x))
     sess = session(graphs["ranker"])
     feats = _features_torch(features, cands)
@@ -655,10 +657,10 @@ def export_repository(
             graphs = {m: staging[m] / "model.onnx" for m in LEAF_MODELS}
             export_user_tower(model, graphs["user_tower"])
             export_item_tower(model, graphs["item_tower"])
-            export_ranker_features(features, cfg.history_len, graphs["ranker_features"])
+            export_ranker_features(features, graphs["ranker_features"])
 
             # realistic feature rows (from the feature module itself) for choosing and checking the trees
-            cands = sample_candidate_inputs(4096, n_items, cfg.history_len, seed=11)
+            cands = sample_candidate_inputs(4096, n_items, seed=11)
             feats = _features_torch(features, cands)
             if tree_implementation == "auto":
                 chosen, trials = choose_tree_implementation(booster, feats, staging["ranker"])

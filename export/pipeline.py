@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from export.candidates import build_tables, choose_budgets, merge_users, user_item_scores, user_source_lists
 from export.data import MovieLens, load_movielens
 from export.drift_reference import build_reference
-from export.features import FEATURE_NAMES, RankerFeatures, cf_item_vectors, ease_neighbours
+from export.features import FEATURE_NAMES, EaseTables, RankerFeatures, cf_item_vectors, ease_tables
 from export.history import Histories
 from export.items import Catalog, ItemStats, item_stats
 from export.ranker import RankerConfig, candidate_features, candidate_labels, train_ranker
@@ -48,6 +48,7 @@ from export.split import Split, relevant_items, rolling_splits, time_split
 from export.two_tower import Demographics, TrainResult, TwoTower, TwoTowerConfig, train_two_tower
 from orchestrator.artifacts import DRIFT_REFERENCE, FAISS_DIR, ITEM_EMBEDDINGS, MANIFEST, exported_from, file_sha256
 from orchestrator.candidates import SOURCES, TABLES_FILE, CandidateTables
+from orchestrator.contract import RANKER_HISTORY
 
 MANIFEST_VERSION = 1
 
@@ -86,14 +87,14 @@ class Period:
     histories: Histories
     stats: ItemStats
     cf_vectors: np.ndarray
-    ease: tuple[np.ndarray, np.ndarray]
+    ease: EaseTables
 
     @classmethod
     def at(cls, past: pd.DataFrame, catalog: Catalog, cutoff: int) -> Period:
         past = past[past.timestamp < cutoff]
         histories = Histories.from_frame(past, catalog)
         stats = item_stats(past, catalog, cutoff)
-        return cls(cutoff, past, histories, stats, cf_item_vectors(histories, catalog.n_items), ease_neighbours(histories, catalog.n_items))
+        return cls(cutoff, past, histories, stats, cf_item_vectors(histories, catalog.n_items), ease_tables(histories, catalog.n_items))
 
     def tables(self, catalog: Catalog, settings: TrainSettings) -> CandidateTables:
         """Candidate-source tables from this period's past (default budgets until chosen)."""
@@ -163,8 +164,9 @@ class Candidates:
         scores: float32 [n_users, n] two-tower inner products (-inf for padding).
         sources: float32 [n_users, n, S] rank in each source, -1 absent (``candidate_sources``).
         ann: int64 [n_users, n] the two-tower's own top-n.
-        history: int64 [n_users, L] the windows the user tower and the features read.
-        history_rating: float32 [n_users, L].
+        history: int64 [n_users, H] the windows the features read (``RANKER_HISTORY``; the user
+            tower and the item-to-item source read the last ``L``).
+        history_rating: float32 [n_users, H].
         lists: Per user, every source's list (for budget search and per-source recall).
         user_vectors: float32 [n_users, d] the user tower's output.
         item_vectors: float32 [n_items, d].
@@ -197,7 +199,9 @@ def merged_candidates(
     progress: bool = False,
 ) -> Candidates:
     """Every source for users as of ``period`` (seen items excluded), merged as the orchestrator does."""
-    hist, hist_r = period.histories.last(user_ids, model.config.history_len)
+    long_hist, long_r = period.histories.last(user_ids, RANKER_HISTORY)
+    L = model.config.history_len
+    hist, hist_r = long_hist[:, -L:], long_r[:, -L:]  # the same cut as history_windows(..., L)
     users = model.user_vectors(hist, hist_r, demographics.lookup(user_ids))
     item_vectors = model.item_vectors()
     seen = period.histories.seen(user_ids)
@@ -205,7 +209,7 @@ def merged_candidates(
     lists = user_source_lists(tables, ann, hist, seen, n, progress=progress)
     items, sources = merge_users(lists, tables.budgets, n)
     scores = user_item_scores(users, item_vectors, items)
-    return Candidates(items, scores, sources, ann, hist, hist_r, lists, users, item_vectors)
+    return Candidates(items, scores, sources, ann, long_hist, long_r, lists, users, item_vectors)
 
 
 def users_with_history(relevant: dict[int, np.ndarray], period: Period) -> np.ndarray:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from export.history import Histories
 from export.items import POP_BUCKETS, YEAR_BUCKETS, Catalog, ItemStats
 from orchestrator.artifacts import AGE_BUCKETS, Demographics  # noqa: F401 - the codes the tower embeds; re-exported
+from orchestrator.contract import RANKER_HISTORY
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,11 @@ class TwoTowerConfig:
     demo_dropout: float = 0.3
     min_target_rating: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.history_len <= RANKER_HISTORY:
+            # the tower's window is the last L of the ranker's H interactions (orchestrator/contract.py)
+            raise ValueError(f"history_len must be in 1..{RANKER_HISTORY} (the ranker's window), got {self.history_len}")
 
 
 class ItemEncoder(nn.Module):

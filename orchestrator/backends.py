@@ -4,8 +4,8 @@ The pipeline calls two models and nothing else:
 
 * ``user_tower``: (history [B, L] int64, history_rating [B, L] fp32, demographics [B, 3]
   int64) -> user_embedding [B, dim] fp32;
-* ``ranker_ensemble``: U users' history windows once (history [U, L] int32, history_rating
-  [U, L] fp32) and their N = U * C candidates, C per user, grouped by user (item [N] int32,
+* ``ranker_ensemble``: U users' history windows once (history [U, H] int32, history_rating
+  [U, H] fp32, H = ``RANKER_HISTORY``) and their N = U * C candidates, C per user, grouped by user (item [N] int32,
   retrieval_score [N] fp32, retrieval_rank [N] fp32, candidate_sources [N, S] fp32) -> score [N, 1] fp32 (features +
   LightGBM trees in one call).
 
@@ -87,7 +87,7 @@ class InferenceBackend(Protocol):
         timeout_s: float,
         version: int | None = None,
     ) -> np.ndarray:
-        """float32 [N] ranker scores of N = U * C candidates of U users (history windows [U, L], C candidates each, grouped by user; source ranks [N, S])."""
+        """float32 [N] ranker scores of N = U * C candidates of U users (history windows [U, H], C candidates each, grouped by user; source ranks [N, S])."""
         ...
 
     def load_version(self, version: int, timeout_s: float) -> None:

@@ -73,10 +73,14 @@ CANDIDATE_SOURCE_NAMES = ("two_tower", "item_knn", "genre_popular", "recent_popu
 """The candidate sources (``orchestrator/candidates.py``), in the column order of ``candidate_sources``."""
 CANDIDATE_INPUTS = (ITEM, RETRIEVAL_SCORE, RETRIEVAL_RANK, HISTORY, HISTORY_RATING, CANDIDATE_SOURCES)
 """The inputs of ``ranker_features`` and of the ensemble, in graph order: per candidate [N]
-(item, retrieval score and rank) and [N, S] (rank in each source), per user [U, L] (history,
-ratings), N = U * C."""
+(item, retrieval score and rank) and [N, S] (rank in each source), per user [U, H] (history,
+ratings; H = :data:`RANKER_HISTORY`), N = U * C."""
 PER_USER_INPUTS = (HISTORY, HISTORY_RATING)
 """The ranker inputs sent once per user, not once per candidate."""
+RANKER_HISTORY = 200
+"""``H``: the ranker's history window (its per-user inputs are [U, H], cut by :func:`history_windows`
+like the user tower's [L]; the tower reads the last ``L`` of the same interactions). The feature
+graph's EASE factor score reads all ``H``, its other history features the most recent 50."""
 
 TRITON_TO_NUMPY: dict[str, type] = {"TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_FP32": np.float32}
 """The Triton data types the contract uses and the numpy dtype each one is sent as."""
@@ -102,7 +106,7 @@ def model_tensors(
     """``(inputs, outputs)`` of each graph-backed model for a model's sizes.
 
     Args:
-        history_len: ``L``, the history window.
+        history_len: ``L``, the user tower's history window (the ranker's is :data:`RANKER_HISTORY`).
         dim: Embedding size.
         n_features: Ranker feature count.
         n_sources: Candidate sources ``S`` (default: ``len(CANDIDATE_SOURCE_NAMES)``).
@@ -112,15 +116,16 @@ def model_tensors(
     """
     L, D, F = history_len, dim, n_features
     # ranker_features has no batch axis (max_batch_size 0, dims are whole shapes): per-candidate
-    # tensors [N], per-user tensors [U, L] sent once per user; INT32 ids halve INT64's bytes
+    # tensors [N], per-user tensors [U, H] sent once per user; INT32 ids halve INT64's bytes
     # (catalogs are far below 2^31)
     S = len(CANDIDATE_SOURCE_NAMES) if n_sources is None else n_sources
+    H = RANKER_HISTORY
     candidates = (
         Tensor(ITEM, "TYPE_INT32", (-1,)),
         Tensor(RETRIEVAL_SCORE, "TYPE_FP32", (-1,)),
         Tensor(RETRIEVAL_RANK, "TYPE_FP32", (-1,)),
-        Tensor(HISTORY, "TYPE_INT32", (-1, L)),
-        Tensor(HISTORY_RATING, "TYPE_FP32", (-1, L)),
+        Tensor(HISTORY, "TYPE_INT32", (-1, H)),
+        Tensor(HISTORY_RATING, "TYPE_FP32", (-1, H)),
         Tensor(CANDIDATE_SOURCES, "TYPE_FP32", (-1, S)),
     )
     return {
@@ -155,7 +160,7 @@ def candidate_feeds(
     ratings: np.ndarray,
     sources: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """The ranker's input tensors: per-candidate [N], per-user [U, L] (N a multiple of U), compact dtypes.
+    """The ranker's input tensors: per-candidate [N], per-user [U, H] (N a multiple of U), compact dtypes.
 
     Raises:
         ValueError: The candidates do not split evenly over the users (a caller's defect).

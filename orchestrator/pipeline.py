@@ -6,9 +6,9 @@ window, popular lists: ``orchestrator/candidates.py``), exactly as evaluation me
 :meth:`Recommender.recommend` reads like the diagram; each stage is one call and one timed
 block. What the stages share:
 
-* the **history window** (the last ``L`` movies and ratings, left-padded with -1 / 0) that
-  both the user tower and the ranker's features read, exactly as offline
-  (``export/history.py``);
+* the **history window** (the last ``H`` = ``RANKER_HISTORY`` movies and ratings, left-padded
+  with -1 / 0) that the ranker's features read, and its last ``L`` that the user tower reads,
+  cut exactly as offline (``orchestrator/contract.py``);
 * the **user-tower call overlapped** with the candidate sources that need no user vector
   (``ServeSettings.overlap_user_tower``): the call runs on a pool thread, waiting on Triton
   with the GIL released, while this thread computes the item-neighbour, genre and popular
@@ -34,7 +34,7 @@ import numpy as np
 
 from orchestrator.backends import InferenceBackend
 from orchestrator.catalog import Catalog, Filters
-from orchestrator.contract import CANDIDATE_SOURCE_NAMES, RANKER_MAX_ROWS, history_window
+from orchestrator.contract import CANDIDATE_SOURCE_NAMES, RANKER_HISTORY, RANKER_MAX_ROWS, history_window
 from orchestrator.drift import DriftSample, drift_sample
 from orchestrator.errors import Deadline, DeadlineExceeded, InvalidArgument, ModelTimeout, ModelUnavailable, RecsysError, Unavailable
 from orchestrator.rerank import PROMOTION_KINDS, RerankOptions, place_promotions, rerank
@@ -144,16 +144,30 @@ class Window:
     """A user's history as the models see it.
 
     Attributes:
-        items: int64 [L] last ``L`` item indices, -1 padded on the left.
-        ratings: float32 [L], 0 padded.
+        long_items: int64 [H] the last ``RANKER_HISTORY`` item indices, -1 padded on the left
+            (the ranker's window).
+        long_ratings: float32 [H], 0 padded.
         seen: int64 every item index of the history.
         ignored: Movie ids that are not in the catalog.
+        tower_len: ``L``: the user tower and the item-to-item source read the last ``L``
+            (:attr:`items`).
     """
 
-    items: np.ndarray
-    ratings: np.ndarray
+    long_items: np.ndarray
+    long_ratings: np.ndarray
     seen: np.ndarray
     ignored: list[int]
+    tower_len: int
+
+    @property
+    def items(self) -> np.ndarray:
+        """int64 [L] the user tower's window (the last ``L`` of the ranker's)."""
+        return self.long_items[-self.tower_len :]
+
+    @property
+    def ratings(self) -> np.ndarray:
+        """float32 [L] its ratings."""
+        return self.long_ratings[-self.tower_len :]
 
     @property
     def length(self) -> int:
@@ -314,8 +328,8 @@ class Recommender:
                 items.reshape(-1),
                 sims.reshape(-1),
                 np.tile(np.arange(width, dtype=np.float32), per_call),
-                np.stack([windows[i].items for i in rows]),
-                np.stack([windows[i].ratings for i in rows]),
+                np.stack([windows[i].long_items for i in rows]),
+                np.stack([windows[i].long_ratings for i in rows]),
                 sources.reshape(-1, len(CANDIDATE_SOURCE_NAMES)),
                 timeout_s=self.timeout(deadline, "ranking"),
             ).reshape(per_call, width)
@@ -328,6 +342,8 @@ class Recommender:
             for group in part:
                 rank_group(group)
 
+        if not groups:
+            return scores  # no user has a candidate (e.g. every item seen or filtered out)
         lanes = min(self.settings.batch_rank_lanes, len(groups)) if self.tower is not None else 1
         others = [self.tower.submit(lane, groups[j::lanes]) for j in range(1, lanes)] if self.tower is not None else []
         try:
@@ -363,17 +379,17 @@ class Recommender:
         # reported only for request histories: stored ones may name movies a retrain dropped
         ignored = sorted(set(movies[~known].tolist())) if q.history is not None else []
         items, ratings = items[known], ratings[known]
-        win_items, win_ratings = history_window(items, ratings, self.catalog.history_len)  # as in training
+        win_items, win_ratings = history_window(items, ratings, RANKER_HISTORY)  # as in training
         seen = self.catalog.to_items(seen_movies) if seen_movies is not None else items
-        return Window(win_items, win_ratings, np.unique(seen[seen >= 0]), ignored), reason
+        return Window(win_items, win_ratings, np.unique(seen[seen >= 0]), ignored, self.catalog.history_len), reason
 
     def stored_window(self, user_id: int) -> tuple[UserHistory, np.ndarray]:
-        """The stored interactions the window needs (the last ``L`` the catalog knows) and the seen set.
+        """The stored interactions the window needs (the last ``H`` the catalog knows) and the seen set.
 
-        Reads ``L`` rows, not the whole history; more (x4 each time) only while movies the
-        catalog no longer has leave the window short and older rows remain.
+        Reads ``H`` = ``RANKER_HISTORY`` rows, not the whole history; more (x4 each time) only
+        while movies the catalog no longer has leave the window short and older rows remain.
         """
-        L = self.catalog.history_len
+        L = RANKER_HISTORY
         n = L
         while True:
             h, seen = self.store.recent(int(user_id), n)
@@ -398,7 +414,7 @@ class Recommender:
             return np.zeros(0, np.float32)
         ranks = np.arange(len(cand), dtype=np.float32)  # 0-based merge order, as the ranker was trained
         return self.backend.rank(
-            cand, sims, ranks, window.items[None], window.ratings[None], sources, timeout_s=self.timeout(deadline, "ranking")
+            cand, sims, ranks, window.long_items[None], window.long_ratings[None], sources, timeout_s=self.timeout(deadline, "ranking")
         )
 
     def rerank(self, cand: np.ndarray, scores: np.ndarray, k: int, options: RerankOptions) -> np.ndarray:
@@ -494,11 +510,10 @@ class Recommender:
             health reports the backend's readiness, not the warm-up's.
         """
         t0 = time.perf_counter()
-        L = self.catalog.history_len
-        items, _ = self.catalog.popular(L, False, None, np.zeros(0, np.int64))
-        # the most popular last, as the most recent, each rated 4
-        hist, rats = history_window(items[::-1], np.full(len(items), 4.0, np.float32), L)
-        window = Window(hist, rats, np.unique(items), [])
+        items, _ = self.catalog.popular(self.catalog.history_len, False, None, np.zeros(0, np.int64))
+        # the L most popular (the rest of the catalog stays candidates), the most popular last, as the most recent, each rated 4
+        hist, rats = history_window(items[::-1], np.full(len(items), 4.0, np.float32), RANKER_HISTORY)
+        window = Window(hist, rats, np.unique(items), [], self.catalog.history_len)
         query = Query(
             k=10,
             filters=Filters(),

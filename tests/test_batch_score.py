@@ -25,6 +25,7 @@ from export.batch_score import (
     top_k_per_user,
     user_bounds,
 )
+from orchestrator.contract import RANKER_HISTORY
 
 K = 10
 CHUNK = 64  # 300 users -> 5 chunks; also the user tower's max_batch_size
@@ -80,6 +81,7 @@ def reference(artifacts: Path, repo: Path, user_ids: np.ndarray, k: int, candida
     for lo in range(0, len(user_ids), CHUNK):
         users = user_ids[lo : lo + CHUNK]
         hist, rating = data.histories.last(users, L)
+        long_hist, long_rating = data.histories.last(users, RANKER_HISTORY)  # the ranker's window
         demo = data.demographics.lookup(users)
         vec = tower.run(["user_embedding"], {"history": hist, "history_rating": rating, "demographics": demo})[0]
         seen = data.histories.seen(users)
@@ -94,8 +96,8 @@ def reference(artifacts: Path, repo: Path, user_ids: np.ndarray, k: int, candida
                 # one history row per candidate, as batch-score sends them (U = N): the grouped
                 # layout sums some per-user features in another order (last-bit differences
                 # that can swap near-tied candidates)
-                "history": np.repeat(hist[u : u + 1], n, axis=0).astype(np.int32),
-                "history_rating": np.repeat(rating[u : u + 1], n, axis=0).astype(np.float32),
+                "history": np.repeat(long_hist[u : u + 1], n, axis=0).astype(np.int32),
+                "history_rating": np.repeat(long_rating[u : u + 1], n, axis=0).astype(np.float32),
                 "candidate_sources": sources,
             }
             f = features.run(["features"], feed)[0]

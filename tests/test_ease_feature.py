@@ -1,4 +1,4 @@
-"""The ranker's ``ease_score`` features against EASE itself (``export.baselines.EASE``)."""
+"""The ranker's EASE features (``ease_score*``, ``ease_lowrank_long``) against EASE itself (``export.baselines.EASE``)."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ from scipy.sparse import csr_matrix
 
 from export.baselines import EASE
 from export.data import load_movielens
-from export.features import FEATURE_NAMES, LAST_N, RankerFeatures, cf_item_vectors, ease_neighbours
+from export.features import FEATURE_NAMES, FEATURE_WINDOW, LAST_N, RankerFeatures, cf_item_vectors, ease_tables
 from export.history import Histories
 from export.items import Catalog, item_stats
 from orchestrator.candidates import SOURCES
@@ -51,7 +51,7 @@ def full_weights(histories: Histories, n_items: int) -> np.ndarray:
 def test_ease_score_is_eases_score_of_the_window(catalog, frame):
     hist = Histories.from_frame(frame, catalog)
     n = catalog.n_items
-    table = ease_neighbours(hist, n, lam=LAM, width=N_USED)  # wide enough to keep every weight
+    table = ease_tables(hist, n, lam=LAM, width=N_USED)  # wide enough to keep every weight
     rng = np.random.default_rng(1)
     module = RankerFeatures(
         catalog, item_stats(frame, catalog, 10**9), rng.normal(size=(n, 8)).astype(np.float32), cf_item_vectors(hist, n), table
@@ -80,7 +80,8 @@ def test_ease_score_is_eases_score_of_the_window(catalog, frame):
 def test_table_keeps_each_rows_largest_weights_of_the_most_rated_items(catalog, frame):
     hist = Histories.from_frame(frame, catalog)
     n = catalog.n_items
-    items, weights = ease_neighbours(hist, n, lam=LAM, width=5)
+    t = ease_tables(hist, n, lam=LAM, width=5)
+    items, weights = t.items, t.weights
     b = full_weights(hist, n)
     used = np.flatnonzero(b.any(axis=1))
     assert (items[np.setdiff1d(np.arange(n), used)] == -1).all()
@@ -89,8 +90,57 @@ def test_table_keeps_each_rows_largest_weights_of_the_most_rated_items(catalog, 
         np.testing.assert_allclose(b[i, items[i]], weights[i], rtol=1e-6)
     # past max_items only the most-rated items are solved (and only they are anyone's neighbours)
     counts = np.bincount(hist.items, minlength=n)
-    items, _ = ease_neighbours(hist, n, lam=LAM, width=5, max_items=20)
+    items = ease_tables(hist, n, lam=LAM, width=5, max_items=20).items
     solved = np.flatnonzero(items[:, 0] >= 0)
     assert len(solved) == 20
     assert counts[solved].min() >= np.sort(counts)[::-1][19]
     assert np.isin(items[solved], solved).all()
+
+
+def test_lowrank_score_is_the_truncated_svd_of_ease_over_the_whole_long_window(catalog, frame):
+    hist = Histories.from_frame(frame, catalog)
+    n = catalog.n_items
+    rank = 8
+    t = ease_tables(hist, n, lam=LAM, width=5, rank=rank)
+    b = full_weights(hist, n)
+    used = np.flatnonzero(np.bincount(hist.items, minlength=n) > 0)
+    assert (t.rows[used] == np.arange(len(used))).all() and (np.delete(t.rows, used) == len(used)).all()
+    # P Q^T is B's best rank-8 approximation over the fitted items
+    u, sv, vt = np.linalg.svd(b[np.ix_(used, used)].astype(np.float64))
+    best = (u[:, :rank] * sv[:rank]) @ vt[:rank]
+    np.testing.assert_allclose(t.p[:-1] @ t.q[:-1].T, best, atol=1e-4)
+    assert not t.p[-1].any() and not t.q[-1].any()
+
+    module = RankerFeatures(catalog, item_stats(frame, catalog, 10**9), np.ones((n, 4), np.float32), cf_item_vectors(hist, n), t)
+    users = hist.user_ids[:5]
+    long_window = FEATURE_WINDOW + 30
+    window, window_r = hist.last(users, long_window)
+    # histories longer than the features' window, so the score must read past it
+    window[:, :30] = np.tile(used[:30], (len(users), 1))
+    window_r[:, :30] = 3.0
+    cands = np.concatenate([used[:20], np.delete(np.arange(n), used)[:3]])  # 3 items outside the fit score 0
+    n_rows = len(users) * len(cands)
+    feats = module.compute(
+        np.tile(cands, len(users)),
+        np.zeros(n_rows, np.float32),
+        np.zeros(n_rows, np.float32),
+        window,
+        window_r,
+        np.full((n_rows, len(SOURCES)), -1.0, np.float32),
+    ).reshape(len(users), len(cands), -1)
+    approx = np.zeros((n, n))
+    approx[np.ix_(used, used)] = best
+    for i in range(len(users)):
+        h = window[i][window[i] >= 0]
+        np.testing.assert_allclose(feats[i, :, FEATURE_NAMES.index("ease_lowrank_long")], approx[h][:, cands].sum(0), atol=1e-4)
+    # the other EASE features read only the last FEATURE_WINDOW: the 30 oldest items change nothing
+    short = module.compute(
+        np.tile(cands, len(users)),
+        np.zeros(n_rows, np.float32),
+        np.zeros(n_rows, np.float32),
+        window[:, -FEATURE_WINDOW:],
+        window_r[:, -FEATURE_WINDOW:],
+        np.full((n_rows, len(SOURCES)), -1.0, np.float32),
+    ).reshape(len(users), len(cands), -1)
+    other = [j for j, name in enumerate(FEATURE_NAMES) if name != "ease_lowrank_long"]
+    np.testing.assert_array_equal(feats[:, :, other], short[:, :, other])

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from benchmarks import ease_history as eh
-from export.features import ease_neighbours
+from export.features import ease_factors, ease_tables
 from export.history import Histories
 from export.pipeline import TrainSettings
 from export.ranker import RankerConfig
@@ -30,7 +30,8 @@ def _histories(n_users: int = 60, n_items: int = 40, per_user: int = 12, seed: i
 
 def test_table_weights_hold_the_served_table_and_zeros_elsewhere():
     h = _histories()
-    items, weights = ease_neighbours(h, 40)
+    t = ease_tables(h, 40)
+    items, weights = t.items, t.weights
     dense = eh.table_weights(h, 40)
     for row in range(40):
         keep = items[row] >= 0
@@ -41,9 +42,10 @@ def test_table_weights_hold_the_served_table_and_zeros_elsewhere():
 def test_factorised_weights_approximate_a_low_rank_matrix():
     rng = np.random.default_rng(1)
     b = (rng.normal(size=(30, 5)) @ rng.normal(size=(5, 30))).astype(np.float32)
-    p, q = eh.factorised(b, rank=5)
-    assert p.shape == (30, 5) and q.shape == (30, 5)
-    np.testing.assert_allclose(p @ q.T, b, atol=1e-3)
+    p, q = ease_factors(b, rank=5)
+    assert p.shape == (31, 5) and q.shape == (31, 5)  # a last zero row for the padding
+    np.testing.assert_allclose(p[:30] @ q[:30].T, b, atol=1e-3)
+    assert not p[30].any() and not q[30].any()
 
 
 def test_extra_columns_are_ease_scores_of_the_candidates_over_the_window():

@@ -99,7 +99,7 @@ def test_item_tower_onnx_matches_pytorch(tiny_repository, model):
 def test_ranker_features_onnx_matches_feature_module(tiny_repository, features, model, batch, users):
     """Histories sent once per user (U < N) give the features of one history row per candidate."""
     n_items = features.genres.shape[0]
-    x = sample_candidate_inputs(batch, n_items, model.config.history_len, seed=200 + batch, users=users)
+    x = sample_candidate_inputs(batch, n_items, seed=200 + batch, users=users)
     x["history"][-1] = -1  # empty history: the features' guards must agree too
     x["history_rating"][-1] = 0
     expected = candidate_features(features, x)
@@ -111,7 +111,7 @@ def test_ranker_features_onnx_matches_feature_module(tiny_repository, features, 
 @pytest.mark.parametrize("batch", [1, 7, 200, 4096])
 def test_ranker_onnx_matches_lightgbm(tiny_repository, features, booster, model, batch):
     n_items = features.genres.shape[0]
-    x = sample_candidate_inputs(batch, n_items, model.config.history_len, seed=300 + batch)
+    x = sample_candidate_inputs(batch, n_items, seed=300 + batch)
     feats = candidate_features(features, x)
     got = session(graph(tiny_repository, "ranker")).run(["score"], {"features": feats})[0]
     assert got.shape == (batch, 1)
@@ -147,7 +147,7 @@ def test_float32_exact_thresholds_keep_lightgbm_and_fix_ties(booster, tmp_path):
 @pytest.mark.parametrize("implementation", TREE_IMPLEMENTATIONS)
 def test_every_tree_strategy_handles_batch_1(booster, features, model, tmp_path, implementation):
     """gemm's batch-1 failure (an axis-less Squeeze) is fixed by pinning the axes."""
-    x = sample_candidate_inputs(7, features.genres.shape[0], model.config.history_len, seed=5)
+    x = sample_candidate_inputs(7, features.genres.shape[0], seed=5)
     feats = candidate_features(features, x)
     pinned = export_ranker(booster, implementation, tmp_path / "r.onnx")
     if implementation == "gemm":

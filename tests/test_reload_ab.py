@@ -28,6 +28,7 @@ import torch
 from clients.client import RecsysClient
 from export.onnx_export import export_repository
 from orchestrator.candidates import SOURCES
+from orchestrator.contract import RANKER_HISTORY
 from orchestrator.deployment import CONTROL, TREATMENT, ReloadError, ReloadWatcher, ab_bucket, artifacts_of
 from orchestrator.service import create_server
 from orchestrator.settings import ServeSettings
@@ -205,14 +206,14 @@ def test_hot_reload_on_triton_pins_versions_and_loses_nothing(tiny_artifacts, re
     backend = TritonBackend(triton.grpc_url)
     try:
         assert backend.ready(5.0)
-        h = np.full((3, 10), -1, np.int64)
+        h = np.full((3, RANKER_HISTORY), -1, np.int64)
         h[:, -2:] = [[1, 2]] * 3
         args = (
             np.array([3, 4, 5]),
             np.ones(3, np.float32),
             np.arange(3, dtype=np.float32),
             h,
-            np.zeros((3, 10), np.float32),
+            np.zeros((3, RANKER_HISTORY), np.float32),
             np.full((3, len(SOURCES)), -1.0, np.float32),
         )
         assert backend._fused is True

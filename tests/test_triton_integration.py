@@ -95,7 +95,7 @@ def test_item_tower_through_triton_equals_onnxruntime(client, tiny_repository, s
 
 
 def test_ranker_features_through_triton_equals_onnxruntime(client, tiny_repository, shapes):
-    x = sample_candidate_inputs(30, shapes["n_items"], shapes["L"], seed=2, users=3)  # histories sent once per user
+    x = sample_candidate_inputs(30, shapes["n_items"], seed=2, users=3)  # histories sent once per user
     got = infer(client, "ranker_features", x, ["features"])["features"]
     assert got.shape == (30, len(FEATURE_NAMES))
     np.testing.assert_allclose(got, local(tiny_repository, "ranker_features", x, "features"), rtol=1e-6, atol=1e-6)
@@ -103,7 +103,7 @@ def test_ranker_features_through_triton_equals_onnxruntime(client, tiny_reposito
 
 @pytest.mark.parametrize(("batch", "users"), [(1, 1), (30, 3), (200, 1)])
 def test_ranker_ensemble_equals_onnxruntime_and_lightgbm(client, tiny_repository, tiny_artifacts, shapes, batch, users):
-    x = sample_candidate_inputs(batch, shapes["n_items"], shapes["L"], seed=3 + batch, users=users)
+    x = sample_candidate_inputs(batch, shapes["n_items"], seed=3 + batch, users=users)
     got = infer(client, "ranker_ensemble", x, ["score"])["score"]
     assert got.shape == (batch, 1)
     feats = local(tiny_repository, "ranker_features", x, "features")
@@ -114,7 +114,7 @@ def test_ranker_ensemble_equals_onnxruntime_and_lightgbm(client, tiny_repository
 
 def _concurrent_ranker_calls(url: str, tiny_repository: Path, shapes: dict) -> None:
     sizes = [1, 30, 7, 30, 1, 12, 30, 5]
-    inputs = [sample_candidate_inputs(n, shapes["n_items"], shapes["L"], seed=50 + i) for i, n in enumerate(sizes)]
+    inputs = [sample_candidate_inputs(n, shapes["n_items"], seed=50 + i) for i, n in enumerate(sizes)]
     results: dict[int, np.ndarray] = {}
     errors: list[BaseException] = []
     start = threading.Barrier(len(sizes))

@@ -46,7 +46,6 @@ from tritonclient.grpc import model_config_pb2
 from orchestrator.contract import (
     FEATURES,
     HISTORY,
-    HISTORY_RATING,
     ITEM,
     ITEM_TOWER,
     MODEL_NAMES,
@@ -149,7 +148,7 @@ def make_inputs(
     Returns:
         The ``meta.json`` content.
     """
-    from export.batch_score import load_user_data, user_inputs
+    from export.batch_score import load_user_data, ranker_history, user_inputs
 
     artifacts, repo, out = Path(artifacts), Path(repo), Path(out)
     configs = {m: read_config(repo / m / CPU_CONFIG) for m in MODELS}
@@ -186,15 +185,16 @@ def make_inputs(
     top, top_scores, sources = merged_from_ann(tables, ann, x[HISTORY][who], seen, vectors[who], item_vectors, candidates)
     keep = top >= 0
     features_session = _session(latest_version(repo / RANKER_FEATURES) / "model.onnx")
+    long_history, long_rating = ranker_history(data, chosen[who])
     requests, feature_rows = [], []
-    for row in who:  # one request per user: its candidates [N], its window once [1, L]
+    for row in who:  # one request per user: its candidates [N], its window once [1, H]
         n = int(keep[row].sum())
         request = candidate_feeds(
             top[row, :n],
             top_scores[row, :n],
             np.arange(n),
-            x[HISTORY][row : row + 1],
-            x[HISTORY_RATING][row : row + 1],
+            long_history[row : row + 1],
+            long_rating[row : row + 1],
             sources[row, :n],
         )
         requests.append(request)
