@@ -10,8 +10,8 @@ One output row per candidate; the user's history is sent once per user, not once
 candidate. A call scores U users with C candidates each (N = U * C rows, grouped by user:
 rows ``u*C .. u*C+C-1`` belong to user ``u``). Per-user work (history lookups, genre profile,
 mean rating, ...) runs once per user; the candidate-by-history similarities are batched
-matrix products ``[U, C, D] x [U, D, L]`` (L = ``FEATURE_WINDOW``). Offline, where every row has its own history, the
-same graph runs with U = N and C = 1. Inputs:
+matrix products ``[U, C, D] x [U, D, L]`` (L = ``FEATURE_WINDOW``). Offline, where every row
+has its own history, the same graph runs with U = N and C = 1. Inputs:
 
 * ``item`` int32/int64 [N]: candidate item index.
 * ``retrieval_score`` float32 [N]: the two-tower inner product.

@@ -213,6 +213,14 @@ class TestRecommenderAPI:
             assert [round(i.score, 4) for i in res.response.items] == [round(i.score, 4) for i in single.items]
             assert res.response.is_fallback == single.is_fallback
 
+    def test_batch_recommend_where_no_user_has_a_candidate(self, api):
+        """Filters that leave nothing to rank answer each query as a single call does (no ranker call)."""
+        reqs = [recommend_request(api.user, k=3, min_year=2100), recommend_request(api.user, k=3, min_year=2100, genres=["Comedy"])]
+        resp = api.client.batch_recommend(reqs)
+        assert [r.WhichOneof("outcome") for r in resp.results] == ["response", "response"], resp
+        single = api.client.recommend(api.user, k=3, min_year=2100)
+        assert ids(resp.results[0].response) == ids(single) == []
+
     def test_record_interaction_is_reflected_in_the_next_recommend(self, api):
         user = api.user + 100_000  # a fresh user so the shared history stays untouched
         base = [int(m) for m in api.seen(api.user)]
