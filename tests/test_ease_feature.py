@@ -48,6 +48,19 @@ def full_weights(histories: Histories, n_items: int) -> np.ndarray:
     return b
 
 
+def features_of(module: RankerFeatures, cands: np.ndarray, window: np.ndarray, window_r: np.ndarray) -> np.ndarray:
+    """[users, candidates, features]: every user's window against the same candidates."""
+    users, n_rows = len(window), len(window) * len(cands)
+    return module.compute(
+        np.tile(cands, users),
+        np.zeros(n_rows, np.float32),
+        np.zeros(n_rows, np.float32),
+        window,
+        window_r,
+        np.full((n_rows, len(SOURCES)), -1.0, np.float32),
+    ).reshape(users, len(cands), -1)
+
+
 def test_ease_score_is_eases_score_of_the_window(catalog, frame):
     hist = Histories.from_frame(frame, catalog)
     n = catalog.n_items
@@ -59,15 +72,7 @@ def test_ease_score_is_eases_score_of_the_window(catalog, frame):
     users = hist.user_ids[:7]
     window, window_r = hist.last(users, WINDOW)
     cands = np.arange(N_USED)
-    n_rows = len(users) * N_USED
-    feats = module.compute(
-        np.tile(cands, len(users)),
-        np.zeros(n_rows, np.float32),
-        np.zeros(n_rows, np.float32),
-        window,
-        window_r,
-        np.full((n_rows, len(SOURCES)), -1.0, np.float32),
-    ).reshape(len(users), N_USED, -1)
+    feats = features_of(module, cands, window, window_r)
     b = full_weights(hist, n)
     for u in range(len(users)):
         h = window[u][window[u] >= 0]
@@ -119,28 +124,13 @@ def test_lowrank_score_is_the_truncated_svd_of_ease_over_the_whole_long_window(c
     window[:, :30] = np.tile(used[:30], (len(users), 1))
     window_r[:, :30] = 3.0
     cands = np.concatenate([used[:20], np.delete(np.arange(n), used)[:3]])  # 3 items outside the fit score 0
-    n_rows = len(users) * len(cands)
-    feats = module.compute(
-        np.tile(cands, len(users)),
-        np.zeros(n_rows, np.float32),
-        np.zeros(n_rows, np.float32),
-        window,
-        window_r,
-        np.full((n_rows, len(SOURCES)), -1.0, np.float32),
-    ).reshape(len(users), len(cands), -1)
+    feats = features_of(module, cands, window, window_r)
     approx = np.zeros((n, n))
     approx[np.ix_(used, used)] = best
     for i in range(len(users)):
         h = window[i][window[i] >= 0]
         np.testing.assert_allclose(feats[i, :, FEATURE_NAMES.index("ease_lowrank_long")], approx[h][:, cands].sum(0), atol=1e-4)
     # the other EASE features read only the last FEATURE_WINDOW: the 30 oldest items change nothing
-    short = module.compute(
-        np.tile(cands, len(users)),
-        np.zeros(n_rows, np.float32),
-        np.zeros(n_rows, np.float32),
-        window[:, -FEATURE_WINDOW:],
-        window_r[:, -FEATURE_WINDOW:],
-        np.full((n_rows, len(SOURCES)), -1.0, np.float32),
-    ).reshape(len(users), len(cands), -1)
+    short = features_of(module, cands, window[:, -FEATURE_WINDOW:], window_r[:, -FEATURE_WINDOW:])
     other = [j for j, name in enumerate(FEATURE_NAMES) if name != "ease_lowrank_long"]
     np.testing.assert_array_equal(feats[:, :, other], short[:, :, other])
