@@ -208,8 +208,13 @@ def test_metrics_page_counts_calls_codes_stages_and_fallbacks(tiny_artifacts, ti
             client.batch_recommend([recommend_request(user, k=2), recommend_request(NEW_USER, k=2)])
             client.popular(k=3)
         assert server.metrics_port
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as page:
-            text = page.read().decode()
+        deadline = time.monotonic() + 10
+        while True:  # the request log's writer thread counts a row once it is written, after the answer
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as page:
+                text = page.read().decode()
+            if sample(samples(text), "recsys_request_log_rows_total") >= 5 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     finally:
         server.stop()
     found = samples(text)
