@@ -130,7 +130,7 @@ def real_requests(artifacts: str | Path, repo: str | Path, users: int, max_count
         ValueError: No user has ``max_count`` unseen items.
     """
     from benchmarks.perf_analyzer.make_inputs import latest_version
-    from export.batch_score import load_user_data, ranker_history, user_inputs
+    from export.batch_score import load_user_data, user_windows
     from export.candidates import merged_from_ann
     from export.onnx_export import session
     from export.retrieval import top_k
@@ -148,8 +148,7 @@ def real_requests(artifacts: str | Path, repo: str | Path, users: int, max_count
         raise ValueError(f"no user has {max_count} unseen items in a catalog of {data.n_items}")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(eligible, size=min(users, len(eligible)), replace=False))
-    x = user_inputs(data, chosen, history_len)
-    long_history, long_rating = ranker_history(data, chosen)
+    x, long_history, long_rating = user_windows(data, chosen, history_len)
     vectors = tower.run(["user_embedding"], x)[0]
     seen = data.histories.seen(chosen)
     ann, _ = top_k(vectors, item_vectors, max_count, seen)

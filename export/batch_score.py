@@ -207,16 +207,18 @@ def resolve_users(spec: str | int | Sequence[int] | np.ndarray, histories: Histo
     return ids[np.sort(first)]
 
 
+def user_windows(data: UserData, user_ids: np.ndarray, history_len: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """One history read for ``user_ids``: the user tower's inputs (its window of ``history_len``,
+    ratings, demographics) and the ranker's per-user inputs (the last ``RANKER_HISTORY`` items and
+    ratings), the tower's window being the last ``L`` of the ranker's, as served."""
+    history, rating = data.histories.last(user_ids, RANKER_HISTORY)
+    tower = user_tower_feeds(history[:, -history_len:], rating[:, -history_len:], data.demographics.lookup(user_ids))
+    return tower, history, rating
+
+
 def user_inputs(data: UserData, user_ids: np.ndarray, history_len: int) -> dict[str, np.ndarray]:
     """The user tower's inputs for ``user_ids``: history window, ratings, demographics."""
-    history, rating = data.histories.last(user_ids, history_len)
-    return user_tower_feeds(history, rating, data.demographics.lookup(user_ids))
-
-
-def ranker_history(data: UserData, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The ranker's per-user inputs for ``user_ids``: the last ``RANKER_HISTORY`` items and ratings
-    (the user tower's window is the last ``L`` of them)."""
-    return data.histories.last(user_ids, RANKER_HISTORY)
+    return user_windows(data, user_ids, history_len)[0]
 
 
 def candidate_rows(
@@ -581,7 +583,7 @@ def _score_chunk(
 ) -> pa.Table:
     """One chunk of users through tower -> FAISS + other sources, merged -> ensemble -> top-K, as an Arrow table."""
     t = time.perf_counter()
-    x = user_inputs(data, users, history_len)
+    x, long_history, long_rating = user_windows(data, users, history_len)
     seen = data.histories.seen(users)
     timings.inputs += time.perf_counter() - t
 
@@ -599,7 +601,7 @@ def _score_chunk(
     timings.sources += time.perf_counter() - t
 
     t = time.perf_counter()
-    rows, user_row, rank = candidate_rows(cand_items, cand_scores, cand_sources, *ranker_history(data, users))
+    rows, user_row, rank = candidate_rows(cand_items, cand_scores, cand_sources, long_history, long_rating)
     max_rows = ensemble.max_batch_size or MAX_ROWS_PER_CALL
     scores = triton.infer_rows(ensemble, rows, SCORE, user_bounds(user_row, len(users), max_rows)).reshape(-1)
     timings.ranker += time.perf_counter() - t

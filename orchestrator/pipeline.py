@@ -389,11 +389,11 @@ class Recommender:
         Reads ``H`` = ``RANKER_HISTORY`` rows, not the whole history; more (x4 each time) only
         while movies the catalog no longer has leave the window short and older rows remain.
         """
-        L = RANKER_HISTORY
-        n = L
+        H = RANKER_HISTORY
+        n = H
         while True:
             h, seen = self.store.recent(int(user_id), n)
-            if len(h) < n or int((self.catalog.to_items(h.movie_ids) >= 0).sum()) >= L:
+            if len(h) < n or int((self.catalog.to_items(h.movie_ids) >= 0).sum()) >= H:
                 return h, seen
             n *= 4
 

@@ -148,7 +148,7 @@ def make_inputs(
     Returns:
         The ``meta.json`` content.
     """
-    from export.batch_score import load_user_data, ranker_history, user_inputs
+    from export.batch_score import load_user_data, user_windows
 
     artifacts, repo, out = Path(artifacts), Path(repo), Path(out)
     configs = {m: read_config(repo / m / CPU_CONFIG) for m in MODELS}
@@ -163,7 +163,7 @@ def make_inputs(
     rng = np.random.default_rng(seed)
     active = data.histories.user_ids[np.diff(data.histories.offsets) > 0]
     chosen = np.sort(rng.choice(active, size=min(users, len(active)), replace=False))
-    x = user_inputs(data, chosen, history_len)
+    x, long_history, long_rating = user_windows(data, chosen, history_len)
 
     version = latest_version(repo / USER_TOWER)
     vectors = _session(version / "model.onnx").run([USER_EMBEDDING], x)[0]
@@ -185,7 +185,6 @@ def make_inputs(
     top, top_scores, sources = merged_from_ann(tables, ann, x[HISTORY][who], seen, vectors[who], item_vectors, candidates)
     keep = top >= 0
     features_session = _session(latest_version(repo / RANKER_FEATURES) / "model.onnx")
-    long_history, long_rating = ranker_history(data, chosen[who])
     requests, feature_rows = [], []
     for row in who:  # one request per user: its candidates [N], its window once [1, H]
         n = int(keep[row].sum())
