@@ -37,7 +37,9 @@ class RankerConfig:
         min_child_samples: Minimum rows per leaf.
         subsample: Row subsampling per tree.
         colsample: Feature subsampling per tree.
-        seed: LightGBM seed.
+        seed: LightGBM seed (bag ``i`` uses ``seed + i``).
+        bags: Boosters trained with consecutive seeds and served summed as one
+            (:func:`merge_boosters`), ``n_estimators / bags`` trees each; 1 = one booster.
     """
 
     candidates: int = 200
@@ -52,12 +54,15 @@ class RankerConfig:
     subsample: float = 0.8
     colsample: float = 0.8
     seed: int = 0
+    bags: int = 1
 
     def __post_init__(self) -> None:
         if self.max_depth > 8 or self.max_depth < 1:
             raise ValueError(f"max_depth must be in 1..8 for Hummingbird, got {self.max_depth}")
         if self.n_estimators > 500:
             raise ValueError(f"n_estimators must be <= 500 for a servable ranker, got {self.n_estimators}")
+        if self.bags < 1 or self.n_estimators % self.bags:
+            raise ValueError(f"bags must be >= 1 and divide n_estimators ({self.n_estimators}), got {self.bags}")
 
 
 def candidate_features(
@@ -125,6 +130,9 @@ def train_ranker(
 
     Queries without any positive label carry no ranking signal and are dropped. ``feature_names``
     names the ``F`` columns (the served features; benchmarks that try extra columns name them).
+    With ``config.bags`` > 1, that many boosters of ``n_estimators / bags`` trees are trained with
+    seeds ``seed, seed + 1, ...`` and returned as one booster that sums them
+    (:func:`merge_boosters`).
     """
     n_users, n_cand = labels.shape
     keep = labels.max(axis=1) > 0
@@ -145,13 +153,54 @@ def train_ranker(
         "bagging_freq": 1,
         "feature_fraction": config.colsample,
         "lambdarank_truncation_level": 20,
-        "seed": config.seed,
         "deterministic": True,
         "force_row_wise": True,
         "num_threads": 2,
         "verbosity": -1,
     }
-    return lgb.train(params, data, num_boost_round=config.n_estimators)
+    rounds = config.n_estimators // config.bags
+    members = [lgb.train({**params, "seed": config.seed + i}, data, num_boost_round=rounds) for i in range(config.bags)]
+    return members[0] if config.bags == 1 else merge_boosters(members)
+
+
+def merge_boosters(boosters: Sequence[lgb.Booster]) -> lgb.Booster:
+    """One booster whose prediction is the sum of ``boosters``' (trained on the same features).
+
+    LightGBM has no API for it, so the model text is joined: the first booster's header, every
+    booster's trees renumbered in order, the first booster's parameters. ``tree_sizes=`` (byte
+    offsets LightGBM may use to parse trees in parallel) is dropped, so the trees are parsed in
+    sequence, and so are the first booster's per-feature split counts, which no longer describe
+    the model (``feature_importance()`` counts from the trees themselves). The ONNX export,
+    the parity checks and ``predict`` see an ordinary booster of ``sum of num_trees()`` trees.
+    """
+    if not boosters:
+        raise ValueError("merge_boosters needs at least one booster")
+    texts = [b.model_to_string().split("\n") for b in boosters]
+    first = texts[0]
+    start = next(i for i, line in enumerate(first) if line.startswith("Tree="))
+    end = first.index("end of trees")
+    header = [line for line in first[:start] if not line.startswith("tree_sizes=")]
+    if any(_header(t) != _header(first) for t in texts[1:]):
+        raise ValueError("merge_boosters: the boosters were not trained on the same features")
+    trees: list[str] = []
+    n = 0
+    for t in texts:
+        for line in t[next(i for i, x in enumerate(t) if x.startswith("Tree=")) : t.index("end of trees")]:
+            if line.startswith("Tree="):
+                line = f"Tree={n}"
+                n += 1
+            trees.append(line)
+    tail = first[end:]
+    if "feature_importances:" in tail:
+        i = tail.index("feature_importances:") + 1
+        while i < len(tail) and tail[i]:
+            del tail[i]
+    return lgb.Booster(model_str="\n".join(header + trees + tail))
+
+
+def _header(lines: list[str]) -> list[str]:
+    """The header lines that must agree for trees to be summed (features and their ranges)."""
+    return [x for x in lines if x.startswith(("max_feature_idx=", "feature_names=", "feature_infos=", "objective="))]
 
 
 def rerank(booster: lgb.Booster, features: np.ndarray, cand_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
