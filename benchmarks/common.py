@@ -22,12 +22,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from export.pipeline import git_sha, package_versions
+from export.features import RankerFeatures
+from export.pipeline import git_sha, merged_candidates, package_versions, users_with_history
+from export.ranker import candidate_features, candidate_labels
+from export.split import relevant_items
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports" / "benchmarks"
 """Default output folder (``reports/`` is git-ignored: figures are regenerated, not committed)."""
@@ -237,3 +241,53 @@ def conditions_line(cond: dict[str, Any]) -> str:
         f"git {sha}; {cond.get('cpu')}, {cond.get('cores')} cores; nice {cond.get('nice')}; "
         f"load avg before {load.get('before')} after {load.get('after')}"
     )
+
+
+@dataclass(frozen=True)
+class RankerMatrices:
+    """One rolling window's ranker data, built as :func:`export.pipeline.fit_models` builds it.
+
+    Attributes:
+        train: float32 [n_val_users * C, F] features of the validation candidates (the
+            ranker's training queries: users active in validation who have a past).
+        labels: int32 [n_val_users, C] their graded labels from the validation period.
+        train_candidates: Those users' merged candidates (``items`` [n_val_users, C]).
+        train_users: Those users.
+        test: float32 [n_test_users * C, F] features of the test users' candidates.
+        test_candidates: The test users' merged candidates (``items`` [n_test_users, C]).
+        test_users: The test users (relevant items in the test period and a past).
+        relevant: Each test user's relevant items.
+    """
+
+    train: np.ndarray
+    labels: np.ndarray
+    train_candidates: Any
+    train_users: np.ndarray
+    test: np.ndarray
+    test_candidates: Any
+    test_users: np.ndarray
+    relevant: list[np.ndarray]
+
+
+def ranker_matrices(fitted: Any, candidates: int) -> RankerMatrices:
+    """The validation (training) and test matrices of the ranker for ``fitted``'s window."""
+    cat, split, period = fitted.catalog, fitted.split, fitted.test_period
+    rel = relevant_items(split.test, cat.index_of())
+    users = users_with_history(rel, period)
+    model = fitted.two_tower.model
+    c = merged_candidates(model, period, fitted.demographics, fitted.tables, users, candidates)
+    test = candidate_features(fitted.ranker_features(period, model), c.history, c.history_rating, c.items, c.scores, c.sources)
+    vp, vm = fitted.val_period, fitted.two_tower_val.model
+    active = np.unique(split.val.user_id.to_numpy())
+    active = active[vp.histories.positions(active) >= 0]
+    cv = merged_candidates(vm, vp, fitted.demographics, fitted.tables_val, active, candidates, False)
+    train = candidate_features(
+        RankerFeatures(cat, vp.stats, vm.item_vectors(), vp.cf_vectors, vp.ease),
+        cv.history,
+        cv.history_rating,
+        cv.items,
+        cv.scores,
+        cv.sources,
+    )
+    labels = candidate_labels(active, cv.items, split.val, cat)
+    return RankerMatrices(train, labels, cv, active, test, c, users, [rel[u] for u in users])

@@ -34,14 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import LoadWatch, conditions, conditions_line, log, markdown_table, write_json
+from benchmarks.common import LoadWatch, conditions, conditions_line, log, markdown_table, ranker_matrices, write_json
 from export.baselines import EASE
 from export.evaluate import bootstrap_diff, per_user_ndcg
-from export.features import EASE_LAM, EASE_NEIGHBOURS, EASE_RANK, FEATURE_NAMES, RankerFeatures, ease_factors, ease_tables
+from export.features import EASE_LAM, EASE_NEIGHBOURS, EASE_RANK, FEATURE_NAMES, ease_factors, ease_tables
 from export.history import Histories
-from export.pipeline import TrainSettings, merged_candidates, run, users_with_history
-from export.ranker import candidate_features, candidate_labels, rerank, train_ranker
-from export.split import relevant_items
+from export.pipeline import TrainSettings, run
+from export.ranker import rerank, train_ranker
 
 WINDOWS = (50, 200, 0)
 """History lengths of the EASE-alone table (0 = every interaction)."""
@@ -81,13 +80,17 @@ def top10(scores: np.ndarray, seen: np.ndarray) -> np.ndarray:
 
 
 def alone_ndcg(
-    histories: Histories, users: np.ndarray, relevant: list[np.ndarray], weights: dict[str, np.ndarray]
+    histories: Histories,
+    users: np.ndarray,
+    relevant: list[np.ndarray],
+    weights: dict[str, np.ndarray],
+    lengths: tuple[int, ...] = WINDOWS,
 ) -> dict[str, np.ndarray]:
-    """Per-user NDCG@10 of EASE alone for each (weights, history length) pair."""
+    """Per-user NDCG@10 of EASE alone for each (weights, history length) pair (0 = every interaction)."""
     every = longest(histories)
     full, _ = histories.last(users, every)
     out: dict[str, np.ndarray] = {}
-    for length in WINDOWS:
+    for length in lengths:
         hist, _ = histories.last(users, length or every)
         for wname, b in weights.items():
             ranked = np.stack([top10(b[h[h >= 0]].sum(axis=0), f[f >= 0]) for h, f in zip(hist, full)])
@@ -130,12 +133,10 @@ def measure(data: str, windows: int, extra_window: int, settings: TrainSettings 
     lengths: list[np.ndarray] = []
 
     def inspect(ml, fitted) -> None:
-        cat, split, period = fitted.catalog, fitted.split, fitted.test_period
-        model = fitted.two_tower.model
-        n_items = model.item_vectors().shape[0]
-        rel = relevant_items(split.test, cat.index_of())
-        users = users_with_history(rel, period)
-        relevant = [rel[u] for u in users]
+        period = fitted.test_period
+        n_items = fitted.two_tower.model.item_vectors().shape[0]
+        m = ranker_matrices(fitted, settings.ranker.candidates)
+        users, relevant, c = m.test_users, m.relevant, m.test_candidates
         log(f"window {len(lengths) + 1}: {len(users)} test users, EASE alone")
         full, _ = period.histories.last(users, longest(period.histories))
         lengths.append((full >= 0).sum(axis=1))
@@ -144,28 +145,14 @@ def measure(data: str, windows: int, extra_window: int, settings: TrainSettings 
         for key, v in alone_ndcg(period.histories, users, relevant, weights).items():
             alone.setdefault(key, []).append(v)
         log("ranker variants")
-        c = merged_candidates(model, period, fitted.demographics, fitted.tables, users, settings.ranker.candidates)
-        feats = candidate_features(fitted.ranker_features(period, model), c.history, c.history_rating, c.items, c.scores, c.sources)
-        vp, vm = fitted.val_period, fitted.two_tower_val.model
-        active = np.unique(split.val.user_id.to_numpy())
-        active = active[vp.histories.positions(active) >= 0]
-        cv = merged_candidates(vm, vp, fitted.demographics, fitted.tables_val, active, settings.ranker.candidates, False)
-        vfeats = candidate_features(
-            RankerFeatures(cat, vp.stats, vm.item_vectors(), vp.cf_vectors, vp.ease),
-            cv.history,
-            cv.history_rating,
-            cv.items,
-            cv.scores,
-            cv.sources,
-        )
-        labels = candidate_labels(active, cv.items, split.val, cat)
-        vx = extra_columns(vp.histories, ease_weights(vp.histories, n_items), active, cv.items, extra_window)
+        vp = fitted.val_period
+        vx = extra_columns(vp.histories, ease_weights(vp.histories, n_items), m.train_users, m.train_candidates.items, extra_window)
         tx = extra_columns(period.histories, dense, users, c.items, extra_window)
         for name, cols in VARIANTS.items():
             booster = train_ranker(
-                np.hstack([vfeats] + [vx[k].reshape(-1, 1) for k in cols]), labels, settings.ranker, (*FEATURE_NAMES, *cols)
+                np.hstack([m.train] + [vx[k].reshape(-1, 1) for k in cols]), m.labels, settings.ranker, (*FEATURE_NAMES, *cols)
             )
-            ranked, _ = rerank(booster, np.hstack([feats] + [tx[k].reshape(-1, 1) for k in cols]), c.items)
+            ranked, _ = rerank(booster, np.hstack([m.test] + [tx[k].reshape(-1, 1) for k in cols]), c.items)
             ranker.setdefault(name, []).append(per_user_ndcg(ranked, relevant))
         for k, s in tx.items():
             order = np.argsort(-np.where(c.items >= 0, s, -np.inf), axis=1, kind="stable")

@@ -1,0 +1,48 @@
+"""benchmarks.ranker_regularisation: its grid, and one tiny run (structure, not quality)."""
+
+from __future__ import annotations
+
+import math
+
+from benchmarks import ranker_regularisation as rr
+from export.pipeline import TrainSettings
+from export.ranker import RankerConfig
+from export.synth import SynthSpec, synthesize
+from export.two_tower import TwoTowerConfig
+
+
+def test_grid_holds_one_config_per_seed_and_equal_cost_bags():
+    base = RankerConfig(n_estimators=100)
+    grid = rr.settings_grid(base, [50, 200], 3, [(5, 20, 0.25)])
+    assert list(grid) == [
+        "min_child_samples 50",
+        "min_child_samples 200",
+        "5 bags x 20 trees, lr 0.25, min_child_samples 50",
+        "5 bags x 20 trees, lr 0.25, min_child_samples 200",
+    ]
+    assert [c.seed for c in grid["min_child_samples 200"]] == [0, 1, 2]
+    assert {c.min_child_samples for c in grid["min_child_samples 200"]} == {200}
+    bagged = grid["5 bags x 20 trees, lr 0.25, min_child_samples 50"]
+    # seeds of different rows' bags never overlap (bag i uses seed, seed + 1, ..., seed + 4)
+    assert [c.seed for c in bagged] == [0, 5, 10]
+    assert all(c.bags == 5 and c.n_estimators == 100 and c.learning_rate == 0.25 for c in bagged)
+
+
+def test_a_tiny_run_reports_every_row_with_finite_figures(tmp_path):
+    synthesize(SynthSpec(users=300, items=150, ratings=6000, seed=5, span_days=10), tmp_path, progress=False)
+    base = RankerConfig(candidates=30, n_estimators=20, min_child_samples=5)
+    settings = TrainSettings(
+        two_tower=TwoTowerConfig(dim=16, hidden=32, history_len=10, epochs=2, batch_size=64, patience=2, lr=5e-3), ranker=base
+    )
+    grid = rr.settings_grid(base, [5, 20], 2, [(2, 10, 0.1)])
+    report = rr.measure(str(tmp_path), 2, grid, settings)
+    assert set(report["rows"]) == set(grid)
+    assert len(report["training_queries"]) == 2 and min(report["training_queries"]) > 0
+    first = report["rows"]["min_child_samples 5"]
+    assert first["vs_first"]["mean_diff"] == 0.0 and first["vs_first"]["users"] == report["pairs"] > 0
+    for row in report["rows"].values():
+        assert len(row["seeds"]) == 2
+        assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in (row["ndcg@10"], *row["seeds"]))
+        # the row's figure is the mean of its seeds' (every seed scores the same pairs)
+        assert math.isclose(row["ndcg@10"], sum(row["seeds"]) / 2, rel_tol=1e-9)
+    assert "| ranker |" in rr.table(report)
