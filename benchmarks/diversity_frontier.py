@@ -17,6 +17,8 @@ as the report does (per (user, window) pair, pooled), relative to the ranker's o
 * ``mmr-max``, ``mmr-sum``, ``mmr-mean``: :func:`orchestrator.mmr.mmr_rerank` with that
   ``penalty`` (relevance = min-max scaled ranker score in the pool);
 * ``keep2`` variants: the first two positions stay as ranked, MMR fills the rest;
+* ``mmr-sum-unscaled`` (``-discounted``): the summed penalty against the ranker's raw
+  scores, optionally discounted by output position (:func:`mmr_unscaled`);
 * ``dpp``: the fast greedy MAP inference of Chen, Zhang and Zhou (NeurIPS 2018) on the kernel
   ``L = diag(q) (G + beta I) diag(q)``, ``q = exp(alpha * scaled score)``, ``G`` the genre
   cosine matrix of the pool.
@@ -151,6 +153,32 @@ def mmr(lam: float, penalty: str, keep: int = 1) -> Rerank:
     return fn
 
 
+def mmr_unscaled(beta: float, discount: bool = False) -> Rerank:
+    """Summed-penalty MMR on the ranker's raw scores: ``s_i - beta * sum_(j in S) cos(i, j)``.
+
+    LambdaRank scores are pairwise log-odds (``s_i - s_j`` is the log-odds that ``i`` ranks above
+    ``j``), so unlike the min-max scaled relevance of :func:`orchestrator.mmr.mmr_rerank` the trade
+    -off here depends on how sure the ranker is of each user's order. ``discount`` multiplies the
+    relevance term at output position ``p`` (1-based) by NDCG's ``1 / log2(p + 1)``, so the lower
+    positions give up relevance for diversity more readily than the top ones.
+    """
+
+    def fn(sc: np.ndarray, unit: np.ndarray) -> np.ndarray:
+        k = min(10, len(sc))
+        picked, taken = [0], np.zeros(len(sc), bool)
+        taken[0] = True
+        agg = unit @ unit[0]
+        while len(picked) < k:
+            rel = sc / np.log2(len(picked) + 2) if discount else sc
+            best = int(np.argmax(np.where(taken, -np.inf, rel - beta * agg)))
+            picked.append(best)
+            taken[best] = True
+            agg = agg + unit @ unit[best]
+        return np.array(picked)
+
+    return fn
+
+
 def dpp(alpha: float, beta: float) -> Rerank:
     """Chen et al. 2018 greedy MAP (incremental Cholesky), O(k * pool * d)."""
 
@@ -205,6 +233,9 @@ def grid() -> list[tuple[str, str, int, Rerank]]:
                 out.append((f"mmr-sum{tag}", f"lam {lam:g}", pool, mmr(lam, "sum", keep)))
             for lam in (0.7, 0.6, 0.55, 0.5, 0.45, 0.4):
                 out.append((f"mmr-mean{tag}", f"lam {lam:g}", pool, mmr(lam, "mean", keep)))
+        for beta in (0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25):
+            out.append(("mmr-sum-unscaled", f"beta {beta:g}", pool, mmr_unscaled(beta)))
+            out.append(("mmr-sum-unscaled-discounted", f"beta {beta:g}", pool, mmr_unscaled(beta, discount=True)))
         for alpha in (1, 2, 3, 5, 8):
             for beta in (0.001, 0.1):
                 out.append(("dpp", f"alpha {alpha:g}, beta {beta:g}", pool, dpp(alpha, beta)))

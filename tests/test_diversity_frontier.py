@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.diversity_frontier import _unit, dpp, mmr, pareto
+from benchmarks.diversity_frontier import _unit, dpp, mmr, mmr_unscaled, pareto
 from export.ranking_metrics import intra_list_diversity
 from orchestrator.mmr import mmr_rerank
 
@@ -47,3 +47,19 @@ def test_dpp_diversifies_and_follows_relevance_when_alpha_is_large() -> None:
 def test_pareto_keeps_only_undominated_points() -> None:
     rows = [{"k": (-1.0, 10.0)}, {"k": (-2.0, 9.0)}, {"k": (-3.0, 15.0)}, {"k": (0.5, 2.0)}]
     assert [r["k"] for r in pareto(rows, "k")] == [(0.5, 2.0), (-1.0, 10.0), (-3.0, 15.0)]
+
+
+@pytest.mark.parametrize("discount", [False, True])
+def test_unscaled_mmr_weighs_raw_score_gaps_against_similarity(discount: bool) -> None:
+    sc, unit = _clustered()
+    # no penalty: the ranker's order
+    np.testing.assert_array_equal(mmr_unscaled(0.0, discount)(sc, unit), np.arange(10))
+    diverse = mmr_unscaled(0.5, discount)(sc, unit)
+    assert diverse[0] == 0 and len(set(diverse.tolist())) == 10
+    assert intra_list_diversity(diverse, unit) > intra_list_diversity(np.arange(10), unit)
+    # the same scores ten times further apart: the ranker is surer, so the list moves less
+    sure = mmr_unscaled(0.5, discount)(10 * sc, unit)
+    assert intra_list_diversity(sure, unit) <= intra_list_diversity(diverse, unit)
+    # the discount makes lower positions cheaper to diversify: at least as diverse for one beta
+    if discount:
+        assert intra_list_diversity(diverse, unit) >= intra_list_diversity(mmr_unscaled(0.5)(sc, unit), unit)
