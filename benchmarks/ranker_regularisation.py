@@ -11,7 +11,8 @@ candidates. The ranker trains on one query per validation user (64-93 a window o
 NDCG@10 can differ from another's by as much as two settings differ: each row reports the
 mean over seeds (what the setting gives in expectation), the seeds' range, and paired
 bootstraps of the seed-averaged per-user NDCG@10 against the first setting's and against EASE
-(dense weights over the user's whole history, ``export.features.EASE_LAM``).
+(dense weights over the user's whole history, ``export.features.EASE_LAM``). The JSON adds each
+seed's NDCG@10 per window beside EASE's.
 
 ``--bags KxT@LR`` adds rows for bagged rankers of the same serving cost as the rest when
 ``K * T`` equals the shipped tree count: K boosters of T trees at learning rate LR, seeds
@@ -83,8 +84,11 @@ def measure(data: str, windows: int, grid: dict[str, list[RankerConfig]], settin
             "vs_first": bootstrap_diff(mean - first),
             "vs_ease": bootstrap_diff(mean - e),
             "seed0_vs_ease": bootstrap_diff(each[0] - e),
+            "per_window": [[float(w.mean()) for w in s] for s in seeds],  # [seed][window]
         }
-    return {"pairs": int(len(e)), "training_queries": queries, "ease_ndcg@10": float(e.mean()), "rows": rows}
+    report = {"pairs": int(len(e)), "training_queries": queries, "ease_ndcg@10": float(e.mean()), "rows": rows}
+    report["ease_per_window"] = [float(w.mean()) for w in ease]
+    return report
 
 
 def table(report: dict[str, Any]) -> str:

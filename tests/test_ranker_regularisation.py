@@ -45,4 +45,6 @@ def test_a_tiny_run_reports_every_row_with_finite_figures(tmp_path):
         assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in (row["ndcg@10"], *row["seeds"]))
         # the row's figure is the mean of its seeds' (every seed scores the same pairs)
         assert math.isclose(row["ndcg@10"], sum(row["seeds"]) / 2, rel_tol=1e-9)
+        assert len(row["per_window"]) == 2 and all(len(w) == 2 for w in row["per_window"])
+    assert len(report["ease_per_window"]) == 2
     assert "| ranker |" in rr.table(report)
