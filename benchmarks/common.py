@@ -243,6 +243,16 @@ def conditions_line(cond: dict[str, Any]) -> str:
     )
 
 
+def publish_report(report: dict[str, Any], load: LoadWatch, text: str, out: str | None, **extra: Any) -> int:
+    """Adds the run's conditions to ``report``, prints them and ``text``, writes the JSON to ``out``."""
+    report["conditions"] = conditions(load_average=load.record(), **extra)
+    print(conditions_line(report["conditions"]))
+    print(text)
+    if out:
+        write_json(Path(out), report)
+    return 0
+
+
 @dataclass(frozen=True)
 class RankerMatrices:
     """One rolling window's ranker data, built as :func:`export.pipeline.fit_models` builds it.

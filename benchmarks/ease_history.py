@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import LoadWatch, conditions, conditions_line, log, markdown_table, ranker_matrices, write_json
+from benchmarks.common import LoadWatch, log, markdown_table, publish_report, ranker_matrices
 from export.baselines import EASE
 from export.evaluate import bootstrap_diff, per_user_ndcg
 from export.features import EASE_LAM, EASE_NEIGHBOURS, EASE_RANK, FEATURE_NAMES, ease_factors, ease_tables
@@ -197,12 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with LoadWatch() as load:
         report = measure(args.data, args.windows, args.extra_window)
-    report["conditions"] = conditions(load_average=load.record(), data=args.data, extra_window=args.extra_window)
-    print(conditions_line(report["conditions"]))
-    print(tables(report))
-    if args.out:
-        write_json(Path(args.out), report)
-    return 0
+    return publish_report(report, load, tables(report), args.out, data=args.data, extra_window=args.extra_window)
 
 
 if __name__ == "__main__":

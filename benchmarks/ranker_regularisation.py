@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import LoadWatch, conditions, conditions_line, log, markdown_table, ranker_matrices, write_json
+from benchmarks.common import LoadWatch, log, markdown_table, publish_report, ranker_matrices
 from benchmarks.ease_history import alone_ndcg, ease_weights
 from export.evaluate import bootstrap_diff, per_user_ndcg
 from export.pipeline import TrainSettings, run
@@ -134,12 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = settings_grid(TrainSettings().ranker, min_child, args.seeds, args.bags)
     with LoadWatch() as load:
         report = measure(args.data, args.windows, grid)
-    report["conditions"] = conditions(load_average=load.record(), data=args.data, seeds=args.seeds)
-    print(conditions_line(report["conditions"]))
-    print(table(report))
-    if args.out:
-        write_json(Path(args.out), report)
-    return 0
+    return publish_report(report, load, table(report), args.out, data=args.data, seeds=args.seeds)
 
 
 if __name__ == "__main__":
