@@ -32,7 +32,7 @@ from export.candidates import recall
 from export.data import load_movielens
 from export.evaluate import interaction_matrix, rank_with, tune_baseline
 from export.features import RankerFeatures
-from export.pipeline import TrainSettings, fit_models, merged_candidates, users_with_history
+from export.pipeline import TrainSettings, fit_models, merged_candidates, ranker_queries, users_with_history
 from export.ranker import candidate_features, candidate_labels, rerank, train_ranker
 from export.ranking_metrics import ndcg_at_k
 from export.split import relevant_items
@@ -59,8 +59,7 @@ def run(data: str, baseline_names: tuple[str, ...] = ("popularity", "item_knn", 
 
     # validation candidates (as fit_models builds them) for retraining the ranker per mix
     rel_val = relevant_items(split.val, index)
-    active = np.unique(split.val.user_id.to_numpy())
-    active = active[fitted.val_period.histories.positions(active) >= 0]
+    active = ranker_queries(split.val, fitted.val_period.histories)
     val = merged_candidates(fitted.two_tower_val.model, fitted.val_period, fitted.demographics, fitted.tables_val, active, n)
     val_features = RankerFeatures(
         cat, fitted.val_period.stats, fitted.two_tower_val.model.item_vectors(), fitted.val_period.cf_vectors, fitted.val_period.ease

@@ -28,8 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from export.features import RankerFeatures
-from export.pipeline import git_sha, merged_candidates, package_versions, users_with_history
+from export.pipeline import git_sha, merged_candidates, package_versions, ranker_queries, users_with_history
 from export.ranker import candidate_features, candidate_labels
 from export.split import relevant_items
 
@@ -288,16 +287,8 @@ def ranker_matrices(fitted: Any, candidates: int) -> RankerMatrices:
     c = merged_candidates(model, period, fitted.demographics, fitted.tables, users, candidates)
     test = candidate_features(fitted.ranker_features(period, model), c.history, c.history_rating, c.items, c.scores, c.sources)
     vp, vm = fitted.val_period, fitted.two_tower_val.model
-    active = np.unique(split.val.user_id.to_numpy())
-    active = active[vp.histories.positions(active) >= 0]
+    active = ranker_queries(split.val, vp.histories)
     cv = merged_candidates(vm, vp, fitted.demographics, fitted.tables_val, active, candidates, False)
-    train = candidate_features(
-        RankerFeatures(cat, vp.stats, vm.item_vectors(), vp.cf_vectors, vp.ease),
-        cv.history,
-        cv.history_rating,
-        cv.items,
-        cv.scores,
-        cv.sources,
-    )
+    train = candidate_features(fitted.ranker_features(vp, vm), cv.history, cv.history_rating, cv.items, cv.scores, cv.sources)
     labels = candidate_labels(active, cv.items, split.val, cat)
     return RankerMatrices(train, labels, cv, active, test, c, users, [rel[u] for u in users])

@@ -172,7 +172,7 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
     from export.faiss_index import build_indexes
     from export.features import RankerFeatures
     from export.items import Catalog
-    from export.pipeline import Period, TrainSettings, merged_candidates, retrieve, users_with_history
+    from export.pipeline import Period, TrainSettings, merged_candidates, ranker_queries, retrieve, users_with_history
     from export.ranker import RankerConfig, candidate_features, candidate_labels, train_ranker
     from export.split import relevant_items, time_split
     from export.two_tower import Demographics, TwoTowerConfig, train_two_tower, training_targets, training_windows
@@ -268,8 +268,7 @@ def run_benchmark(data: str | Path, settings: OfflineScaleSettings) -> dict[str,
         gc.collect()
 
         # -- ranker: bounded number of validation users x candidates
-        active = np.unique(split.val.user_id.to_numpy())
-        active = active[histories.positions(active) >= 0]
+        active = ranker_queries(split.val, histories)
         users = np.sort(
             np.random.default_rng(settings.seed + 1).choice(active, size=min(settings.ranker_users, len(active)), replace=False)
         )

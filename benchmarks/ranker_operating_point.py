@@ -37,7 +37,7 @@ import numpy as np
 from benchmarks.common import REPORTS, LoadWatch, conditions, conditions_line, log, markdown_table, write_json
 from export.evaluate import bootstrap_diff
 from export.onnx_export import TREE_IMPLEMENTATIONS, export_ranker, export_ranker_features, session
-from export.pipeline import Fitted, TrainSettings, merged_candidates, run, users_with_history
+from export.pipeline import Fitted, TrainSettings, merged_candidates, ranker_queries, run, users_with_history
 from export.ranker import RankerConfig, candidate_features, candidate_labels, rerank, train_ranker
 from export.ranking_metrics import ndcg_at_k
 from export.split import relevant_items
@@ -68,8 +68,7 @@ class Sweep:
         split, catalog = fitted.split, fitted.catalog
         index = catalog.index_of()
         # training queries: users active in validation with a past (as fit_models does)
-        active = np.unique(split.val.user_id.to_numpy())
-        active = active[fitted.val_period.histories.positions(active) >= 0]
+        active = ranker_queries(split.val, fitted.val_period.histories)
         rel_test = relevant_items(split.test, index)
         users = users_with_history(rel_test, fitted.test_period)
         relevant = [rel_test[u] for u in users]

@@ -216,11 +216,6 @@ def user_windows(data: UserData, user_ids: np.ndarray, history_len: int) -> tupl
     return tower, history, rating
 
 
-def user_inputs(data: UserData, user_ids: np.ndarray, history_len: int) -> dict[str, np.ndarray]:
-    """The user tower's inputs for ``user_ids``: history window, ratings, demographics."""
-    return user_windows(data, user_ids, history_len)[0]
-
-
 def candidate_rows(
     cand_items: np.ndarray,
     cand_scores: np.ndarray,

@@ -140,6 +140,13 @@ class Fitted:
         return RankerFeatures(self.catalog, period.stats, model.item_vectors(), period.cf_vectors, period.ease)
 
 
+def ranker_queries(val_ratings: pd.DataFrame, histories: Histories) -> np.ndarray:
+    """The ranker's training queries: users who rated in the validation period and have a past
+    in ``histories`` (sorted ids)."""
+    active = np.unique(val_ratings.user_id.to_numpy())
+    return active[histories.positions(active) >= 0]
+
+
 def retrieve(
     model: TwoTower, period: Period, demographics: Demographics, user_ids: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -261,8 +268,7 @@ def fit_models(ml: MovieLens, settings: TrainSettings, progress: bool = True, sp
     t0 = time.perf_counter()
     n_cand = settings.ranker.candidates
     tables_val = val_period.tables(catalog, settings)
-    active = np.unique(split.val.user_id.to_numpy())
-    active = active[val_period.histories.positions(active) >= 0]
+    active = ranker_queries(split.val, val_period.histories)
     cands = merged_candidates(tt_val.model, val_period, demographics, tables_val, active, n_cand, progress)
     trials: list[dict] = []
     if settings.budgets is None:

@@ -181,15 +181,15 @@ def merge_boosters(boosters: Sequence[lgb.Booster]) -> lgb.Booster:
         raise ValueError("merge_boosters needs at least one booster")
     texts = [b.model_to_string().split("\n") for b in boosters]
     first = texts[0]
-    start = next(i for i, line in enumerate(first) if line.startswith("Tree="))
-    end = first.index("end of trees")
-    header = [line for line in first[:start] if not line.startswith("tree_sizes=")]
     if any(_header(t) != _header(first) for t in texts[1:]):
         raise ValueError("merge_boosters: the boosters were not trained on the same features")
+    start, end = _tree_span(first)
+    header = [line for line in first[:start] if not line.startswith("tree_sizes=")]
     trees: list[str] = []
     n = 0
     for t in texts:
-        for line in t[next(i for i, x in enumerate(t) if x.startswith("Tree=")) : t.index("end of trees")]:
+        a, b = _tree_span(t)
+        for line in t[a:b]:
             if line.startswith("Tree="):
                 line = f"Tree={n}"
                 n += 1
@@ -200,6 +200,11 @@ def merge_boosters(boosters: Sequence[lgb.Booster]) -> lgb.Booster:
         while i < len(tail) and tail[i]:
             del tail[i]
     return lgb.Booster(model_str="\n".join(header + trees + tail))
+
+
+def _tree_span(lines: list[str]) -> tuple[int, int]:
+    """Line indices of a model text's first ``Tree=`` line and of its ``end of trees`` line."""
+    return next(i for i, line in enumerate(lines) if line.startswith("Tree=")), lines.index("end of trees")
 
 
 def _header(lines: list[str]) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_EXPORT
 
-from export.batch_score import BatchScoreError, load_demographics, load_user_data, user_inputs
+from export.batch_score import BatchScoreError, load_demographics, load_user_data, user_windows
 from export.pipeline import train
 from export.synth import SynthSpec, synthesize
 from orchestrator.catalog import load_demographics as serving_demographics
@@ -46,7 +46,7 @@ def test_batch_scoring_and_serving_give_every_user_zeros(no_users) -> None:
     assert len(demo.user_ids) == 0
     user_data = load_user_data(out, data)
     users = user_data.histories.user_ids[:5]
-    inputs = user_inputs(user_data, users, 10)
+    inputs, _, _ = user_windows(user_data, users, 10)
     assert inputs["demographics"].shape == (5, 3) and not inputs["demographics"].any()
     manifest = json.loads((out / "manifest.json").read_text())
     assert serving_demographics(out, manifest) is None
