@@ -1,7 +1,7 @@
 """The ranker's regularisation and seed: what ``min_child_samples`` buys, in expectation over seeds (issue 12).
 
     python -m benchmarks.ranker_regularisation --data DIR [--windows 5] [--min-child 50,100,200,400]
-        [--seeds 5] [--bags 5x20@0.25] [--out FILE.json]
+        [--seeds 5] [--bags 5x20@0.25] [--sample 1.0] [--val-fraction 0.1] [--out FILE.json]
 
 Per rolling window every model is fitted as ``recsys evaluate`` fits it; then only the
 LambdaRank ranker is retrained, on the same validation matrix (:func:`benchmarks.common.ranker_matrices`),
@@ -11,12 +11,16 @@ candidates. The ranker trains on one query per validation user (64-93 a window o
 NDCG@10 can differ from another's by as much as two settings differ: each row reports the
 mean over seeds (what the setting gives in expectation), the seeds' range, and paired
 bootstraps of the seed-averaged per-user NDCG@10 against the first setting's and against EASE
-(dense weights over the user's whole history, ``export.features.EASE_LAM``). The JSON adds each
-seed's NDCG@10 per window beside EASE's.
+(dense weights over the user's whole history, ``export.features.EASE_LAM``), and per seed the
+number of windows where the ranker scores at least EASE. The JSON adds each seed's NDCG@10 per
+window beside EASE's.
 
 ``--bags KxT@LR`` adds rows for bagged rankers of the same serving cost as the rest when
 ``K * T`` equals the shipped tree count: K boosters of T trees at learning rate LR, seeds
 consecutive, summed (``RankerConfig.bags``), each with every ``--min-child`` value.
+``--sample F`` adds single boosters with row and feature sampling F (1.0: none, so every seed
+gives the same ranker); ``--val-fraction`` widens or narrows the validation period, i.e. the
+ranker's training queries (the test windows stay the same, so the EASE column compares runs).
 """
 
 from __future__ import annotations
@@ -36,12 +40,25 @@ from export.ranker import RankerConfig, rerank, train_ranker
 
 
 def settings_grid(
-    base: RankerConfig, min_child: list[int], seeds: int, bags: list[tuple[int, int, float]]
+    base: RankerConfig,
+    min_child: list[int],
+    seeds: int,
+    bags: list[tuple[int, int, float]],
+    sample: list[float] | None = None,
 ) -> dict[str, list[RankerConfig]]:
-    """Row name -> the configs whose rankers the row averages (one per seed)."""
+    """Row name -> the configs whose rankers the row averages (one per seed).
+
+    ``sample`` adds, per ``min_child`` value, single boosters whose row and feature sampling
+    are that fraction instead of the shipped ones (1.0: no sampling, the seed then changes nothing).
+    """
     grid: dict[str, list[RankerConfig]] = {}
     for m in min_child:
         grid[f"min_child_samples {m}"] = [replace(base, min_child_samples=m, seed=s) for s in range(seeds)]
+    for f in sample or []:
+        for m in min_child:
+            grid[f"sampling {f:g}, min_child_samples {m}"] = [
+                replace(base, min_child_samples=m, seed=s, subsample=f, colsample=f) for s in range(seeds)
+            ]
     for k, t, lr in bags:
         for m in min_child:
             grid[f"{k} bags x {t} trees, lr {lr:g}, min_child_samples {m}"] = [
@@ -51,7 +68,8 @@ def settings_grid(
 
 
 def measure(data: str, windows: int, grid: dict[str, list[RankerConfig]], settings: TrainSettings | None = None) -> dict[str, Any]:
-    """Per row and seed, per-user NDCG@10 pooled over the windows; EASE's beside."""
+    """Per row and seed, per-user NDCG@10 pooled over the windows; EASE's beside, and per seed
+    the number of windows where the ranker is at least EASE."""
     settings = settings or TrainSettings()
     per_seed: dict[str, list[list[np.ndarray]]] = {name: [[] for _ in cfgs] for name, cfgs in grid.items()}
     ease: list[np.ndarray] = []
@@ -84,6 +102,7 @@ def measure(data: str, windows: int, grid: dict[str, list[RankerConfig]], settin
             "vs_ease": bootstrap_diff(mean - e),
             "seed0_vs_ease": bootstrap_diff(each[0] - e),
             "per_window": [[float(w.mean()) for w in s] for s in seeds],  # [seed][window]
+            "windows_won": [sum(float(w.mean()) >= float(x.mean()) for w, x in zip(s, ease, strict=True)) for s in seeds],
         }
     report = {"pairs": int(len(e)), "training_queries": queries, "ease_ndcg@10": float(e.mean()), "rows": rows}
     report["ease_per_window"] = [float(w.mean()) for w in ease]
@@ -104,10 +123,19 @@ def table(report: dict[str, Any]) -> str:
             ci(r["vs_first"]),
             ci(r["vs_ease"]),
             ci(r["seed0_vs_ease"]),
+            " ".join(str(n) for n in r["windows_won"]),
         ]
         for name, r in report["rows"].items()
     ]
-    head = ["ranker", "NDCG@10 (mean of seeds)", "seeds' range", "minus first row [95 % CI]", "minus EASE", "seed 0 minus EASE"]
+    head = [
+        "ranker",
+        "NDCG@10 (mean of seeds)",
+        "seeds' range",
+        "minus first row [95 % CI]",
+        "minus EASE",
+        "seed 0 minus EASE",
+        "windows >= EASE (each seed)",
+    ]
     return (
         markdown_table(head, rows)
         + f"\n\nEASE (dense, whole history): {report['ease_ndcg@10']:.4f}; {report['pairs']} (user, window) pairs\n"
@@ -127,13 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-child", default="50,100,200,400", help="min_child_samples values, the first is the reference row")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--bags", action="append", default=[], type=_bags, help="KxT@LR: K boosters of T trees at learning rate LR")
+    p.add_argument("--sample", default="", help="row/feature sampling fractions for extra single-booster rows, e.g. 1.0")
+    p.add_argument("--val-fraction", type=float, default=TrainSettings.val_fraction, help="validation period share (the ranker's queries)")
     p.add_argument("--out", default=None, help="JSON report (table printed)")
     args = p.parse_args(argv)
     min_child = [int(x) for x in args.min_child.split(",")]
-    grid = settings_grid(TrainSettings().ranker, min_child, args.seeds, args.bags)
+    sample = [float(x) for x in args.sample.split(",") if x]
+    settings = TrainSettings(val_fraction=args.val_fraction)
+    grid = settings_grid(settings.ranker, min_child, args.seeds, args.bags, sample)
     with LoadWatch() as load:
-        report = measure(args.data, args.windows, grid)
-    return publish_report(report, load, table(report), args.out, data=args.data, seeds=args.seeds)
+        report = measure(args.data, args.windows, grid, settings)
+    return publish_report(report, load, table(report), args.out, data=args.data, seeds=args.seeds, val_fraction=args.val_fraction)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,15 @@ def test_grid_holds_one_config_per_seed_and_equal_cost_bags():
     assert all(c.bags == 5 and c.n_estimators == 100 and c.learning_rate == 0.25 for c in bagged)
 
 
+def test_grid_sampling_rows_change_only_the_sampling():
+    base = RankerConfig(n_estimators=100, subsample=0.8, colsample=0.8)
+    grid = rr.settings_grid(base, [400], 2, [], sample=[1.0])
+    assert list(grid) == ["min_child_samples 400", "sampling 1, min_child_samples 400"]
+    unsampled = grid["sampling 1, min_child_samples 400"]
+    assert all(c.subsample == c.colsample == 1.0 and c.min_child_samples == 400 for c in unsampled)
+    assert [c.seed for c in unsampled] == [0, 1]
+
+
 def test_a_tiny_run_reports_every_row_with_finite_figures(tmp_path):
     synthesize(SynthSpec(users=300, items=150, ratings=6000, seed=5, span_days=10), tmp_path, progress=False)
     base = RankerConfig(candidates=30, n_estimators=20, min_child_samples=5)
@@ -46,5 +55,8 @@ def test_a_tiny_run_reports_every_row_with_finite_figures(tmp_path):
         # the row's figure is the mean of its seeds' (every seed scores the same pairs)
         assert math.isclose(row["ndcg@10"], sum(row["seeds"]) / 2, rel_tol=1e-9)
         assert len(row["per_window"]) == 2 and all(len(w) == 2 for w in row["per_window"])
+        # windows won per seed: counted from the same per-window figures as EASE's
+        won = [sum(w >= e for w, e in zip(s, report["ease_per_window"], strict=True)) for s in row["per_window"]]
+        assert row["windows_won"] == won
     assert len(report["ease_per_window"]) == 2
     assert "| ranker |" in rr.table(report)
