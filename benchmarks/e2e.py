@@ -280,6 +280,10 @@ async def _drive_overload(
     Each worker sends its next call as soon as the last one is answered; with ``honour_hint`` a
     worker whose call was shed first waits the server's retry hint (jittered 0.5-1x, as the
     client library's retry does), without it the shed workers call again at once (a flood).
+
+    In the flood the shed calls' latency is set by the refusal rate (Little's law: the
+    ``concurrency - max_in_flight`` workers being refused at any moment over ``shed_per_s``
+    is their mean wait), so the report gives ``shed_per_s`` and ``shed_mean_ms`` beside the p99.
     """
     import grpc
 
@@ -325,9 +329,12 @@ async def _drive_overload(
         "admitted_p99_ms": p99(admitted),
         "admitted_p50_ms": round(float(np.median(admitted)) * 1e3, 3) if admitted else None,
         "shed_p99_ms": p99(shed),
+        "shed_mean_ms": round(float(np.mean(shed)) * 1e3, 3) if shed else None,
         "internal": codes.get("INTERNAL", 0) + codes.get("UNKNOWN", 0),
         "codes": dict(codes),
         "admitted_per_s": round(len(admitted) / wall, 1),
+        "shed_per_s": round(len(shed) / wall, 1),
+        "wall_s": round(wall, 3),
         "clients": "wait the retry hint after a shed call" if honour_hint else "call again at once after a shed call",
     }
 
@@ -336,7 +343,8 @@ def overload_line(o: dict[str, Any]) -> str:
     """One overload run in words."""
     return (
         f"c{o['concurrency']} overload ({o['clients']}): {o['admitted']} admitted (p99 {o['admitted_p99_ms']} ms, "
-        f"{o.get('admitted_per_s')}/s), {o['shed']} shed (p99 {o['shed_p99_ms']} ms), {o['internal']} INTERNAL/UNKNOWN"
+        f"{o.get('admitted_per_s')}/s), {o['shed']} shed (p99 {o['shed_p99_ms']} ms, mean {o.get('shed_mean_ms')} ms, "
+        f"{o.get('shed_per_s')}/s), {o['internal']} INTERNAL/UNKNOWN"
     )
 
 

@@ -7,6 +7,7 @@ asserts no timing: speed targets live in the benchmark's own report.
 from __future__ import annotations
 
 import json
+import math
 
 from clients.cli import main
 
@@ -37,6 +38,9 @@ def test_bench_e2e_writes_the_issue_shape(tiny_artifacts, tiny_repository, tmp_p
     assert {"concurrency", "requests", "admitted", "shed", "admitted_p99_ms", "shed_p99_ms", "internal"} <= set(overload)
     assert overload["concurrency"] == 64 and overload["admitted"] + overload["shed"] <= overload["requests"]
     assert overload["admitted"] > 0 and overload["internal"] == 0
+    # the refusal rate behind the shed latency (Little's law), from the same run
+    assert overload["wall_s"] > 0 and math.isclose(overload["shed_per_s"], overload["shed"] / overload["wall_s"], rel_tol=0.01, abs_tol=0.1)
+    assert (overload["shed_mean_ms"] is None) == (overload["shed"] == 0) and (overload["shed"] == 0 or overload["shed_mean_ms"] > 0)
     batch = report["batch"]
     assert {"users", "single_users_per_s", "batch_users_per_s"} <= set(batch)
     assert batch["single_users_per_s"] > 0 and batch["batch_users_per_s"] > 0
