@@ -1,7 +1,7 @@
 """The ranker's regularisation and seed: what ``min_child_samples`` buys, in expectation over seeds (issue 12).
 
     python -m benchmarks.ranker_regularisation --data DIR [--windows 5] [--min-child 50,100,200,400]
-        [--seeds 5] [--bags 5x20@0.25] [--sample 1.0] [--val-fraction 0.1] [--out FILE.json]
+        [--seeds 5] [--bags 5x20@0.25] [--sample 1.0] [--val-fraction 0.1] [--init ease_score@0.5] [--out FILE.json]
 
 Per rolling window every model is fitted as ``recsys evaluate`` fits it; then only the
 LambdaRank ranker is retrained, on the same validation matrix (:func:`benchmarks.common.ranker_matrices`),
@@ -21,6 +21,8 @@ consecutive, summed (``RankerConfig.bags``), each with every ``--min-child`` val
 ``--sample F`` adds single boosters with row and feature sampling F (1.0: none, so every seed
 gives the same ranker); ``--val-fraction`` widens or narrows the validation period, i.e. the
 ranker's training queries (the test windows stay the same, so the EASE column compares runs).
+``--init COLUMN@ALPHA`` adds rankers (at the first ``--min-child`` value) that boost from alpha
+times a feature column scaled to unit deviation, instead of from zero.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 from benchmarks.common import LoadWatch, log, markdown_table, publish_report, ranker_matrices
 from benchmarks.ease_history import alone_ndcg, ease_weights
 from export.evaluate import bootstrap_diff, per_user_ndcg
+from export.features import FEATURE_NAMES
 from export.pipeline import TrainSettings, run
 from export.ranker import RankerConfig, rerank, train_ranker
 
@@ -67,9 +70,27 @@ def settings_grid(
     return grid
 
 
-def measure(data: str, windows: int, grid: dict[str, list[RankerConfig]], settings: TrainSettings | None = None) -> dict[str, Any]:
+def init_rows(
+    base: RankerConfig, specs: list[tuple[str, float]], seeds: int
+) -> tuple[dict[str, list[RankerConfig]], dict[str, tuple[str, float]]]:
+    """Rows of rankers boosted from a feature column: ``(grid rows, row name -> (column, alpha))``."""
+    rows = {f"boosted from {c} x {a:g}": [replace(base, seed=s) for s in range(seeds)] for c, a in specs}
+    return rows, {f"boosted from {c} x {a:g}": (c, a) for c, a in specs}
+
+
+def measure(
+    data: str,
+    windows: int,
+    grid: dict[str, list[RankerConfig]],
+    settings: TrainSettings | None = None,
+    inits: dict[str, tuple[str, float]] | None = None,
+) -> dict[str, Any]:
     """Per row and seed, per-user NDCG@10 pooled over the windows; EASE's beside, and per seed
-    the number of windows where the ranker is at least EASE."""
+    the number of windows where the ranker is at least EASE.
+
+    ``inits`` (row name -> ``(column, alpha)``): that row's rankers start from ``alpha`` times the
+    feature column divided by its deviation over the training rows (LightGBM ``init_score``),
+    and the same term is added to their test scores."""
     settings = settings or TrainSettings()
     per_seed: dict[str, list[list[np.ndarray]]] = {name: [[] for _ in cfgs] for name, cfgs in grid.items()}
     ease: list[np.ndarray] = []
@@ -83,8 +104,13 @@ def measure(data: str, windows: int, grid: dict[str, list[RankerConfig]], settin
         weights = {"dense": ease_weights(fitted.test_period.histories, n_items)}
         ease.append(alone_ndcg(fitted.test_period.histories, m.test_users, m.relevant, weights, lengths=(0,))["dense/all"])
         for name, cfgs in grid.items():
+            base_train, base_test = _base_scores(m, (inits or {}).get(name))
             for i, cfg in enumerate(cfgs):
-                ranked, _ = rerank(train_ranker(m.train, m.labels, cfg), m.test, m.test_candidates.items)
+                booster = train_ranker(m.train, m.labels, cfg, init_score=base_train)
+                if base_test is None:
+                    ranked, _ = rerank(booster, m.test, m.test_candidates.items)
+                else:
+                    ranked = _ranked(booster.predict(m.test, num_threads=2) + base_test, m.test_candidates.items)
                 per_seed[name][i].append(per_user_ndcg(ranked, m.relevant))
 
     run(data, None, None, settings, False, inspect, windows=windows)
@@ -107,6 +133,21 @@ def measure(data: str, windows: int, grid: dict[str, list[RankerConfig]], settin
     report = {"pairs": int(len(e)), "training_queries": queries, "ease_ndcg@10": float(e.mean()), "rows": rows}
     report["ease_per_window"] = [float(w.mean()) for w in ease]
     return report
+
+
+def _base_scores(m: Any, spec: tuple[str, float] | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``alpha * column / its training deviation`` for the training and test rows (None: no base)."""
+    if spec is None:
+        return None, None
+    j = FEATURE_NAMES.index(spec[0])
+    scale = spec[1] / (float(m.train[:, j].std()) or 1.0)
+    return m.train[:, j] * scale, m.test[:, j] * scale
+
+
+def _ranked(scores: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Candidates ordered by ``scores`` (flat, row-major), padding last (as :func:`export.ranker.rerank`)."""
+    s = np.where(items >= 0, scores.reshape(items.shape), -np.inf)
+    return np.take_along_axis(items, np.argsort(-s, axis=1, kind="stable"), axis=1)
 
 
 def table(report: dict[str, Any]) -> str:
@@ -142,6 +183,13 @@ def table(report: dict[str, Any]) -> str:
     )
 
 
+def _init(text: str) -> tuple[str, float]:
+    column, alpha = text.rsplit("@", 1)
+    if column not in FEATURE_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown feature column {column!r}; one of {', '.join(FEATURE_NAMES)}")
+    return column, float(alpha)
+
+
 def _bags(text: str) -> tuple[int, int, float]:
     k, rest = text.split("x", 1)
     t, lr = rest.split("@", 1)
@@ -157,14 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bags", action="append", default=[], type=_bags, help="KxT@LR: K boosters of T trees at learning rate LR")
     p.add_argument("--sample", default="", help="row/feature sampling fractions for extra single-booster rows, e.g. 1.0")
     p.add_argument("--val-fraction", type=float, default=TrainSettings.val_fraction, help="validation period share (the ranker's queries)")
+    p.add_argument(
+        "--init", action="append", default=[], type=_init, help="COLUMN@ALPHA: rankers boosted from a feature column (repeatable)"
+    )
     p.add_argument("--out", default=None, help="JSON report (table printed)")
     args = p.parse_args(argv)
     min_child = [int(x) for x in args.min_child.split(",")]
     sample = [float(x) for x in args.sample.split(",") if x]
     settings = TrainSettings(val_fraction=args.val_fraction)
     grid = settings_grid(settings.ranker, min_child, args.seeds, args.bags, sample)
+    boosted, inits = init_rows(replace(settings.ranker, min_child_samples=min_child[0]), args.init, args.seeds)
     with LoadWatch() as load:
-        report = measure(args.data, args.windows, grid, settings)
+        report = measure(args.data, args.windows, grid | boosted, settings, inits)
     return publish_report(report, load, table(report), args.out, data=args.data, seeds=args.seeds, val_fraction=args.val_fraction)
 
 

@@ -128,7 +128,11 @@ def candidate_labels(user_ids: np.ndarray, cand_items: np.ndarray, period: pd.Da
 
 
 def train_ranker(
-    features: np.ndarray, labels: np.ndarray, config: RankerConfig, feature_names: Sequence[str] = FEATURE_NAMES
+    features: np.ndarray,
+    labels: np.ndarray,
+    config: RankerConfig,
+    feature_names: Sequence[str] = FEATURE_NAMES,
+    init_score: np.ndarray | None = None,
 ) -> lgb.Booster:
     """Trains LambdaRank on ``features`` [n_users * C, F] grouped by user with ``labels`` [n_users, C].
 
@@ -136,7 +140,8 @@ def train_ranker(
     names the ``F`` columns (the served features; benchmarks that try extra columns name them).
     With ``config.bags`` > 1, that many boosters of ``n_estimators / bags`` trees are trained with
     seeds ``seed, seed + 1, ...`` and returned as one booster that sums them
-    (:func:`merge_boosters`).
+    (:func:`merge_boosters`). ``init_score`` [n_users * C] (benchmarks only): per-row scores
+    the trees boost from; the booster's predictions then exclude them, so callers add them back.
     """
     n_users, n_cand = labels.shape
     keep = labels.max(axis=1) > 0
@@ -144,7 +149,8 @@ def train_ranker(
         raise ValueError("no ranker training query has a positive label: the validation period is too small")
     x = features.reshape(n_users, n_cand, -1)[keep].reshape(-1, features.shape[1])
     y = labels[keep].reshape(-1)
-    data = lgb.Dataset(x, label=y, group=np.full(int(keep.sum()), n_cand), feature_name=list(feature_names))
+    init = None if init_score is None else np.asarray(init_score, dtype=np.float64).reshape(n_users, n_cand)[keep].reshape(-1)
+    data = lgb.Dataset(x, label=y, group=np.full(int(keep.sum()), n_cand), feature_name=list(feature_names), init_score=init)
     params = {
         "objective": "lambdarank",
         "metric": "ndcg",

@@ -44,8 +44,11 @@ def test_a_tiny_run_reports_every_row_with_finite_figures(tmp_path):
         two_tower=TwoTowerConfig(dim=16, hidden=32, history_len=10, epochs=2, batch_size=64, patience=2, lr=5e-3), ranker=base
     )
     grid = rr.settings_grid(base, [5, 20], 2, [(2, 10, 0.1)])
-    report = rr.measure(str(tmp_path), 2, grid, settings)
-    assert set(report["rows"]) == set(grid)
+    boosted, inits = rr.init_rows(base, [("ease_score", 0.0), ("ease_score", 1.0)], 2)
+    report = rr.measure(str(tmp_path), 2, grid | boosted, settings, inits)
+    assert set(report["rows"]) == set(grid) | set(boosted)
+    # boosting from zero times a column is the plain ranker, seed for seed
+    assert report["rows"]["boosted from ease_score x 0"]["seeds"] == report["rows"]["min_child_samples 5"]["seeds"]
     assert len(report["training_queries"]) == 2 and min(report["training_queries"]) > 0
     first = report["rows"]["min_child_samples 5"]
     assert first["vs_first"]["mean_diff"] == 0.0 and first["vs_first"]["users"] == report["pairs"] > 0
