@@ -39,7 +39,7 @@ from export.evaluate import bootstrap_diff, per_user_ndcg
 from export.features import EASE_LAM, EASE_NEIGHBOURS, EASE_RANK, FEATURE_NAMES, ease_factors, ease_tables
 from export.history import Histories
 from export.pipeline import TrainSettings, run
-from export.ranker import rerank, train_ranker
+from export.ranker import order_by_scores, rerank, train_ranker
 
 WINDOWS = (50, 200, 0)
 """History lengths of the EASE-alone table (0 = every interaction)."""
@@ -154,10 +154,8 @@ def measure(data: str, windows: int, extra_window: int, settings: TrainSettings 
             ranked, _ = rerank(booster, np.hstack([m.test] + [tx[k].reshape(-1, 1) for k in cols]), c.items)
             ranker.setdefault(name, []).append(per_user_ndcg(ranked, relevant))
         for k, s in tx.items():
-            order = np.argsort(-np.where(c.items >= 0, s, -np.inf), axis=1, kind="stable")
-            ranker.setdefault(f"candidates ordered by EASE {k} alone", []).append(
-                per_user_ndcg(np.take_along_axis(c.items, order, axis=1), relevant)
-            )
+            ordered, _ = order_by_scores(s.reshape(c.items.shape), c.items)
+            ranker.setdefault(f"candidates ordered by EASE {k} alone", []).append(per_user_ndcg(ordered, relevant))
 
     run(data, None, None, settings, False, inspect, windows=windows)
     base = np.concatenate(ranker[SHIPPED])

@@ -39,7 +39,7 @@ from benchmarks.ease_history import alone_ndcg, ease_weights
 from export.evaluate import bootstrap_diff, per_user_ndcg
 from export.features import FEATURE_NAMES
 from export.pipeline import TrainSettings, run
-from export.ranker import RankerConfig, rerank, train_ranker
+from export.ranker import RankerConfig, order_by_scores, rerank, train_ranker
 
 
 def settings_grid(
@@ -74,8 +74,8 @@ def init_rows(
     base: RankerConfig, specs: list[tuple[str, float]], seeds: int
 ) -> tuple[dict[str, list[RankerConfig]], dict[str, tuple[str, float]]]:
     """Rows of rankers boosted from a feature column: ``(grid rows, row name -> (column, alpha))``."""
-    rows = {f"boosted from {c} x {a:g}": [replace(base, seed=s) for s in range(seeds)] for c, a in specs}
-    return rows, {f"boosted from {c} x {a:g}": (c, a) for c, a in specs}
+    names = {f"boosted from {c} x {a:g}": (c, a) for c, a in specs}
+    return {name: [replace(base, seed=s) for s in range(seeds)] for name in names}, names
 
 
 def measure(
@@ -110,7 +110,8 @@ def measure(
                 if base_test is None:
                     ranked, _ = rerank(booster, m.test, m.test_candidates.items)
                 else:
-                    ranked = _ranked(booster.predict(m.test, num_threads=2) + base_test, m.test_candidates.items)
+                    items = m.test_candidates.items
+                    ranked, _ = order_by_scores((booster.predict(m.test, num_threads=2) + base_test).reshape(items.shape), items)
                 per_seed[name][i].append(per_user_ndcg(ranked, m.relevant))
 
     run(data, None, None, settings, False, inspect, windows=windows)
@@ -142,12 +143,6 @@ def _base_scores(m: Any, spec: tuple[str, float] | None) -> tuple[np.ndarray | N
     j = FEATURE_NAMES.index(spec[0])
     scale = spec[1] / (float(m.train[:, j].std()) or 1.0)
     return m.train[:, j] * scale, m.test[:, j] * scale
-
-
-def _ranked(scores: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Candidates ordered by ``scores`` (flat, row-major), padding last (as :func:`export.ranker.rerank`)."""
-    s = np.where(items >= 0, scores.reshape(items.shape), -np.inf)
-    return np.take_along_axis(items, np.argsort(-s, axis=1, kind="stable"), axis=1)
 
 
 def table(report: dict[str, Any]) -> str:

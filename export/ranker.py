@@ -226,7 +226,12 @@ def rerank(booster: lgb.Booster, features: np.ndarray, cand_items: np.ndarray) -
         candidates (``-1``) sink to the end.
     """
     n_users, n_cand = cand_items.shape
-    scores = booster.predict(features, num_threads=2).reshape(n_users, n_cand).astype(np.float32)
+    return order_by_scores(booster.predict(features, num_threads=2).reshape(n_users, n_cand).astype(np.float32), cand_items)
+
+
+def order_by_scores(scores: np.ndarray, cand_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of ``cand_items`` [n_users, C] ordered by ``scores`` (same shape), best first,
+    ties in candidate order; padding (``-1``) sinks to the end with score ``-inf``."""
     scores = np.where(cand_items >= 0, scores, -np.inf)
     order = np.argsort(-scores, axis=1, kind="stable")
     return np.take_along_axis(cand_items, order, axis=1), np.take_along_axis(scores, order, axis=1)
