@@ -22,7 +22,9 @@ consecutive, summed (``RankerConfig.bags``), each with every ``--min-child`` val
 gives the same ranker); ``--val-fraction`` widens or narrows the validation period, i.e. the
 ranker's training queries (the test windows stay the same, so the EASE column compares runs).
 ``--init COLUMN@ALPHA`` adds rankers (at the first ``--min-child`` value) that boost from alpha
-times a feature column scaled to unit deviation, instead of from zero.
+times a feature column scaled to unit deviation (``RankerConfig.base_feature`` / ``base_alpha``;
+the shipped ranker boosts from ``ease_score`` x 0.5); ``--init none`` adds rankers boosted
+from zero.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from benchmarks.ease_history import alone_ndcg, ease_weights
 from export.evaluate import bootstrap_diff, per_user_ndcg
 from export.features import FEATURE_NAMES
 from export.pipeline import TrainSettings, run
-from export.ranker import RankerConfig, order_by_scores, rerank, train_ranker
+from export.ranker import RankerConfig, rerank, train_ranker
 
 
 def settings_grid(
@@ -70,12 +72,14 @@ def settings_grid(
     return grid
 
 
-def init_rows(
-    base: RankerConfig, specs: list[tuple[str, float]], seeds: int
-) -> tuple[dict[str, list[RankerConfig]], dict[str, tuple[str, float]]]:
-    """Rows of rankers boosted from a feature column: ``(grid rows, row name -> (column, alpha))``."""
-    names = {f"boosted from {c} x {a:g}": (c, a) for c, a in specs}
-    return {name: [replace(base, seed=s) for s in range(seeds)] for name in names}, names
+def init_rows(base: RankerConfig, specs: list[tuple[str | None, float]], seeds: int) -> dict[str, list[RankerConfig]]:
+    """Rows of rankers boosted from ``alpha`` times a feature column (None: from zero)."""
+    return {
+        (f"boosted from {c} x {a:g}" if c else "boosted from zero"): [
+            replace(base, seed=s, base_feature=c, base_alpha=a) for s in range(seeds)
+        ]
+        for c, a in specs
+    }
 
 
 def measure(
@@ -83,14 +87,9 @@ def measure(
     windows: int,
     grid: dict[str, list[RankerConfig]],
     settings: TrainSettings | None = None,
-    inits: dict[str, tuple[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Per row and seed, per-user NDCG@10 pooled over the windows; EASE's beside, and per seed
-    the number of windows where the ranker is at least EASE.
-
-    ``inits`` (row name -> ``(column, alpha)``): that row's rankers start from ``alpha`` times the
-    feature column divided by its deviation over the training rows (LightGBM ``init_score``),
-    and the same term is added to their test scores."""
+    the number of windows where the ranker is at least EASE."""
     settings = settings or TrainSettings()
     per_seed: dict[str, list[list[np.ndarray]]] = {name: [[] for _ in cfgs] for name, cfgs in grid.items()}
     ease: list[np.ndarray] = []
@@ -104,14 +103,8 @@ def measure(
         weights = {"dense": ease_weights(fitted.test_period.histories, n_items)}
         ease.append(alone_ndcg(fitted.test_period.histories, m.test_users, m.relevant, weights, lengths=(0,))["dense/all"])
         for name, cfgs in grid.items():
-            base_train, base_test = _base_scores(m, (inits or {}).get(name))
             for i, cfg in enumerate(cfgs):
-                booster = train_ranker(m.train, m.labels, cfg, init_score=base_train)
-                if base_test is None:
-                    ranked, _ = rerank(booster, m.test, m.test_candidates.items)
-                else:
-                    items = m.test_candidates.items
-                    ranked, _ = order_by_scores((booster.predict(m.test, num_threads=2) + base_test).reshape(items.shape), items)
+                ranked, _ = rerank(train_ranker(m.train, m.labels, cfg), m.test, m.test_candidates.items)
                 per_seed[name][i].append(per_user_ndcg(ranked, m.relevant))
 
     run(data, None, None, settings, False, inspect, windows=windows)
@@ -134,15 +127,6 @@ def measure(
     report = {"pairs": int(len(e)), "training_queries": queries, "ease_ndcg@10": float(e.mean()), "rows": rows}
     report["ease_per_window"] = [float(w.mean()) for w in ease]
     return report
-
-
-def _base_scores(m: Any, spec: tuple[str, float] | None) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """``alpha * column / its training deviation`` for the training and test rows (None: no base)."""
-    if spec is None:
-        return None, None
-    j = FEATURE_NAMES.index(spec[0])
-    scale = spec[1] / (float(m.train[:, j].std()) or 1.0)
-    return m.train[:, j] * scale, m.test[:, j] * scale
 
 
 def table(report: dict[str, Any]) -> str:
@@ -178,7 +162,9 @@ def table(report: dict[str, Any]) -> str:
     )
 
 
-def _init(text: str) -> tuple[str, float]:
+def _init(text: str) -> tuple[str | None, float]:
+    if text == "none":
+        return None, 0.0
     column, alpha = text.rsplit("@", 1)
     if column not in FEATURE_NAMES:
         raise argparse.ArgumentTypeError(f"unknown feature column {column!r}; one of {', '.join(FEATURE_NAMES)}")
@@ -201,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", default="", help="row/feature sampling fractions for extra single-booster rows, e.g. 1.0")
     p.add_argument("--val-fraction", type=float, default=TrainSettings.val_fraction, help="validation period share (the ranker's queries)")
     p.add_argument(
-        "--init", action="append", default=[], type=_init, help="COLUMN@ALPHA: rankers boosted from a feature column (repeatable)"
+        "--init",
+        action="append",
+        default=[],
+        type=_init,
+        help="COLUMN@ALPHA: rankers boosted from a feature column; none: from zero (repeatable)",
     )
     p.add_argument("--out", default=None, help="JSON report (table printed)")
     args = p.parse_args(argv)
@@ -209,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     sample = [float(x) for x in args.sample.split(",") if x]
     settings = TrainSettings(val_fraction=args.val_fraction)
     grid = settings_grid(settings.ranker, min_child, args.seeds, args.bags, sample)
-    boosted, inits = init_rows(replace(settings.ranker, min_child_samples=min_child[0]), args.init, args.seeds)
+    boosted = init_rows(replace(settings.ranker, min_child_samples=min_child[0]), args.init, args.seeds)
     with LoadWatch() as load:
-        report = measure(args.data, args.windows, grid | boosted, settings, inits)
+        report = measure(args.data, args.windows, grid | boosted, settings)
     return publish_report(report, load, table(report), args.out, data=args.data, seeds=args.seeds, val_fraction=args.val_fraction)
 
 

@@ -53,6 +53,7 @@ from torch import nn
 from export.features import FEATURE_NAMES, RankerFeatures
 from export.items import Catalog, ItemStats
 from export.pipeline import git_sha
+from export.ranker import split_linear_base
 from export.triton_config import (
     SERVING_THREADS,
     ExportError,
@@ -170,17 +171,23 @@ class ItemTowerGraph(nn.Module):
 
 
 class RankerGraph(nn.Module):
-    """Hummingbird's tree module with a pinned ``score`` [B, 1] output."""
+    """Hummingbird's tree module with a pinned ``score`` [B, 1] output, plus the booster's
+    linear base term ``coef * features[:, j]`` when it has one (:func:`export.ranker.with_linear_base`)."""
 
-    def __init__(self, executor: nn.Module):
+    def __init__(self, executor: nn.Module, base: tuple[int, float] | None = None):
         super().__init__()
         self.executor = executor
+        self.base = base
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         out = self.executor(features)
         if isinstance(out, (tuple, list)):  # classifiers return (label, proba); a ranker has one output
             out = out[0]
-        return out.reshape(-1, 1)
+        out = out.reshape(-1, 1)
+        if self.base is not None:
+            j, coef = self.base
+            out = out + coef * features[:, j : j + 1]
+        return out
 
 
 def _export_graph(
@@ -300,20 +307,22 @@ def export_ranker(booster: lgb.Booster, tree_implementation: str, path: Path) ->
 
     ``convert(..., "onnx")`` fails with torch 2.13 (it uses the dynamo exporter), so the
     torch translation is exported here with the legacy exporter (docs/platform.md). Thresholds
-    are made float32-exact first (:func:`float32_exact_booster`).
+    are made float32-exact first (:func:`float32_exact_booster`). Hummingbird has no linear
+    trees, so a booster's linear base term (:func:`export.ranker.split_linear_base`) is taken
+    off before the conversion and added back in :class:`RankerGraph`.
 
     Returns:
         How many axis-less ``Squeeze`` nodes were pinned (:func:`_pin_squeeze_axes`).
     """
     from hummingbird.ml import convert
 
-    booster = float32_exact_booster(booster)
+    booster, base = split_linear_base(float32_exact_booster(booster))
     n = booster.num_feature()
     sample = np.zeros((4, n), np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hb = convert(booster, "torch", sample, extra_config={"tree_implementation": tree_implementation})
-    _export_graph(RankerGraph(hb.model), (torch.zeros(2, n),), path, ("features",), ("score",))
+    _export_graph(RankerGraph(hb.model, base), (torch.zeros(2, n),), path, ("features",), ("score",))
     return _pin_squeeze_axes(path)
 
 

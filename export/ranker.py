@@ -40,6 +40,10 @@ class RankerConfig:
         seed: LightGBM seed (bag ``i`` uses ``seed + i``).
         bags: Boosters trained with consecutive seeds and served summed as one
             (:func:`merge_boosters`), ``n_estimators / bags`` trees each; 1 = one booster.
+        base_feature: Feature column the trees boost from (LightGBM ``init_score``) instead
+            of from zero; None = from zero.
+        base_alpha: Weight of that column scaled to unit deviation over the training rows;
+            the served booster carries the term as a one-leaf linear tree (:func:`with_linear_base`).
     """
 
     candidates: int = 200
@@ -59,6 +63,12 @@ class RankerConfig:
     colsample: float = 0.8
     seed: int = 0
     bags: int = 1
+    # None / 0 before: with 64-93 training queries a window on ml-100k, the trees learn a
+    # correction to EASE's own score rather than a ranking from scratch; over 5 seeds the
+    # ranker then scored at least EASE in 4 of 5 rolling windows with every seed (3 or 4 from
+    # zero) at the same NDCG@10 in expectation (BENCHMARKS.md "Boosting from EASE's score")
+    base_feature: str | None = "ease_score"
+    base_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_depth > 8 or self.max_depth < 1:
@@ -67,6 +77,8 @@ class RankerConfig:
             raise ValueError(f"n_estimators must be <= 500 for a servable ranker, got {self.n_estimators}")
         if self.bags < 1 or self.n_estimators % self.bags:
             raise ValueError(f"bags must be >= 1 and divide n_estimators ({self.n_estimators}), got {self.bags}")
+        if not self.base_alpha >= 0:
+            raise ValueError(f"base_alpha must be >= 0, got {self.base_alpha}")
 
 
 def candidate_features(
@@ -132,7 +144,6 @@ def train_ranker(
     labels: np.ndarray,
     config: RankerConfig,
     feature_names: Sequence[str] = FEATURE_NAMES,
-    init_score: np.ndarray | None = None,
 ) -> lgb.Booster:
     """Trains LambdaRank on ``features`` [n_users * C, F] grouped by user with ``labels`` [n_users, C].
 
@@ -140,16 +151,19 @@ def train_ranker(
     names the ``F`` columns (the served features; benchmarks that try extra columns name them).
     With ``config.bags`` > 1, that many boosters of ``n_estimators / bags`` trees are trained with
     seeds ``seed, seed + 1, ...`` and returned as one booster that sums them
-    (:func:`merge_boosters`). ``init_score`` [n_users * C] (benchmarks only): per-row scores
-    the trees boost from; the booster's predictions then exclude them, so callers add them back.
+    (:func:`merge_boosters`). With ``config.base_feature``, the trees boost from
+    ``base_alpha * column / std(column)`` (the deviation over all of ``features``' rows) and
+    the returned booster adds that term itself (:func:`with_linear_base`), so its
+    ``predict`` is the whole score.
     """
     n_users, n_cand = labels.shape
     keep = labels.max(axis=1) > 0
     if not keep.any():
         raise ValueError("no ranker training query has a positive label: the validation period is too small")
+    base = _base_term(features, config, feature_names)
     x = features.reshape(n_users, n_cand, -1)[keep].reshape(-1, features.shape[1])
     y = labels[keep].reshape(-1)
-    init = None if init_score is None else np.asarray(init_score, dtype=np.float64).reshape(n_users, n_cand)[keep].reshape(-1)
+    init = None if base is None else x[:, base[0]].astype(np.float64) * base[1]
     data = lgb.Dataset(x, label=y, group=np.full(int(keep.sum()), n_cand), feature_name=list(feature_names), init_score=init)
     params = {
         "objective": "lambdarank",
@@ -170,7 +184,78 @@ def train_ranker(
     }
     rounds = config.n_estimators // config.bags
     members = [lgb.train({**params, "seed": config.seed + i}, data, num_boost_round=rounds) for i in range(config.bags)]
-    return members[0] if config.bags == 1 else merge_boosters(members)
+    booster = members[0] if config.bags == 1 else merge_boosters(members)
+    return booster if base is None else with_linear_base(booster, *base)
+
+
+def _base_term(features: np.ndarray, config: RankerConfig, feature_names: Sequence[str]) -> tuple[int, float] | None:
+    """``(column index, coefficient)`` of the score the trees boost from, or None."""
+    if config.base_feature is None or config.base_alpha == 0:
+        return None
+    if config.base_feature not in feature_names:
+        raise ValueError(f"base_feature {config.base_feature!r} is not a ranker feature (one of {', '.join(feature_names)})")
+    j = list(feature_names).index(config.base_feature)
+    return j, config.base_alpha / (float(np.asarray(features[:, j], np.float64).std()) or 1.0)
+
+
+def with_linear_base(booster: lgb.Booster, feature: int, coef: float) -> lgb.Booster:
+    """``booster`` plus ``coef * x[feature]`` in every prediction, as one more tree.
+
+    The term is LightGBM's own linear-tree format (``is_linear=1``) on a tree of one leaf
+    (constant 0, one coefficient), so ``predict``, ``save_model`` and everything that loads
+    ``ranker.lgb`` see the whole score; Hummingbird has no linear trees, so the ONNX export
+    takes the term off again (:func:`split_linear_base`) and adds it in the graph. A missing
+    (NaN) feature value makes LightGBM fall back to the leaf value, 0: served features are
+    never NaN (the parity checks compare both on real rows).
+    """
+    lines = [line for line in booster.model_to_string().split("\n") if not line.startswith("tree_sizes=")]
+    end = lines.index("end of trees")
+    tree = [
+        f"Tree={booster.num_trees()}",
+        "num_leaves=1",
+        "num_cat=0",
+        "split_feature=",
+        "split_gain=",
+        "threshold=",
+        "decision_type=",
+        "left_child=",
+        "right_child=",
+        "leaf_value=0",
+        "leaf_weight=0",
+        "leaf_count=0",
+        "internal_value=",
+        "internal_weight=",
+        "internal_count=",
+        "is_linear=1",
+        "leaf_const=0",
+        "num_features=1",
+        f"leaf_features={int(feature)} ",
+        f"leaf_coeff={float(coef)!r} ",
+        "shrinkage=1",
+        "",
+        "",
+    ]
+    return lgb.Booster(model_str="\n".join(lines[:end] + tree + lines[end:]))
+
+
+def split_linear_base(booster: lgb.Booster) -> tuple[lgb.Booster, tuple[int, float] | None]:
+    """``(the trees alone, (feature, coef) of the linear term or None)``: the inverse of
+    :func:`with_linear_base`, for converters without linear trees (Hummingbird)."""
+    lines = booster.model_to_string().split("\n")
+    if "is_linear=1" not in lines:
+        return booster, None
+    lines = [line for line in lines if not line.startswith("tree_sizes=")]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Tree=")]
+    end = lines.index("end of trees")
+    last = lines[starts[-1] : end]
+    linear = [i for i in starts if "is_linear=1" in lines[i : next((s for s in starts if s > i), end)]]
+    if linear != [starts[-1]] or "num_leaves=1" not in last:
+        raise ValueError("split_linear_base: only a last one-leaf linear tree (with_linear_base) is supported")
+    field = {k: v for k, _, v in (line.partition("=") for line in last)}
+    if float(field["leaf_const"]) != 0.0 or int(field["num_features"]) != 1:
+        raise ValueError("split_linear_base: the linear tree is not a with_linear_base term")
+    term = (int(field["leaf_features"].split()[0]), float(field["leaf_coeff"].split()[0]))
+    return lgb.Booster(model_str="\n".join(lines[: starts[-1]] + lines[end:])), term
 
 
 def merge_boosters(boosters: Sequence[lgb.Booster]) -> lgb.Booster:

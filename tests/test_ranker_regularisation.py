@@ -39,16 +39,18 @@ def test_grid_sampling_rows_change_only_the_sampling():
 
 def test_a_tiny_run_reports_every_row_with_finite_figures(tmp_path):
     synthesize(SynthSpec(users=300, items=150, ratings=6000, seed=5, span_days=10), tmp_path, progress=False)
-    base = RankerConfig(candidates=30, n_estimators=20, min_child_samples=5)
+    base = RankerConfig(candidates=30, n_estimators=20, min_child_samples=5, base_feature=None)
     settings = TrainSettings(
         two_tower=TwoTowerConfig(dim=16, hidden=32, history_len=10, epochs=2, batch_size=64, patience=2, lr=5e-3), ranker=base
     )
     grid = rr.settings_grid(base, [5, 20], 2, [(2, 10, 0.1)])
-    boosted, inits = rr.init_rows(base, [("ease_score", 0.0), ("ease_score", 1.0)], 2)
-    report = rr.measure(str(tmp_path), 2, grid | boosted, settings, inits)
+    boosted = rr.init_rows(base, [("ease_score", 0.0), ("ease_score", 1.0), (None, 0.0)], 2)
+    report = rr.measure(str(tmp_path), 2, grid | boosted, settings)
     assert set(report["rows"]) == set(grid) | set(boosted)
-    # boosting from zero times a column is the plain ranker, seed for seed
-    assert report["rows"]["boosted from ease_score x 0"]["seeds"] == report["rows"]["min_child_samples 5"]["seeds"]
+    # boosting from zero times a column is the plain ranker, seed for seed; from one times it is not
+    rows = report["rows"]
+    assert rows["boosted from ease_score x 0"]["seeds"] == rows["boosted from zero"]["seeds"] == rows["min_child_samples 5"]["seeds"]
+    assert rows["boosted from ease_score x 1"]["seeds"] != rows["min_child_samples 5"]["seeds"]
     assert len(report["training_queries"]) == 2 and min(report["training_queries"]) > 0
     first = report["rows"]["min_child_samples 5"]
     assert first["vs_first"]["mean_diff"] == 0.0 and first["vs_first"]["users"] == report["pairs"] > 0
