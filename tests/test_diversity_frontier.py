@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.diversity_frontier import _unit, dpp, mmr, mmr_unscaled, pareto
+from benchmarks.diversity_frontier import _unit, dpp, label_free_choice, mmr, mmr_unscaled, pareto, strength_dcg
 from export.ranking_metrics import intra_list_diversity
 from orchestrator.mmr import mmr_rerank
 
@@ -63,3 +63,25 @@ def test_unscaled_mmr_weighs_raw_score_gaps_against_similarity(discount: bool) -
     # the discount makes lower positions cheaper to diversify: at least as diverse for one beta
     if discount:
         assert intra_list_diversity(diverse, unit) >= intra_list_diversity(mmr_unscaled(0.5)(sc, unit), unit)
+
+
+def test_strength_dcg_is_largest_for_the_rankers_order_and_needs_no_labels() -> None:
+    items = np.array([[5, 3, 9, 1, 7, 2, 8, 0, 4, 6, 11, -1]])
+    scores = np.concatenate([np.linspace(3.0, 0.0, 11), [-np.inf]])[None, :]
+    w = {"ranked": items, "scores": scores}
+    own = strength_dcg(w, items[:, :10])
+    strength = np.exp(scores[0, :11] - 3.0)
+    expected = float((strength[:10] / strength.sum() / np.log2(np.arange(2, 12))).sum())
+    assert own[0] == pytest.approx(expected, rel=1e-12)
+    # any other list of the candidates keeps less; an item outside them (or padding) adds nothing
+    assert strength_dcg(w, items[:, 1:11])[0] < own[0]
+    assert strength_dcg(w, np.array([[99, -1, -1, -1, -1, -1, -1, -1, -1, -1]]))[0] == 0.0
+
+
+def test_label_free_choice_takes_the_served_point_that_keeps_most_among_those_reaching_the_target() -> None:
+    def row(method: str, ild: float, strength: float) -> dict:
+        return {"method": method, "all": (-9.9, ild), "strength": strength}
+
+    rows = [row("mmr-sum", 25.0, -6.0), row("mmr-sum", 21.0, -3.0), row("mmr-max", 19.0, -1.0), row("dpp", 30.0, -0.5)]
+    assert label_free_choice(rows) is rows[1]  # dpp is not served, 19 % is short of 20 %
+    assert label_free_choice(rows, target=40.0) is None
