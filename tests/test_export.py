@@ -26,6 +26,7 @@ from export.onnx_export import (
     sample_user_inputs,
     session,
 )
+from export.ranker import split_linear_base
 from orchestrator.artifacts import file_sha256
 from orchestrator.contract import MODEL_NAMES, published_versions
 
@@ -147,6 +148,8 @@ def test_float32_exact_thresholds_keep_lightgbm_and_fix_ties(booster, tmp_path):
 @pytest.mark.parametrize("implementation", TREE_IMPLEMENTATIONS)
 def test_every_tree_strategy_handles_batch_1(booster, features, model, tmp_path, implementation):
     """gemm's batch-1 failure (an axis-less Squeeze) is fixed by pinning the axes."""
+    # the pipeline's ranker boosts from ease_score, so these parities also cover the linear term
+    assert split_linear_base(booster)[1] is not None
     x = sample_candidate_inputs(7, features.genres.shape[0], seed=5)
     feats = candidate_features(features, x)
     pinned = export_ranker(booster, implementation, tmp_path / "r.onnx")
