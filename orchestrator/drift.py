@@ -83,6 +83,10 @@ EDGE_TOLERANCE = 1e-5
 vector's norm is 0.99999994 in one runtime, 1.0 in another) must not move it across an edge."""
 
 
+LOGGED_DECIMALS = 6
+"""Decimals of the scores and the user norm a sample keeps (:func:`drift_sample`, the request log)."""
+
+
 def rounded(values: np.ndarray, digits: int = SIGNIFICANT_DIGITS) -> np.ndarray:
     """``values`` rounded to ``digits`` significant digits (float64; zeros and non-finite kept)."""
     v = np.asarray(values, np.float64)
@@ -123,13 +127,13 @@ class DriftSample:
         }
 
     def to_json(self) -> str:
-        """A compact JSON text for the request log (scores rounded to 6 digits)."""
+        """A compact JSON text for the request log (scores and norm as :func:`drift_sample` rounded them)."""
         return json.dumps(
             {
                 "h": self.history_length,
-                "n": round(self.user_norm, 6),
-                "r": [round(float(x), 6) for x in self.retrieval_scores],
-                "s": [round(float(x), 6) for x in self.ranker_scores],
+                "n": round(self.user_norm, LOGGED_DECIMALS),
+                "r": [round(float(x), LOGGED_DECIMALS) for x in self.retrieval_scores],
+                "s": [round(float(x), LOGGED_DECIMALS) for x in self.ranker_scores],
                 "p": [float(x) for x in self.popularity],
                 "g": [int(x) for x in self.genres],
             },
@@ -179,14 +183,21 @@ def drift_sample(
     """
     hist = window_items[window_items >= 0]
     top = slice(0, OBSERVED_TOP)
+    # rounded as the request log stores them, so the live histogram and `recsys drift`'s table
+    # over the log bin the same values (a raw score a hair below an edge could round onto it)
     return DriftSample(
         int(len(hist)),
-        float(np.sqrt(np.dot(user_vector, user_vector))),
-        np.asarray(retrieval_scores[top], np.float32),
-        np.asarray(ranker_scores[top], np.float32),
+        round(float(np.sqrt(np.dot(user_vector, user_vector))), LOGGED_DECIMALS),
+        _logged(retrieval_scores[top]),
+        _logged(ranker_scores[top]),
         np.asarray(popularity[items[top]], np.float32),
         np.nonzero(genre_matrix[hist])[1].astype(np.int64),
     )
+
+
+def _logged(scores: np.ndarray) -> np.ndarray:
+    """float32 ``scores`` rounded to :data:`LOGGED_DECIMALS` decimals: the values the log keeps."""
+    return np.round(np.asarray(scores, np.float64), LOGGED_DECIMALS).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------ bins and PSI

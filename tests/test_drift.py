@@ -26,6 +26,7 @@ from orchestrator.drift import (
     DriftMonitor,
     DriftReference,
     DriftSample,
+    drift_sample,
     psi,
     quantile_edges,
 )
@@ -98,6 +99,24 @@ def _reference(genres: int = 3) -> DriftReference:
         for _ in range(500)
     ]
     return DriftReference.from_samples(samples, [f"g{i}" for i in range(genres)])
+
+
+def test_a_sample_bins_the_same_live_and_read_back_from_the_log():
+    """The live histogram and `recsys drift` (over the request log) see bit-identical values."""
+    rng = np.random.default_rng(3)
+    for scale in (1e-3, 1.0, 40.0):
+        scores = (scale * rng.normal(size=(2, 50))).astype(np.float32)
+        s = drift_sample(
+            np.array([3, 1, -1]), rng.normal(size=8).astype(np.float32), scores[0], scores[1], np.arange(50), np.arange(60), np.eye(60, 4)
+        )
+        back = DriftSample.from_json(s.to_json())
+        for name, live in s.values().items():
+            np.testing.assert_array_equal(back.values()[name], live, err_msg=name)
+    # a score a hair below an edge is rounded before either side bins it
+    edge = Bins(edges=np.array([0.5]))
+    hair = np.float32(0.5 - 0.5 * 1e-5 - 4e-7)
+    s = drift_sample(np.array([0]), np.ones(2, np.float32), np.array([hair]), np.array([hair]), np.array([0]), np.ones(1), np.eye(1))
+    assert edge.index(s.retrieval_scores) == edge.index(DriftSample.from_json(s.to_json()).retrieval_scores)
 
 
 def test_reference_round_trips_and_rejects_damage(tmp_path):
@@ -234,7 +253,7 @@ def test_metric_and_offline_table_on_a_real_server(tiny_artifacts, tiny_reposito
     offline = json.loads(capsys.readouterr().out)
     assert offline["answers"] == n and offline["alert"] is True
     for d in DISTRIBUTIONS:
-        assert offline["psi"][d] == pytest.approx(shifted[d], rel=1e-6, abs=1e-9)
+        assert offline["psi"][d] == pytest.approx(shifted[d], rel=1e-6, abs=1e-9), d
     assert main(["drift", "--request-log", str(tmp_path / "requests.sqlite"), "--artifacts", str(tiny_artifacts)]) == 0
     table = capsys.readouterr().out
     assert "history_genres" in table and "DRIFT" in table

@@ -27,6 +27,7 @@ import torch
 
 from clients.client import RecsysClient
 from export.onnx_export import export_repository
+from export.ranker import split_linear_base, with_linear_base
 from orchestrator.candidates import SOURCES
 from orchestrator.contract import RANKER_HISTORY
 from orchestrator.deployment import CONTROL, TREATMENT, ReloadError, ReloadWatcher, ab_bucket, artifacts_of
@@ -47,9 +48,9 @@ def _perturbed(artifacts: Path, out: Path) -> Path:
     """A copy of ``artifacts`` whose user tower and ranker answer differently (same catalog).
 
     The user tower's last layer gets seeded noise (other retrieval scores and candidates) and
-    every ranker leaf value is doubled (other ranker scores), so a version exported from it
-    answers every user differently, and an answer mixing the two versions' models matches
-    neither version's answers.
+    every ranker leaf value is doubled, and so is the ranker's linear EASE term (every ranker
+    score doubles), so a version exported from it answers every user differently, and an answer
+    mixing the two versions' models matches neither version's answers.
     """
     shutil.copytree(artifacts, out)
     ckpt = torch.load(out / "two_tower.pt", map_location="cpu", weights_only=False)
@@ -58,10 +59,12 @@ def _perturbed(artifacts: Path, out: Path) -> Path:
         t = ckpt["state_dict"][name]
         t += 0.5 * t.std() * torch.randn(t.shape, generator=gen)
     torch.save(ckpt, out / "two_tower.pt")
-    booster = lgb.Booster(model_file=str(out / "ranker.lgb"))
+    booster, base = split_linear_base(lgb.Booster(model_file=str(out / "ranker.lgb")))
     for tree in booster.dump_model()["tree_info"]:
         for leaf in range(tree["num_leaves"]):
             booster.set_leaf_output(tree["tree_index"], leaf, 2.0 * booster.get_leaf_output(tree["tree_index"], leaf))
+    if base is not None:
+        booster = with_linear_base(booster, base[0], 2.0 * base[1])
     booster.save_model(str(out / "ranker.lgb"))
     return out
 
