@@ -82,12 +82,7 @@ def init_rows(base: RankerConfig, specs: list[tuple[str | None, float]], seeds: 
     }
 
 
-def measure(
-    data: str,
-    windows: int,
-    grid: dict[str, list[RankerConfig]],
-    settings: TrainSettings | None = None,
-) -> dict[str, Any]:
+def measure(data: str, windows: int, grid: dict[str, list[RankerConfig]], settings: TrainSettings | None = None) -> dict[str, Any]:
     """Per row and seed, per-user NDCG@10 pooled over the windows; EASE's beside, and per seed
     the number of windows where the ranker is at least EASE."""
     settings = settings or TrainSettings()

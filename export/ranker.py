@@ -140,10 +140,7 @@ def candidate_labels(user_ids: np.ndarray, cand_items: np.ndarray, period: pd.Da
 
 
 def train_ranker(
-    features: np.ndarray,
-    labels: np.ndarray,
-    config: RankerConfig,
-    feature_names: Sequence[str] = FEATURE_NAMES,
+    features: np.ndarray, labels: np.ndarray, config: RankerConfig, feature_names: Sequence[str] = FEATURE_NAMES
 ) -> lgb.Booster:
     """Trains LambdaRank on ``features`` [n_users * C, F] grouped by user with ``labels`` [n_users, C].
 
@@ -248,8 +245,7 @@ def split_linear_base(booster: lgb.Booster) -> tuple[lgb.Booster, tuple[int, flo
     starts = [i for i, line in enumerate(lines) if line.startswith("Tree=")]
     end = lines.index("end of trees")
     last = lines[starts[-1] : end]
-    linear = [i for i in starts if "is_linear=1" in lines[i : next((s for s in starts if s > i), end)]]
-    if linear != [starts[-1]] or "num_leaves=1" not in last:
+    if lines.count("is_linear=1") != 1 or "is_linear=1" not in last or "num_leaves=1" not in last:
         raise ValueError("split_linear_base: only a last one-leaf linear tree (with_linear_base) is supported")
     field = {k: v for k, _, v in (line.partition("=") for line in last)}
     if float(field["leaf_const"]) != 0.0 or int(field["num_features"]) != 1:

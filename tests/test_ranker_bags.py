@@ -6,7 +6,7 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from export.ranker import RankerConfig, merge_boosters, split_linear_base, train_ranker
+from export.ranker import RankerConfig, merge_boosters, split_linear_base, train_ranker, with_linear_base
 
 
 def _queries(seed: int = 0, users: int = 60, cands: int = 20, n_features: int = 4):
@@ -102,3 +102,10 @@ def test_a_bad_base_is_refused_by_name():
         train_ranker(x, labels, RankerConfig(n_estimators=2, min_child_samples=5, base_feature="rating"), NAMES)
     with pytest.raises(ValueError, match="base_alpha"):
         RankerConfig(base_alpha=-1.0)
+
+
+def test_split_refuses_a_booster_with_two_linear_terms():
+    x, labels = _queries(6)
+    booster = train_ranker(x, labels, RankerConfig(n_estimators=2, min_child_samples=5, base_feature="f1"), NAMES)
+    with pytest.raises(ValueError, match="only a last one-leaf linear tree"):
+        split_linear_base(with_linear_base(booster, 0, 1.0))
