@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import REPORTS, LoadWatch, conditions, conditions_line, log, markdown_table, write_json
+from benchmarks.process_cpu import ProcessTreeCpu, cpu_line
 from export import DEFAULT_DATA_DIR
 
 DEFAULT_OUT = REPORTS / "e2e.json"
@@ -418,14 +419,18 @@ def run_served(
             out["first_call_ms"] = round(first["latencies"][0] * 1e3, 2) if first["latencies"] else None
             log(f"served: SERVING after {out['serving_after_s']} s, first call {out['first_call_ms']} ms; warm-up {warmup}")
             asyncio.run(_drive(stack.address, users[1 : 1 + warmup], min(4, max(levels)), k, timeout_s))
+            cpu = ProcessTreeCpu(stack.proc.pid) if stack.proc else None
             for c in levels:
                 picked = users[1 + warmup : 1 + warmup + requests]
+                before = cpu.snapshot() if cpu else None
                 r = asyncio.run(_drive(stack.address, picked, c, k, timeout_s))
                 s = level_summary(r["latencies"], r["wall_s"], r["errors"], r["fallbacks"])
+                # CPU of every process per answered call: what the cores allow at saturation
+                s["cpu"] = ProcessTreeCpu.per_call(before, cpu.snapshot() if cpu else None, len(r["latencies"]))
                 if c == levels[0]:
                     out["stages_ms"] = stage_medians(r["server_ms"], np.asarray(r["latencies"]) * 1e3)
                 out["levels"][f"c{c}"] = s
-                log(f"served c{c}: p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, {s['qps']} QPS, {s['errors']} errors")
+                log(f"served c{c}: p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, {s['qps']} QPS, {s['errors']} errors; {cpu_line(s['cpu'])}")
             if extras if overload is None else overload:
                 picked = users[1 + warmup : 1 + warmup + max(requests, 4 * OVERLOAD_CONCURRENCY)]
                 for key, honour in (("overload", False), ("overload_backoff", True)):
@@ -514,6 +519,9 @@ def targets(
         floor_target = name.endswith("qps") or name == "batch_speedup"
         ok = None if value is None else (value >= limit if floor_target else value <= limit)
         out[name] = {"target": limit, "measured": value, "met": ok}
+    ceiling = (c16.get("cpu") or {}).get("ceiling_qps")
+    if ceiling is not None:  # what this machine's cores allow at c16's CPU per call, with no idle moment
+        out["c16_qps"]["cpu_ceiling_qps"] = ceiling
     return out
 
 
@@ -570,7 +578,10 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         ax.set_title(f"{name}: {case['conditions']['catalog_items']:,} items, Recommend k={case['conditions']['k']}")
         ax.legend(fontsize=7)
         ax = axes[row][1]
-        ax.plot(levels, [served[f"c{c}"]["qps"] for c in levels], "o-")
+        ax.plot(levels, [served[f"c{c}"]["qps"] for c in levels], "o-", label="measured")
+        ceiling = [(served[f"c{c}"].get("cpu") or {}).get("ceiling_qps") for c in levels]
+        if all(v is not None for v in ceiling):  # cores / CPU per call of every process, load generator included
+            ax.plot(levels, ceiling, "x--", color="grey", label="CPU ceiling (cores / CPU per call)")
         ax.axhline(TARGETS["c16_qps"], color="red", lw=0.8, ls="--", label="400 QPS target (c16)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(levels, [str(c) for c in levels])
@@ -595,6 +606,8 @@ def print_report(report: dict[str, Any]) -> None:
         f = case["inprocess"]["c1"]
         rows.append(("in-process c1", f["p50_ms"], f["p95_ms"], f["p99_ms"], f["qps"], f["errors"], f["fallbacks"]))
         print(markdown_table(["path", "p50 ms", "p95 ms", "p99 ms", "QPS", "errors", "fallbacks"], rows))
+        for c, s in case["served"].items():
+            print(f"served {c}: {cpu_line(s.get('cpu'))}")
         st = case["stages_ms"]
         print("\nmedian stage times at c1 (ms): served " + ", ".join(f"{k} {v}" for k, v in st["served"].items()))
         print("                              in-process " + ", ".join(f"{k} {v}" for k, v in st["inprocess"].items()))
@@ -618,7 +631,9 @@ def print_report(report: dict[str, Any]) -> None:
         print(
             "\ntargets: "
             + "; ".join(
-                f"{k} {v['measured']} (target {v['target']}): {'met' if v['met'] else 'NOT met'}" for k, v in case["targets"].items()
+                f"{k} {v['measured']} (target {v['target']}): {'met' if v['met'] else 'NOT met'}"
+                + (f" (this machine's CPU ceiling at that CPU per call: {v['cpu_ceiling_qps']})" if "cpu_ceiling_qps" in v else "")
+                for k, v in case["targets"].items()
             )
         )
     print("\n" + conditions_line(report["conditions"]))

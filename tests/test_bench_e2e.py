@@ -52,3 +52,10 @@ def test_bench_e2e_writes_the_issue_shape(tiny_artifacts, tiny_repository, tmp_p
     assert "retrieval" in sources["stages_ms"]["served"] and "retrieval" in sources["stages_ms"]["inprocess"]
     assert set(sources["merged_over_ann_only"]) == {"served_c1_p50", "inprocess_c1_p50", "served_retrieval_p50", "inprocess_retrieval_p50"}
     assert all(v is not None and v > 0 for v in sources["merged_over_ann_only"].values())
+    # CPU per answered call by process, and the ceiling it sets (Linux: /proc)
+    for level in report["served"].values():
+        cpu = level["cpu"]
+        assert {"orchestrator", "tritonserver", "triton_python_stubs", "load_generator"} <= set(cpu["ms_per_call"])
+        assert all(ms >= 0 for ms in cpu["ms_per_call"].values()) and cpu["ms_per_call"]["orchestrator"] > 0
+        assert math.isclose(cpu["total_ms"], sum(cpu["ms_per_call"].values()), rel_tol=0.01, abs_tol=0.01)
+        assert math.isclose(cpu["ceiling_qps"], cpu["cores"] * 1e3 / cpu["total_ms"], rel_tol=0.01)

@@ -1,0 +1,45 @@
+"""benchmarks.process_cpu: CPU seconds of a process tree by role, per call."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from benchmarks.process_cpu import ProcessTreeCpu, cpu_line
+
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\ntime.sleep(30)"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_child_and_grandchild_are_counted_under_the_root():
+    # the root burns 0.3 s of CPU, its child 0.6 s; both then sleep while we read
+    child = f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', {BURN.format(s=0.6)!r}]); exec({BURN.format(s=0.3)!r})"
+    root = subprocess.Popen([sys.executable, "-c", child], start_new_session=True)
+    try:
+        cpu = ProcessTreeCpu(root.pid)
+        before = cpu.snapshot()
+        assert before is not None and before.by_pid  # the root at least
+        time.sleep(2.5)  # both burn and go to sleep (interpreter start-up included)
+        after = cpu.snapshot()
+        figures = ProcessTreeCpu.per_call(before, after, calls=10)
+        assert figures is not None
+        assert len(after.by_pid) == 2  # the grandchild process was found through its parent
+        per_call = figures["ms_per_call"]
+        # 10 calls: the root's ~0.3 s is ~30 ms a call, the child's ~0.6 s (role "other") ~60 ms
+        assert 25 <= per_call["orchestrator"] <= 60 and 55 <= per_call["other"] <= 95
+        assert figures["ceiling_qps"] == pytest.approx(figures["cores"] * 1e3 / figures["total_ms"], rel=0.01)
+        assert "orchestrator" in cpu_line(figures) and "ceiling" in cpu_line(figures)
+    finally:
+        os.killpg(root.pid, signal.SIGKILL)  # the grandchild too
+        root.wait()
+
+
+def test_without_proc_nothing_is_claimed():
+    assert ProcessTreeCpu(2**22 + 12345).snapshot() is None  # no such pid
+    assert ProcessTreeCpu.per_call(None, None, 10) is None
+    assert cpu_line(None) == "CPU per call: not measured (no /proc)"
