@@ -89,6 +89,20 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def cpu_ticks() -> tuple[int, int, int] | None:
+    """``(all, busy, steal)`` clock ticks of every CPU since boot, from ``/proc/stat`` (None elsewhere).
+
+    ``steal`` is time a virtual CPU was runnable but the hypervisor ran something else: on a
+    shared VM it changes how much work a CPU-second does, which no load average shows.
+    """
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return sum(fields), user + nice + system + irq + softirq, steal
+
+
 def current_rss_bytes() -> int:
     """Resident set size of this process *now* (``getrusage`` only knows the peak)."""
     try:
@@ -149,19 +163,32 @@ class LoadWatch:
         self.after: list[float] = []
         self.seconds = 0.0
         self._t0 = 0.0
+        self._ticks0: tuple[int, int, int] | None = None
+        self._ticks1: tuple[int, int, int] | None = None
 
     def __enter__(self) -> LoadWatch:
         self.before = load_average()
+        self._ticks0 = cpu_ticks()
         self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._t0
         self.after = load_average()
+        self._ticks1 = cpu_ticks()
 
     def record(self) -> dict[str, Any]:
-        """``{"before": [1, 5, 15 min], "after": [...], "wall_s": ...}``."""
-        return {"before": self.before, "after": self.after or load_average(), "wall_s": round(self.seconds, 1)}
+        """``{"before": [1, 5, 15 min], "after": [...], "wall_s": ..., "busy_pct": ..., "steal_pct": ...}``.
+
+        ``busy_pct`` / ``steal_pct``: shares of all CPUs' time during the block spent working /
+        taken by the hypervisor (None without ``/proc/stat``).
+        """
+        out: dict[str, Any] = {"before": self.before, "after": self.after or load_average(), "wall_s": round(self.seconds, 1)}
+        t0, t1 = self._ticks0, self._ticks1 or cpu_ticks()
+        span = (t1[0] - t0[0]) if t0 and t1 else 0
+        out["busy_pct"] = round(100 * (t1[1] - t0[1]) / span, 1) if t0 and t1 and span > 0 else None
+        out["steal_pct"] = round(100 * (t1[2] - t0[2]) / span, 1) if t0 and t1 and span > 0 else None
+        return out
 
 
 def latency_summary(seconds: Sequence[float] | np.ndarray) -> dict[str, float | int]:
@@ -239,6 +266,7 @@ def conditions_line(cond: dict[str, Any]) -> str:
     return (
         f"git {sha}; {cond.get('cpu')}, {cond.get('cores')} cores; nice {cond.get('nice')}; "
         f"load avg before {load.get('before')} after {load.get('after')}"
+        + (f"; CPUs busy {load['busy_pct']} %, stolen by the hypervisor {load['steal_pct']} %" if load.get("steal_pct") is not None else "")
     )
 
 

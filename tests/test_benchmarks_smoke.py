@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,9 @@ def _check_conditions(report: dict) -> None:
     assert CONDITION_KEYS <= set(cond)
     assert cond["cores"] >= 1
     assert len(cond["load_average"]["before"]) == 3 and len(cond["load_average"]["after"]) == 3
+    if Path("/proc/stat").exists():  # the CPUs' busy and stolen shares during the run (Linux)
+        assert 0 <= cond["load_average"]["steal_pct"] <= 100
+        assert 0 < cond["load_average"]["busy_pct"] <= 100
 
 
 def _finite(*values: float) -> bool:

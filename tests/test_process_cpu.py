@@ -43,3 +43,18 @@ def test_without_proc_nothing_is_claimed():
     assert ProcessTreeCpu(2**22 + 12345).snapshot() is None  # no such pid
     assert ProcessTreeCpu.per_call(None, None, 10) is None
     assert cpu_line(None) == "CPU per call: not measured (no /proc)"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
+def test_load_watch_reports_the_busy_and_stolen_shares():
+    from benchmarks.common import LoadWatch, conditions_line
+
+    with LoadWatch() as load:
+        t = time.process_time()
+        while time.process_time() - t < 0.3:  # one CPU busy for 0.3 s
+            pass
+    record = load.record()
+    cores = len(os.sched_getaffinity(0))
+    assert 100 / cores * 0.5 <= record["busy_pct"] <= 100  # at least about half of one CPU's share
+    assert 0 <= record["steal_pct"] <= 100
+    assert "stolen by the hypervisor" in conditions_line({"load_average": record})
