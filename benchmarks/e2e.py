@@ -22,6 +22,10 @@ What one run does, per case:
 3. **In process.** After the served stack stopped: the same ONNX files in onnxruntime, the
    same FAISS index, the same re-ranking, called from one Python thread with no RPC: the
    floor the served path is compared with.
+   At each level the CPU every process spent per answered call (``recsys serve``, the
+   embedded ``tritonserver``, its Python-backend stubs, this process as the load generator;
+   ``benchmarks/process_cpu.py``) and the ceiling it sets, ``cores x 1000 / total`` answers
+   per second: whether a throughput target is out of reach of the code or of the machine.
 4. **Stages.** Medians of the server-reported stage timings (history, user tower,
    retrieval, ranking, re-ranking) at c1, the server's own total, and the RPC overhead
    (client-observed minus server total), served and in process.
