@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         for c in levels:
             for q in ("p50_ms", "p99_ms", "qps"):
                 s[f"c{c}_{q}"] = med(lambda x: x["levels"][f"c{c}"][q])
+        # the machine's drift between rounds shows here first: the same variant's CPU per call
+        top = f"c{levels[-1]}"
+        s[f"{top}_cpu_ms"] = med(lambda x: (x["levels"][top].get("cpu") or {}).get("total_ms") or 0.0)
         over = ("admitted_p99_ms", "shed_p99_ms") if args.overload else ()
         for q in over:
             s[f"c64_{q}"] = med(lambda x: x["overload"][q] or 0.0)
@@ -187,10 +190,16 @@ def main(argv: list[str] | None = None) -> int:
                 v.name,
                 s["first_call_ms"],
                 *(s[f"c{c}_{q}"] for c in levels for q in ("p50_ms", "p99_ms", "qps")),
+                s[f"{top}_cpu_ms"],
                 *(s[f"c64_{q}"] for q in over),
             ]
         )
-    headers = ["variant", "first call ms", *(f"c{c} {q}" for c in levels for q in ("p50 ms", "p99 ms", "QPS"))]
+    headers = [
+        "variant",
+        "first call ms",
+        *(f"c{c} {q}" for c in levels for q in ("p50 ms", "p99 ms", "QPS")),
+        f"c{levels[-1]} CPU ms/call",
+    ]
     headers += ["c64 admitted p99 ms", "c64 shed p99 ms"] if args.overload else []
     print(markdown_table(headers, rows))
     cond = conditions(requests=args.requests, warmup=args.warmup, rounds=args.rounds, artifacts=str(artifacts))
