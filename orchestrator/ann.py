@@ -366,7 +366,7 @@ def _search_params(index: faiss.Index, sel: Any, effort: int | None) -> Any:
     return faiss.SearchParameters(**kwargs) if kwargs else None
 
 
-def _effort_ladder(index: faiss.Index, rounds: int, share: float, on_gpu: bool) -> list[int | None]:
+def _effort_ladder(index: faiss.Index, rounds: int, share: float, on_gpu: bool, want: int = 0) -> list[int | None]:
     """nprobe / efSearch per round (exact kinds: None, nothing to raise).
 
     IVF: the first round divides ``nprobe`` by the admissible share. A selector makes FAISS
@@ -383,11 +383,23 @@ def _effort_ladder(index: faiss.Index, rounds: int, share: float, on_gpu: bool) 
     follows the fetch instead, ``efSearch = 2 x fetch``, see :func:`search_filtered`.
 
     Each further round multiplies by 4.
+
+    IVF rungs whose lists hold, on average, fewer admissible items than ``want`` (the fewest
+    results plus admissible exclusions any row needs) are skipped, the last rung excepted: such
+    a round comes back short and runs again, so it only costs a search. With ``nprobe`` tuned
+    for recall at k = 100 and 200 candidates served, the first rung of a ~25-item-per-list
+    index held ~200 vectors and was re-run for 237 of 300 users (BENCHMARKS.md, "The hot path,
+    fourth pass"). The rows keep the rung they reached before, or a higher one.
     """
     if _is_ivf(index):
         start, top = index.nprobe, min(index.nlist, GPU_MAX_K) if on_gpu else index.nlist  # type: ignore[attr-defined]  # faiss stubs
         first = math.ceil(start / max(share, 1e-9))
-    elif isinstance(index, faiss.IndexHNSW) and not on_gpu:
+        rungs = [min(first * OVERFETCH_GROWTH**r, top) for r in range(max(1, rounds))]
+        per_list = index.ntotal / max(index.nlist, 1) * share  # type: ignore[attr-defined]  # faiss stubs
+        while len(rungs) > 1 and rungs[0] * per_list < want:
+            rungs.pop(0)
+        return list[int | None](rungs)
+    if isinstance(index, faiss.IndexHNSW) and not on_gpu:
         start = index.hnsw.efSearch
         top = max(start, min(index.ntotal, 16 * start))
         first = min(math.ceil(start / max(share, 1e-9)), 4 * start)
@@ -565,13 +577,14 @@ def search_filtered(
         gpu = True  # no selector support (e.g. a GPU index passed with on_gpu=False): post-filter
     got = np.zeros(n, dtype=np.int64)
     share = n_base / ntotal
+    want = int((need + dropped).min())  # the row needing the fewest admissible items in its lists
     if gpu:
         cap = min(ntotal, GPU_MAX_K)
         longest = max(e.size for e in excluded)
         fetch = min(cap, max(k, math.ceil((k + longest) / share)))
         pending = np.arange(n)
         last: tuple[int, int | None] | None = None
-        for effort in _effort_ladder(index, max_rounds, share, on_gpu=True):
+        for effort in _effort_ladder(index, max_rounds, share, on_gpu=True, want=want):
             if (fetch, effort) == last:
                 break  # both at their ceiling: another round would return the same
             last = (fetch, effort)
@@ -594,7 +607,7 @@ def search_filtered(
         pending = np.arange(n)
         # Exact kinds get one round: their answer cannot improve. Approximate ones stop early
         # once their effort has hit the ceiling.
-        ladder = _effort_ladder(index, max_rounds, share, on_gpu=False)
+        ladder = _effort_ladder(index, max_rounds, share, on_gpu=False, want=want)
         ladder = [None] if ladder[0] is None else list(dict.fromkeys(ladder))
         for effort in ladder:
             if shared:  # one selector (or none) for the whole batch

@@ -455,3 +455,31 @@ def test_build_from_artifacts_writes_bundle_and_report(tmp_path, item_table):
     bundle = load_index_bundle(out)
     assert bundle.kind == report["default"] and bundle.vectors is not None
     assert bundle.meta["item_table"]["path"] == "../items.parquet"
+
+
+
+def test_ivf_skips_the_rungs_whose_lists_cannot_hold_k(indexes, vectors, monkeypatch):
+    ivf = indexes["ivf_flat"]
+    per_list = N / ivf.nlist
+    nprobes: list[int] = []
+    search = ivf.search
+
+    def recording(x, k, params=None):  # the real IVF search, its nprobe noted
+        nprobes.append(params.nprobe)
+        return search(x, k, params=params)
+
+    monkeypatch.setattr(ivf, "search", recording)
+    query = make_queries(vectors, 1, seed=19)
+    exclude = [np.random.default_rng(3).choice(N, 40, replace=False)]
+    # k above what the tuned nprobe's lists hold: that rung would come back short and run again
+    k = int(ivf.nprobe * per_list) + 20
+    items, _ = search_filtered(ivf, query, k, exclude=exclude, exact_below=0)
+    assert nprobes == [ivf.nprobe * 4]  # one search, at the rung the short one used to reach
+    assert (items >= 0).all() and not np.isin(items, exclude[0]).any()
+    # the same answer as the old ladder's second round, which this search replaces
+    forced = faiss.SearchParametersIVF(nprobe=ivf.nprobe * 4, sel=faiss.IDSelectorNot(faiss.IDSelectorBatch(exclude[0])))
+    np.testing.assert_array_equal(items, search(query, k, params=forced)[1])
+    # a k the tuned lists can hold keeps the tuned nprobe
+    nprobes.clear()
+    search_filtered(ivf, query, 10, exclude=exclude, exact_below=0)
+    assert nprobes == [ivf.nprobe]
