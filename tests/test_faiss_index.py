@@ -457,7 +457,6 @@ def test_build_from_artifacts_writes_bundle_and_report(tmp_path, item_table):
     assert bundle.meta["item_table"]["path"] == "../items.parquet"
 
 
-
 def test_ivf_skips_the_rungs_whose_lists_cannot_hold_k(indexes, vectors, monkeypatch):
     ivf = indexes["ivf_flat"]
     per_list = N / ivf.nlist
