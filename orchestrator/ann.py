@@ -502,8 +502,9 @@ def search_filtered(
     2. **CPU, selector**: the filter goes into FAISS as an ``IDSelector`` inside
        ``SearchParameters`` and is applied during the scan (one selector per row when rows
        have their own exclusions). Flat, IVF and HNSW support it. For IVF / HNSW the first
-       round divides ``nprobe`` / ``efSearch`` by the admissible share (efSearch capped,
-       see :func:`_effort_ladder`); rows that still come back short retry x4, up to
+       round divides ``nprobe`` / ``efSearch`` by the admissible share (efSearch capped; an
+       IVF rung whose lists cannot hold the row's k is skipped, see :func:`_effort_ladder`);
+       rows that still come back short retry x4, up to
        ``max_rounds`` searches.
     3. **GPU (or ``on_gpu=True``), over-fetch**: FAISS GPU ignores selectors silently, so
        the search asks for more neighbours than needed and drops inadmissible ones. The
