@@ -391,21 +391,22 @@ def _effort_ladder(index: faiss.Index, rounds: int, share: float, on_gpu: bool, 
     index held ~200 vectors and was re-run for 237 of 300 users (BENCHMARKS.md, "The hot path,
     fourth pass"). The rows keep the rung they reached before, or a higher one.
     """
-    if _is_ivf(index):
+    ivf = _is_ivf(index)
+    if ivf:
         start, top = index.nprobe, min(index.nlist, GPU_MAX_K) if on_gpu else index.nlist  # type: ignore[attr-defined]  # faiss stubs
         first = math.ceil(start / max(share, 1e-9))
-        rungs = [min(first * OVERFETCH_GROWTH**r, top) for r in range(max(1, rounds))]
-        per_list = index.ntotal / max(index.nlist, 1) * share  # type: ignore[attr-defined]  # faiss stubs
-        while len(rungs) > 1 and rungs[0] * per_list < want:
-            rungs.pop(0)
-        return list[int | None](rungs)
-    if isinstance(index, faiss.IndexHNSW) and not on_gpu:
+    elif isinstance(index, faiss.IndexHNSW) and not on_gpu:
         start = index.hnsw.efSearch
         top = max(start, min(index.ntotal, 16 * start))
         first = min(math.ceil(start / max(share, 1e-9)), 4 * start)
     else:
         return [None] * max(1, rounds)
-    return [min(first * OVERFETCH_GROWTH**r, top) for r in range(max(1, rounds))]
+    rungs = [min(first * OVERFETCH_GROWTH**r, top) for r in range(max(1, rounds))]
+    if ivf:
+        per_list = index.ntotal / max(index.nlist, 1) * share  # type: ignore[attr-defined]  # faiss stubs
+        while len(rungs) > 1 and rungs[0] * per_list < want:
+            rungs.pop(0)
+    return list[int | None](rungs)
 
 
 def _take_admissible(
