@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.process_cpu import usable_cpus
 from export.pipeline import git_sha, merged_candidates, package_versions, ranker_queries, users_with_history
 from export.ranker import candidate_features, candidate_labels
 from export.split import relevant_items
@@ -127,16 +128,12 @@ def conditions(**extra: Any) -> dict[str, Any]:
     Returns:
         A JSON-able dict.
     """
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        affinity = None
     out: dict[str, Any] = {
         "git_sha": git_sha(),
         "git_dirty": git_dirty(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "usable_cpus": affinity,
+        "usable_cpus": usable_cpus(),
         "nice": os.nice(0),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
         "gpu": None,
@@ -184,10 +181,12 @@ class LoadWatch:
         taken by the hypervisor (None without ``/proc/stat``).
         """
         out: dict[str, Any] = {"before": self.before, "after": self.after or load_average(), "wall_s": round(self.seconds, 1)}
+        out["busy_pct"] = out["steal_pct"] = None
         t0, t1 = self._ticks0, self._ticks1 or cpu_ticks()
-        span = (t1[0] - t0[0]) if t0 and t1 else 0
-        out["busy_pct"] = round(100 * (t1[1] - t0[1]) / span, 1) if t0 and t1 and span > 0 else None
-        out["steal_pct"] = round(100 * (t1[2] - t0[2]) / span, 1) if t0 and t1 and span > 0 else None
+        if t0 and t1 and t1[0] > t0[0]:
+            span = t1[0] - t0[0]
+            out["busy_pct"] = round(100 * (t1[1] - t0[1]) / span, 1)
+            out["steal_pct"] = round(100 * (t1[2] - t0[2]) / span, 1)
         return out
 
 

@@ -47,6 +47,14 @@ def _stat(pid: int) -> tuple[str, int, float] | None:
     return comm, int(fields[1]), ticks / os.sysconf("SC_CLK_TCK")
 
 
+def usable_cpus() -> int | None:
+    """CPUs this process may run on (its affinity mask), None where the platform cannot say."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
 def _self_seconds() -> float:
     t = os.times()
     return t.user + t.system
@@ -101,7 +109,7 @@ class ProcessTreeCpu:
         used["load_generator"] = after.generator_s - before.generator_s
         ms = {role: round(s / calls * 1e3, 3) for role, s in sorted(used.items())}
         total = sum(used.values()) / calls * 1e3
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cpus() or os.cpu_count() or 1
         return {
             "ms_per_call": ms,
             "total_ms": round(total, 3),
